@@ -1,0 +1,1 @@
+"""ctrldiff.eval"""

@@ -1,0 +1,260 @@
+r"""Samplers over the :class:`~ctrldiff.noise.NoiseProcess` interface.
+
+Every solver has the signature
+
+    solver(model, x, times, process, cond=None, *, generator=None, grad=False, policy_std=0.0)
+        -> Trajectory
+
+``model(x, t, cond)`` is any denoiser with a ``prediction`` attribute ('eps' if absent); ``times`` is
+a decreasing grid from t_max to t_min (``process.time_grid(steps)``). Sampling runs in backward time
+tau = 1 - t:  SDE  dY = [-f Y + g^2 s] dtau + g dB,  ODE  dY = [-f Y + (1/2) g^2 s] dtau.
+
+Single-stage solvers (Euler-Maruyama, probability-flow Euler, DDIM(eta)) are affine in the model
+output, x' = A x + B eps + std xi; the trajectory records A, B and std so that an RL algorithm can
+re-evaluate any transition's log-density under a new model. ``policy_std`` > 0 adds exploration
+noise to the action (the eps/score output), a = eps + policy_std * zeta, which makes ODE solvers
+stochastic policies too (METHODS section 1: the Gaussian policy over the score).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from .errors import CtrlDiffError, choice
+from .noise import NoiseProcess
+from .trajectory import Trajectory
+
+
+def model_eps(model, process: NoiseProcess, x: Tensor, t: Tensor | float, cond=None) -> Tensor:
+    """Evaluate ``model`` at (t, x) and return its eps prediction. t: scalar or [B]."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    out = model(x, t, cond)
+    pred = getattr(model, "prediction", "eps")
+    return out if pred == "eps" else process.convert(out, pred, "eps", t, x)
+
+
+def _check_inputs(x: Tensor, times: Tensor, cond) -> None:
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise CtrlDiffError(f"initial state must be a tensor of shape [batch, ...], got {getattr(x, 'shape', x)}")
+    if times.ndim != 1 or times.numel() < 2:
+        raise CtrlDiffError(f"time grid must be 1-D with at least 2 points, got shape {tuple(times.shape)}")
+    if not bool((times[1:] < times[:-1]).all()):
+        raise CtrlDiffError("time grid must be strictly decreasing (from noise, t_max, to data, t_min)")
+    if cond is not None and isinstance(cond, Tensor) and cond.shape[0] != x.shape[0]:
+        raise CtrlDiffError(f"condition batch {cond.shape[0]} does not match state batch {x.shape[0]}")
+
+
+# ---- one-step coefficients: x' = A x + B eps + std xi ------------------------------------------
+def _scalars(process: NoiseProcess, t: Tensor, s: Tensor):
+    t, s = t.double(), s.double()
+    return process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+
+
+def em_coeffs(process: NoiseProcess, t: Tensor, s: Tensor) -> tuple[float, float, float]:
+    """Euler-Maruyama on the reverse SDE: A = 1 - f dtau, B = -g^2 dtau / sigma_t, std = g sqrt(dtau)."""
+    t64, dtau = t.double(), (t - s).double()
+    g2, sig = process.g2(t64), process.sigma(t64)
+    return float(1 - process.f(t64) * dtau), float(-g2 * dtau / sig), float(torch.sqrt(g2 * dtau))
+
+
+def ode_euler_coeffs(process: NoiseProcess, t: Tensor, s: Tensor) -> tuple[float, float, float]:
+    """Euler on the probability-flow ODE: A = 1 - f dtau, B = -(1/2) g^2 dtau / sigma_t, std = 0."""
+    t64, dtau = t.double(), (t - s).double()
+    return float(1 - process.f(t64) * dtau), float(-0.5 * process.g2(t64) * dtau / process.sigma(t64)), 0.0
+
+
+def ddim_coeffs(process: NoiseProcess, t: Tensor, s: Tensor, eta: float = 0.0) -> tuple[float, float, float]:
+    """DDIM(eta) (Song et al. 2021) for a general (alpha, sigma) process.
+
+    std = eta * sigma_s / sigma_t * sqrt(sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2)  (the DDPM posterior
+    std for eta = 1); x' = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps + std xi.
+    """
+    a_t, s_t, a_s, s_s = _scalars(process, t, s)
+    var_ts = torch.clamp(s_t**2 - (a_t / a_s) ** 2 * s_s**2, min=0.0)
+    std = eta * s_s / s_t * torch.sqrt(var_ts)
+    c = torch.sqrt(torch.clamp(s_s**2 - std**2, min=0.0))
+    return float(a_s / a_t), float(c - a_s * s_t / a_t), float(std)
+
+
+def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor, process: NoiseProcess,
+                   cond=None, *, generator: torch.Generator | None = None, grad: bool = False,
+                   policy_std: float = 0.0) -> Trajectory:
+    _check_inputs(x, times, cond)
+    K = times.numel() - 1
+    states, outputs, noises, log_probs = [x], [], [], []
+    ca, cb, cs = [], [], []
+    d = x[0].numel()
+    with torch.set_grad_enabled(grad):
+        for k in range(K):
+            a, b, std = coeffs(process, times[k], times[k + 1])
+            std = math.sqrt(std * std + (b * policy_std) ** 2)  # exploration on the action adds |B| policy_std
+            eps = model_eps(model, process, x, times[k], cond)
+            mean = a * x + b * eps
+            if std > 0:
+                xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = mean + std * xi
+                noises.append(xi)
+                log_probs.append(-0.5 * xi.flatten(1).pow(2).sum(1) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi))
+            else:
+                x = mean
+            states.append(x)
+            outputs.append(eps)
+            ca.append(a)
+            cb.append(b)
+            cs.append(std)
+    stochastic = len(noises) == K
+    kw = dict(dtype=x.dtype, device=x.device)
+    return Trajectory(
+        times=times, states=torch.stack(states, 1), outputs=torch.stack(outputs, 1), solver=name,
+        noise=torch.stack(noises, 1) if stochastic else None,
+        log_probs=torch.stack(log_probs, 1) if stochastic else None,
+        coef_a=torch.tensor(ca, **kw), coef_b=torch.tensor(cb, **kw), std=torch.tensor(cs, **kw), cond=cond,
+    )
+
+
+def euler_maruyama(model, x, times, process, cond=None, **kw) -> Trajectory:
+    """Euler-Maruyama on the reverse-time SDE (weak order 1)."""
+    return _affine_solver(em_coeffs, "em", model, x, times, process, cond, **kw)
+
+
+def ode_euler(model, x, times, process, cond=None, **kw) -> Trajectory:
+    """Euler on the probability-flow ODE (order 1)."""
+    return _affine_solver(ode_euler_coeffs, "ode-euler", model, x, times, process, cond, **kw)
+
+
+def ddim(model, x, times, process, cond=None, *, eta: float = 0.0, **kw) -> Trajectory:
+    """DDIM(eta): eta = 0 is the deterministic DDIM ODE solver, eta = 1 the DDPM ancestral sampler."""
+    if eta < 0:
+        raise CtrlDiffError(f"ddim eta must be >= 0, got {eta}")
+    return _affine_solver(partial(ddim_coeffs, eta=eta), f"ddim(eta={eta:g})", model, x, times, process, cond, **kw)
+
+
+def _deterministic(name: str, model, x, times, process, cond, stage: Callable, grad: bool, **unused) -> Trajectory:
+    _check_inputs(x, times, cond)
+    if unused.get("policy_std", 0.0):
+        raise CtrlDiffError(f"solver {name!r} is a multi-stage ODE solver and takes no policy noise; "
+                            "use em, ddim or ode-euler for RL rollouts")
+    states, outputs, ctx = [x], [], {}
+    with torch.set_grad_enabled(grad):
+        for k in range(times.numel() - 1):
+            x, eps = stage(model, process, x, times, k, cond, ctx)
+            states.append(x)
+            outputs.append(eps)
+    return Trajectory(times=times, states=torch.stack(states, 1), outputs=torch.stack(outputs, 1),
+                      solver=name, cond=cond)
+
+
+def _pf_drift(process, x, t, eps):
+    """dx/dt of the probability-flow ODE: f x - (1/2) g^2 score = f x + (1/2) g^2 eps / sigma."""
+    t64 = torch.as_tensor(t).double()
+    return float(process.f(t64)) * x + float(0.5 * process.g2(t64) / process.sigma(t64)) * eps
+
+
+def _heun_stage(model, process, x, times, k, cond, ctx):
+    t, s = times[k], times[k + 1]
+    h = float(s - t)
+    eps = model_eps(model, process, x, t, cond)
+    d1 = _pf_drift(process, x, t, eps)
+    x_e = x + h * d1
+    d2 = _pf_drift(process, x_e, s, model_eps(model, process, x_e, s, cond))
+    return x + 0.5 * h * (d1 + d2), eps
+
+
+def heun(model, x, times, process, cond=None, *, generator=None, grad=False, **kw) -> Trajectory:
+    """Heun's 2nd-order method on the probability-flow ODE (2 model calls per step)."""
+    return _deterministic("heun", model, x, times, process, cond, _heun_stage, grad, **kw)
+
+
+def _dpmpp_2m_stage(model, process, x, times, k, cond, ctx):
+    t, s = times[k].double(), times[k + 1].double()
+    a_t, s_t, a_s, s_s = process.alpha(t), process.sigma(t), process.alpha(s), process.sigma(s)
+    h = float(process.log_snr(s) - process.log_snr(t))
+    eps = model_eps(model, process, x, times[k], cond)
+    x0 = (x - float(s_t) * eps) / float(a_t)
+    last = k == times.numel() - 2
+    if "x0" in ctx and not last:
+        r = ctx["h"] / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * ctx["x0"]
+    else:
+        d = x0
+    ctx.update(x0=x0, h=h)
+    return float(s_s / s_t) * x - float(a_s * math.expm1(-h)) * d, eps
+
+
+def dpmpp_2m(model, x, times, process, cond=None, *, generator=None, grad=False, **kw) -> Trajectory:
+    """DPM-Solver++(2M) (Lu et al. 2022): 2nd-order multistep exponential integrator in log-SNR,
+    data prediction. One model call per step."""
+    return _deterministic("dpmpp-2m", model, x, times, process, cond, _dpmpp_2m_stage, grad, **kw)
+
+
+SOLVERS: dict[str, Callable] = {
+    "em": euler_maruyama,
+    "ddim": ddim,
+    "ode-euler": ode_euler,
+    "heun": heun,
+    "dpmpp-2m": dpmpp_2m,
+}
+STOCHASTIC = {"em"}  # ddim is stochastic when eta > 0
+
+
+def get_solver(name: str, **kwargs) -> Callable:
+    """Look up a solver by name; ``kwargs`` (e.g. eta for ddim) are bound into it."""
+    fn = SOLVERS[choice("solver", name, SOLVERS)]
+    return partial(fn, **kwargs) if kwargs else fn
+
+
+def sample(model, process: NoiseProcess, shape, steps: int, solver: str = "em", cond=None, *,
+           generator=None, device=None, grad=False, policy_std=0.0, **solver_kw) -> Trajectory:
+    """Draw x_T ~ N(0, sigma(t_max)^2 I) of ``shape`` and integrate with ``solver`` over ``steps`` steps."""
+    if steps < 1:
+        raise CtrlDiffError(f"steps must be >= 1, got {steps}")
+    x = torch.randn(shape, generator=generator, device=device) * process.prior_std()
+    times = process.time_grid(steps, device=device)
+    return get_solver(solver, **solver_kw)(model, x, times, process, cond, generator=generator, grad=grad,
+                                           policy_std=policy_std)
+
+
+# ---- Girsanov helpers (METHODS section 0) ---------------------------------------------------
+def evaluate_along(model, process: NoiseProcess, traj: Trajectory, chunk: int = 4096,
+                   grad: bool = False) -> Tensor:
+    """eps predictions of ``model`` at every (t_k, x_k), k < K, of ``traj`` -> [B, K, D]."""
+    B, K = traj.batch_size, traj.num_steps
+    xs = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
+    ts = traj.times[:K].to(xs.dtype).repeat(B)
+    cond = None
+    if traj.cond is not None:
+        cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else traj.cond
+    outs = []
+    with torch.set_grad_enabled(grad):
+        for i in range(0, B * K, chunk):
+            c = cond[i:i + chunk] if isinstance(cond, Tensor) else cond
+            outs.append(model_eps(model, process, xs[i:i + chunk], ts[i:i + chunk], c))
+    return torch.cat(outs).reshape(B, K, *traj.states.shape[2:])
+
+
+def score_sq_dist_rate(process: NoiseProcess, times: Tensor, eps_a: Tensor, eps_b: Tensor) -> Tensor:
+    """(1/2) g(t_k)^2 ||s_a - s_b||^2 per step -> [B, K], with s = -eps / sigma_t."""
+    K = eps_a.shape[1]
+    t = times[:K].double()
+    w = (0.5 * process.g2(t) / process.sigma(t) ** 2).to(eps_a.dtype)
+    return w * (eps_a - eps_b).flatten(2).pow(2).sum(-1)
+
+
+def kl_path(process: NoiseProcess, traj: Trajectory, eps_theta: Tensor, eps_ref: Tensor) -> Tensor:
+    """Girsanov KL_path estimate per sample [B]:  sum_k (1/2) g^2 ||s_theta - s_ref||^2 dtau_k.
+
+    Independent of the discretisation (it is a Riemann sum of the continuous-time integral)."""
+    return (score_sq_dist_rate(process, traj.times, eps_theta, eps_ref) * traj.dtau.to(eps_theta.dtype)).sum(1)
+
+
+def girsanov_increment(g: float, dtau: float, xi: Tensor, s_new: Tensor, s_old: Tensor) -> Tensor:
+    """Discretised Girsanov increment  g sqrt(dtau) xi.(s_new - s_old) - (1/2) g^2 ||s_new - s_old||^2 dtau."""
+    ds = (s_new - s_old).flatten(1)
+    return g * math.sqrt(dtau) * (xi.flatten(1) * ds).sum(1) - 0.5 * g * g * dtau * ds.pow(2).sum(1)
