@@ -103,3 +103,18 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
     z = (x - mean) / std
     log_std = torch.log(std).expand_as(x) if std.ndim > 0 else torch.log(std) * torch.ones_like(x)
     return -0.5 * z.pow(2).flatten(1).sum(1) - log_std.flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
+
+
+def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
+    """Concatenate trajectories sampled on the same grid with the same solver along the batch."""
+    if len(trajs) == 1:
+        return trajs[0]
+    first = trajs[0]
+
+    def cat(name):
+        vals = [getattr(t, name) for t in trajs]
+        return None if vals[0] is None else torch.cat(vals, 0)
+
+    return Trajectory(times=first.times, states=cat("states"), outputs=cat("outputs"), solver=first.solver,
+                      noise=cat("noise"), log_probs=cat("log_probs"), coef_a=first.coef_a, coef_b=first.coef_b,
+                      std=first.std, cond=cat("cond") if isinstance(first.cond, Tensor) else first.cond)

@@ -37,30 +37,33 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (self.means[idx] + self.stds[idx, None] * z).float()
 
-    def _noised(self, t, process: NoiseProcess | None):
-        if process is None:
-            return 1.0, 0.0
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return process.alpha(t), process.sigma(t)
+    def _components(self, x: Tensor, t, process: NoiseProcess | None):
+        """diff [N, K, d] = alpha_t mu_k - x, var [N|1, K] = alpha_t^2 s_k^2 + sigma_t^2, log w [K] (float64)."""
+        x64 = x.double()
+        if process is None or t is None:
+            a, s = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        else:
+            t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+            a, s = process.alpha(t), process.sigma(t)
+        a, s = a.to(x.device).reshape(-1, 1), s.to(x.device).reshape(-1, 1)  # [N|1, 1]
+        means, stds = self.means.to(x.device), self.stds.to(x.device)
+        var = a**2 * stds**2 + s**2
+        diff = a[..., None] * means[None] - x64[:, None, :]
+        return diff, var, torch.log(self.weights.to(x.device))
 
     def log_prob(self, x: Tensor, t=None, process: NoiseProcess | None = None) -> Tensor:
         """log p_t(x) for x [N, d]; t scalar or [N] (None: the data distribution)."""
-        x64 = x.double()
-        a, s = self._noised(t, process)
-        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1, 1) if torch.as_tensor(a).ndim else a
-        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1) if torch.as_tensor(s).ndim else s
-        var = (a if isinstance(a, float) else a[..., 0]) ** 2 * self.stds**2 + s**2  # [N or 1, K]
-        diff = x64[:, None, :] - a * self.means[None]  # [N, K, d]
+        diff, var, logw = self._components(x, t, process)
         lp = -0.5 * diff.pow(2).sum(-1) / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
-        return torch.logsumexp(lp + torch.log(self.weights), dim=1).to(x.dtype)
+        return torch.logsumexp(lp + logw, dim=1).to(x.dtype)
 
     def score(self, x: Tensor, t=None, process: NoiseProcess | None = None) -> Tensor:
-        """Exact grad_x log p_t(x) for x [N, d] (t scalar or [N])."""
-        with torch.enable_grad():
-            xg = x.detach().double().requires_grad_(True)
-            lp = self.log_prob(xg, t, process).sum()
-            (g,) = torch.autograd.grad(lp, xg)
-        return g.to(x.dtype)
+        """Exact grad_x log p_t(x) for x [N, d] (t scalar or [N]), closed form and differentiable in x:
+        sum_k r_k(x) (alpha_t mu_k - x) / v_k,  v_k = alpha_t^2 s_k^2 + sigma_t^2,  r = responsibilities."""
+        diff, var, logw = self._components(x, t, process)
+        logits = -0.5 * diff.pow(2).sum(-1) / var - 0.5 * self.dim * torch.log(var) + logw
+        resp = torch.softmax(logits, dim=1)
+        return (resp[..., None] * diff / var[..., None]).sum(1).to(x.dtype)
 
 
 def _ring_means(k: int, radius: float) -> list[list[float]]:

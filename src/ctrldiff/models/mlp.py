@@ -59,8 +59,7 @@ class ExactGMMScore(nn.Module):
         self.gmm, self.process, self.residual = gmm, process, residual
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        with torch.no_grad():
-            eps = -self.process.sigma(t.double())[:, None].float() * self.gmm.score(x, t, self.process)
+        eps = -self.process.sigma(t.double())[:, None].to(x.dtype) * self.gmm.score(x, t, self.process)
         if self.residual is not None:
             eps = eps + self.residual(x, t, cond)
         return eps

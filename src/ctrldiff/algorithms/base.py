@@ -1,0 +1,151 @@
+"""What every algorithm shares: the rollout batch it receives, the minibatch of (sample, step) pairs
+it computes a loss on, and the one policy-update loop (inner epochs, minibatches, clipping).
+
+An algorithm module implements ``loss(mb) -> (loss, info)`` — its update rule, written like the
+equations in METHODS.md — and optionally ``prepare(batch)`` (fit a value network, compute advantages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..solvers import model_eps
+from ..trajectory import Trajectory, gaussian_log_prob
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(name: str):
+    def deco(cls):
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass
+class RolloutBatch:
+    """One epoch's rollouts. B samples, K steps.
+
+    traj     the sampled trajectories (detached; outputs are the sampling policy's eps)
+    rewards  [B] terminal rewards r(x_K, c)
+    eps_ref  [B, K, D] the frozen reference model's eps at every visited (t_k, x_k)
+    kl_rate  [B, K] per-step (1/2) g^2 ||s_old - s_ref||^2 dtau_k   (sums to KL_path per sample)
+    advantages  [B] or [B, K], filled by the algorithm's ``prepare``
+    """
+
+    traj: Trajectory
+    rewards: Tensor
+    eps_ref: Tensor
+    kl_rate: Tensor
+    advantages: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def kl_path(self) -> Tensor:
+        return self.kl_rate.sum(1)
+
+
+@dataclass
+class Minibatch:
+    """A minibatch of N (sample, step) pairs with the new policy already evaluated on it."""
+
+    b: Tensor  # [N] sample index
+    k: Tensor  # [N] step index
+    t: Tensor  # [N] time t_k
+    x: Tensor  # [N, D] state x_k
+    x_next: Tensor  # [N, D] state x_{k+1}
+    cond: Tensor | None
+    eps: Tensor  # [N, D] new policy's eps at (t_k, x_k) (with grad)
+    eps_old: Tensor  # [N, D] sampling policy's eps
+    eps_ref: Tensor  # [N, D]
+    log_prob: Tensor | None  # [N] new policy's log-density of x_k -> x_{k+1}
+    log_prob_old: Tensor | None  # [N]
+    batch: RolloutBatch
+
+
+class Algorithm:
+    """Base class. Subclasses set ``name`` (by @register_algorithm) and implement ``loss``."""
+
+    name = "base"
+    needs_log_prob = True  # the update needs stochastic transitions (EM, DDIM eta > 0 or policy noise)
+
+    def __init__(self, cfg, trainer):
+        self.cfg, self.trainer = cfg, trainer
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def prepare(self, batch: RolloutBatch) -> dict:
+        """Compute advantages / fit critics before the policy update; returns metrics."""
+        return {}
+
+    def loss(self, mb: Minibatch) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- the shared update loop -------------------------------------------------------------------
+    def update(self, batch: RolloutBatch) -> dict:
+        tr = self.trainer
+        ocfg = tr.cfg.optim
+        traj = batch.traj
+        B, K = traj.batch_size, traj.num_steps
+        n_pairs = B * K
+        mb_size = min(ocfg.minibatch, n_pairs)
+        info_sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(self.inner_epochs()):
+            perm = torch.randperm(n_pairs, generator=tr.cpu_gen).to(traj.states.device)
+            for start in range(0, n_pairs - mb_size + 1, mb_size):
+                idx = perm[start:start + mb_size]
+                mb = self.make_minibatch(batch, idx // K, idx % K)
+                loss, info = self.loss(mb)
+                tr.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
+                tr.optimizer.step()
+                info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}
+                for key, v in info.items():
+                    info_sums[key] = info_sums.get(key, 0.0) + float(v)
+                n_updates += 1
+        out = {f"train/{k}": v / max(n_updates, 1) for k, v in info_sums.items()}
+        out["train/updates"] = n_updates
+        return out
+
+    def inner_epochs(self) -> int:
+        return self.trainer.cfg.optim.inner_epochs
+
+    def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor) -> Minibatch:
+        tr, traj = self.trainer, batch.traj
+        x, x_next = traj.states[b, k], traj.states[b, k + 1]
+        t = traj.times[k]
+        cond = traj.cond[b] if isinstance(traj.cond, Tensor) else traj.cond
+        eps = model_eps(tr.policy, tr.process, x, t, cond)
+        log_prob = log_prob_old = None
+        if self.needs_log_prob:
+            mean = traj.step_mean(k, eps, x)
+            log_prob = gaussian_log_prob(x_next, mean, traj.std[k])
+            log_prob_old = traj.log_probs[b, k]
+        return Minibatch(b=b, k=k, t=t, x=x, x_next=x_next, cond=cond, eps=eps, eps_old=traj.outputs[b, k],
+                         eps_ref=batch.eps_ref[b, k], log_prob=log_prob, log_prob_old=log_prob_old, batch=batch)
+
+    # -- small shared formulas ------------------------------------------------------------------------
+    def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None) -> Tensor:
+        """(1/2) g(t_k)^2 ||s - s_target||^2 dtau_k per pair, s = -eps / sigma (target: s_ref) -> [N]."""
+        proc, traj = self.trainer.process, mb.batch.traj
+        t64 = mb.t.double()
+        w = (0.5 * proc.g2(t64) / proc.sigma(t64) ** 2 * traj.dtau[mb.k].double()).to(eps.dtype)
+        target = mb.eps_ref if target is None else target
+        return w * (eps - target).flatten(1).pow(2).sum(1)
+
+
+def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
+    """-mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (per pair, [N] -> scalar)."""
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()

@@ -1,0 +1,218 @@
+r"""Score as Action (CTRL): continuous-time policy optimisation with the score as the action
+(METHODS section 1). The policy is Gaussian over the score, its drift g^2 a; KL_path by Girsanov.
+
+Critic (fitted every epoch on the fresh rollouts, Monte Carlo):
+    G_{b,k} = r_b - beta * sum_{j >= k} (1/2) g_j^2 ||s_old - s_ref||^2 dtau_j        (return-to-go)
+    V(t, x, c) = w(t) R(x0_hat) + (1 - w(t)) U_phi(t, x, x0_hat, c),   min (V(t_k, x_k) - G_{b,k})^2
+Estimator (a), likelihood ratio with continuous-time TD advantages:
+    A_k   = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta (1/2) g^2 ||s_old - s_ref||^2 dtau_k,  V(t_K) := r
+    A_k  <- centred (or standardised) per step k across the batch; rho_k = exp(Girsanov log-ratio theta/old)
+    L_a   = -mean_k min(rho_k A_k, clip(rho_k, 1 - eps, 1 + eps) A_k) + beta sum_k (1/2) g^2 ||s_theta - s_ref||^2 dtau
+The last term is the running KL cost's explicit dependence on theta: the score enters the drift, not a
+sampled action, so that part of grad J is pathwise, not a likelihood ratio (without it, (a) ignores beta).
+Estimator (b), advantage rate q = g^2 grad_x V . (a - s_old):
+    L_b   = sum_k dtau_k g_k^2 [ -grad_x V(t_k, x_k) . s_theta + (beta/2) ||s_theta - s_ref||^2 ]
+          = sum_k dtau_k g_k^2 (beta/2) ||s_theta - (s_ref + grad_x V / beta)||^2 + const
+(the second form is what is computed; its pointwise minimiser s_ref + grad V / beta is the optimal
+control of the KL-regularised problem when V is the soft value.)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..config import Strict
+from ..errors import CtrlDiffError
+from ..rewards.base import call_reward
+from ..solvers import model_eps
+from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
+from .value import RewardSurrogate, StructuredValue
+
+
+class ValueConfig(Strict):
+    reward_term: Literal["auto", "true", "surrogate", "none"] = Field(
+        "auto", description="R in V = w R(x0_hat) + (1-w) U: the true reward (each call counts as reward "
+        "queries), a learned surrogate fitted on terminal rewards, or none. auto: true if the reward is "
+        "differentiable, else surrogate")
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(4, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
+    minibatch: int = Field(1024, ge=1)
+    surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
+    replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
+    tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
+
+
+class CTRLConfig(Strict):
+    estimator: Literal["a", "b"] = Field("b", description="a: PPO-style likelihood ratio; b: advantage rate")
+    clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
+    advantage_norm: Literal["center", "std"] = Field(
+        "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
+        "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
+    value: ValueConfig = ValueConfig()
+
+
+@register_algorithm("ctrl")
+class CTRL(Algorithm):
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        self.acfg: CTRLConfig = cfg.ctrl
+        self.needs_log_prob = self.acfg.estimator == "a"
+        if self.acfg.estimator == "b" and cfg.beta <= 0:
+            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
+        vcfg = self.acfg.value
+        term = vcfg.reward_term
+        if term == "auto":
+            term = "true" if trainer.reward.differentiable else "surrogate"
+        if term == "true" and self.acfg.estimator == "b" and not trainer.reward.differentiable:
+            raise CtrlDiffError(f"ctrl.value.reward_term=true with estimator b needs a differentiable reward; "
+                                f"{trainer.reward.name!r} is not (use surrogate or none)")
+        self.reward_term = term
+        shape, ncls = trainer.task.sample_shape, trainer.task.num_classes
+        dev = trainer.device
+        self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none").to(dev)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=vcfg.lr)
+        self.surrogate = self.surrogate_opt = None
+        if term == "surrogate":
+            self.surrogate = RewardSurrogate(shape, ncls).to(dev)
+            self.surrogate_opt = torch.optim.Adam(self.surrogate.parameters(), lr=vcfg.lr)
+        self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
+
+    # ---- the R term of V ---------------------------------------------------------------------------
+    def _reward_fn(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        if self.reward_term == "surrogate":
+            return self.surrogate(x, cond)
+        self.trainer.count_queries(x.shape[0], kind="value")
+        return call_reward(self.trainer.reward, x, cond, grad=torch.is_grad_enabled())
+
+    def _fit_surrogate(self, batch: RolloutBatch) -> dict:
+        vcfg = self.acfg.value
+        tr = self.trainer
+        self.replay.append((batch.traj.final, batch.traj.cond, batch.rewards))
+        while sum(len(r) for _, _, r in self.replay) - len(self.replay[0][2]) >= vcfg.replay_size:
+            self.replay.pop(0)
+        xs = torch.cat([x for x, _, _ in self.replay])
+        cs = torch.cat([c for _, c, _ in self.replay]) if self.replay[0][1] is not None else None
+        rs = torch.cat([r for _, _, r in self.replay])
+        loss = torch.zeros(())
+        for _ in range(vcfg.surrogate_steps):
+            i = torch.randint(0, len(rs), (min(vcfg.minibatch, len(rs)),), generator=tr.cpu_gen).to(rs.device)
+            loss = (self.surrogate(xs[i], None if cs is None else cs[i]) - rs[i]).pow(2).mean()
+            self.surrogate_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.surrogate_opt.step()
+        return {"value/surrogate_mse": float(loss.detach()), "value/surrogate_r_var": float(rs.var())}
+
+    # ---- the critic ---------------------------------------------------------------------------------
+    def _pairs(self, batch: RolloutBatch):
+        """All (b, k) pairs, k < K, flattened: t [N], x [N, D], x0_hat [N, D], cond [N]."""
+        tr, traj = self.trainer, batch.traj
+        B, K = traj.batch_size, traj.num_steps
+        x = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
+        t = traj.times[:K].repeat(B)
+        cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else None
+        x0 = tr.process.tweedie_x0(x, t, tr.process.convert(traj.outputs.reshape(x.shape), "eps", "score", t, x))
+        return t, x, x0, cond
+
+    def _fit_value(self, batch: RolloutBatch, t, x, x0, cond) -> dict:
+        vcfg, tr = self.acfg.value, self.trainer
+        B, K = batch.traj.batch_size, batch.traj.num_steps
+        kl_to_go = batch.kl_rate.flip(1).cumsum(1).flip(1)  # sum_{j >= k}
+        G = (batch.rewards[:, None] - self.cfg.beta * kl_to_go).reshape(B * K)
+        n = B * K
+        mb = min(vcfg.minibatch, n)
+        loss = torch.zeros(())
+        with torch.no_grad():  # the R term is fixed during the fit: evaluate it once
+            w = torch.cos(0.5 * torch.pi * t.clamp(0, 1))
+            r_term = torch.cat([self._reward_fn(x0[i:i + mb], None if cond is None else cond[i:i + mb])
+                                for i in range(0, n, mb)]) if self.value.use_tweedie_reward else None
+        for _ in range(vcfg.epochs):
+            perm = torch.randperm(n, generator=tr.cpu_gen).to(x.device)
+            for s in range(0, n, mb):
+                i = perm[s:s + mb]
+                u = self.value.u(x[i], t[i], None if cond is None else cond[i], x0[i])
+                v = u if r_term is None else w[i] * r_term[i] + (1 - w[i]) * u
+                loss = (v - G[i]).pow(2).mean()
+                self.value_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.value_opt.step()
+        return {"value/mse": float(loss.detach()), "value/return_var": float(G.var())}
+
+    def _value(self, t, x, x0, cond) -> Tensor:
+        return self.value(t, x, x0, cond, self._reward_fn)
+
+    # ---- per-epoch preparation ---------------------------------------------------------------------
+    def prepare(self, batch: RolloutBatch) -> dict:
+        tr, traj = self.trainer, batch.traj
+        B, K = traj.batch_size, traj.num_steps
+        metrics = self._fit_surrogate(batch) if self.surrogate is not None else {}
+        t, x, x0, cond = self._pairs(batch)
+        metrics.update(self._fit_value(batch, t, x, x0, cond))
+        mb = self.acfg.value.minibatch
+        chunks = range(0, B * K, mb)
+        if self.acfg.estimator == "a":
+            with torch.no_grad():
+                v = torch.cat([self._value(t[i:i + mb], x[i:i + mb], x0[i:i + mb],
+                                           None if cond is None else cond[i:i + mb]) for i in chunks]).reshape(B, K)
+            v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
+            adv = v_next - v - self.cfg.beta * batch.kl_rate
+            adv = adv - adv.mean(0)
+            batch.advantages = adv / (adv.std(0) + 1e-6) if self.acfg.advantage_norm == "std" else adv
+            metrics["ctrl/td_adv_std"] = float(adv.std())
+        else:
+            grads = [self._grad_value(t[i:i + mb], x[i:i + mb], None if cond is None else cond[i:i + mb],
+                                      x0[i:i + mb]) for i in chunks]
+            batch.extras["grad_v"] = torch.cat(grads).reshape(traj.outputs.shape)
+            metrics["ctrl/grad_v_norm"] = float(batch.extras["grad_v"].flatten(2).norm(dim=-1).mean())
+        return metrics
+
+    def _grad_value(self, t, x, cond, x0_fixed) -> Tensor:
+        """grad_x V(t, x) for a chunk of pairs (through x0_hat(x) when tweedie_jacobian is on)."""
+        tr = self.trainer
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            if self.acfg.value.tweedie_jacobian:
+                eps = model_eps(tr.policy, tr.process, xg, t, cond)
+                x0 = tr.process.tweedie_x0(xg, t, tr.process.convert(eps, "eps", "score", t, xg))
+            else:
+                a = tr.process.alpha(t.double()).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+                x0 = x0_fixed + (xg - x) / a  # d x0_hat / dx ~= I / alpha_t
+            v = self._value(t, xg, x0, cond)
+            (g,) = torch.autograd.grad(v.sum(), xg)
+        return g.detach()
+
+    # ---- the policy update -------------------------------------------------------------------------
+    def loss(self, mb: Minibatch):
+        K = mb.batch.traj.num_steps
+        if self.acfg.estimator == "a":
+            ratio = torch.exp(mb.log_prob - mb.log_prob_old)
+            adv = mb.batch.advantages[mb.b, mb.k]
+            pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
+            kl = self.step_kl_rate(mb, mb.eps).mean() * K  # the running cost's explicit dependence on theta
+            return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(ratio.mean()), "clipfrac": float(((ratio - 1).abs() > self.acfg.clip)
+                                                                               .float().mean())}
+        # (b): in eps units s = -eps/sigma, the target s_ref + grad V / beta is eps_ref - sigma grad V / beta
+        proc = self.trainer.process
+        sigma = proc.sigma(mb.t.double()).to(mb.eps.dtype).reshape(-1, *[1] * (mb.eps.ndim - 1))
+        eps_target = mb.eps_ref - sigma * mb.batch.extras["grad_v"][mb.b, mb.k] / self.cfg.beta
+        err = self.step_kl_rate(mb, mb.eps, eps_target)
+        loss = self.cfg.beta * err.mean() * K
+        return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
+
+    # ---- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self):
+        st = {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay}
+        if self.surrogate is not None:
+            st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
+        return st
+
+    def load_state_dict(self, state):
+        self.value.load_state_dict(state["value"])
+        self.value_opt.load_state_dict(state["value_opt"])
+        self.replay = state["replay"]
+        if self.surrogate is not None:
+            self.surrogate.load_state_dict(state["surrogate"])
+            self.surrogate_opt.load_state_dict(state["surrogate_opt"])

@@ -1,0 +1,62 @@
+r"""DDPO (Black et al. 2023): the denoising chain as a discrete-time MDP with a terminal reward.
+
+    A_b        = (r_b - mean_c(b)) / std_c(b)           per-condition standardised reward, every step
+    rho_{b,k}  = p_theta(x_{k+1} | x_k) / p_old(x_{k+1} | x_k)
+    L_PPO      = -mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)         (ddpo)
+    L_SF       = -mean A log p_theta(x_{k+1} | x_k)                      (ddpo-sf, plain REINFORCE)
+No KL term: DDPO does not regularise (KL_path is still logged, so J can be compared).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from ..config import Strict
+from ..rewards.stats import PerConditionStats
+from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
+
+
+class DDPOConfig(Strict):
+    clip: float = Field(0.1, gt=0, description="PPO clip range epsilon")
+    adv_clip: float = Field(5.0, gt=0, description="advantages are clipped to [-adv_clip, adv_clip]")
+    stat_buffer: int = Field(64, ge=1, description="per-condition reward buffer size")
+    stat_min_count: int = Field(16, ge=1, description="rewards needed before per-condition stats are used")
+
+
+@register_algorithm("ddpo")
+class DDPO(Algorithm):
+    def __init__(self, cfg, trainer):
+        super().__init__(cfg, trainer)
+        self.acfg: DDPOConfig = cfg.ddpo
+        self.stats = PerConditionStats(self.acfg.stat_buffer, self.acfg.stat_min_count)
+
+    def prepare(self, batch: RolloutBatch) -> dict:
+        adv = self.stats.advantages(batch.rewards, batch.traj.cond, normalize=True)
+        batch.advantages = adv.clamp(-self.acfg.adv_clip, self.acfg.adv_clip)
+        return {}
+
+    def loss(self, mb: Minibatch):
+        adv = mb.batch.advantages[mb.b]
+        ratio = torch.exp(mb.log_prob - mb.log_prob_old)
+        loss = ppo_clip_loss(ratio, adv, self.acfg.clip) * mb.batch.traj.num_steps
+        clipfrac = ((ratio - 1).abs() > self.acfg.clip).float().mean()
+        return loss, {"ratio_mean": float(ratio.mean()), "clipfrac": float(clipfrac)}
+
+    def state_dict(self):
+        return {"stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state):
+        self.stats.load_state_dict(state["stats"])
+
+
+@register_algorithm("ddpo-sf")
+class DDPOScoreFunction(DDPO):
+    """Plain REINFORCE: one gradient pass per batch, no ratio, no clipping."""
+
+    def inner_epochs(self) -> int:
+        return 1
+
+    def loss(self, mb: Minibatch):
+        adv = mb.batch.advantages[mb.b]
+        return -(adv * mb.log_prob).mean() * mb.batch.traj.num_steps, {}

@@ -1,0 +1,81 @@
+"""The one training configuration, shared by every algorithm (sections per algorithm)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..algorithms.ctrl import CTRLConfig
+from ..algorithms.ddpo import DDPOConfig
+from ..algorithms.dpok import DPOKConfig
+from ..config import Strict
+
+ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok")
+
+
+class SamplerConfig(Strict):
+    solver: Literal["em", "ddim", "ode-euler"] = Field(
+        "em", description="rollout solver; RL updates need stochastic transitions: em, ddim with eta > 0, "
+        "or an ODE solver (ddim eta=0, ode-euler) with policy_std > 0")
+    steps: int = Field(20, ge=1, le=1000)
+    eta: float = Field(1.0, ge=0, description="DDIM eta")
+    policy_std: float = Field(0.0, ge=0, description="Gaussian policy noise on the action (eps units)")
+    guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (None: off)")
+
+
+class OptimConfig(Strict):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
+    minibatch: int = Field(512, ge=1, description="(sample, step) pairs per gradient step")
+
+
+class LogConfig(Strict):
+    sample_every: int = Field(0, ge=0, description="write a sample grid every N epochs (0: start and end)")
+    checkpoint_every: int = Field(5, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+    num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
+
+
+class TrainConfig(Strict):
+    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok"] = "ctrl"
+    model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
+                       "(exact 2-D score + zero-initialised residual), or a saved model path")
+    process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact models")
+    reward: str = Field("digit-alignment", description="built-in name, module:function, or weighted sum")
+    reward_errors: Literal["raise", "skip"] = Field(
+        "raise", description="a reward batch with NaN/inf/wrong shape/exception: stop, or skip it (counted)")
+    beta: float = Field(0.05, ge=0, description="KL_path weight in J = E r - beta KL_path")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1, description="trajectories per epoch")
+    rollout_chunk: int = Field(256, ge=1, description="trajectories sampled per solver call")
+    reward_async: bool = Field(True, description="score a chunk's rewards while the next chunk is sampled")
+    seed: int = 0
+    device: str = "cpu"
+    sampler: SamplerConfig = SamplerConfig()
+    optim: OptimConfig = OptimConfig()
+    log: LogConfig = LogConfig()
+    ctrl: CTRLConfig = CTRLConfig()
+    ddpo: DDPOConfig = DDPOConfig()
+    dpok: DPOKConfig = DPOKConfig()
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        s = self.sampler
+        needs_lp = self.algo in ("ddpo", "ddpo-sf", "dpok") or (self.algo == "ctrl" and self.ctrl.estimator == "a")
+        deterministic = (s.solver == "ode-euler" or (s.solver == "ddim" and s.eta == 0)) and s.policy_std == 0
+        if needs_lp and deterministic:
+            raise ValueError(f"algo {self.algo!r} needs stochastic rollouts, but sampler.solver={s.solver!r} "
+                             f"(eta={s.eta}) with policy_std=0 is deterministic: use em, ddim with eta > 0, "
+                             "or set sampler.policy_std > 0")
+        if self.algo == "ctrl" and self.ctrl.estimator == "b" and self.beta <= 0:
+            raise ValueError("ctrl.estimator=b needs beta > 0")
+        return self
+
+
+def default_config(algo: str = "ctrl") -> TrainConfig:
+    return TrainConfig(algo=algo)

@@ -1,0 +1,299 @@
+"""The one RL trainer: rollout -> reward -> KL_path -> algorithm.prepare -> algorithm.update -> log.
+
+Every algorithm (CTRL, DDPO, DDPO-SF, DPOK, ...) runs through this loop; an algorithm only supplies its
+update rule (``ctrldiff.algorithms``). A run directory holds:
+    config.yaml, metrics.jsonl, samples/, checkpoints/, final_model.{safetensors,json},
+    reward_curve.png, samples/before_after.png, tensorboard/ (if tensorboard is installed)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..algorithms import ALGORITHMS
+from ..config import build_config, dump_yaml, load_yaml
+from ..errors import CtrlDiffError, RewardError
+from ..guidance import with_guidance
+from ..rewards.base import call_reward, make_reward
+from ..rewards.stats import PerConditionStats
+from ..solvers import evaluate_along, get_solver, score_sq_dist_rate
+from ..trajectory import cat_trajectories
+from .checkpoint import append_jsonl, atomic_write_bytes, latest_checkpoint, read_jsonl, save_checkpoint
+from .config import TrainConfig
+from .task import Task, build_task
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run; check the directory is writable before any compute."""
+    existing = out.exists() and any(out.iterdir())
+    if existing and not (resume or overwrite):
+        raise CtrlDiffError(f"output directory {out} already holds files; pass --resume to continue that run "
+                            "or --overwrite to replace it")
+    if resume and not (out / "config.yaml").exists():
+        raise CtrlDiffError(f"cannot resume: {out} has no config.yaml (not a ctrldiff run directory)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        atomic_write_bytes(probe, b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise CtrlDiffError(f"output directory {out} is not writable: {e.strerror or e}") from None
+    if overwrite and not resume:
+        import shutil
+
+        for name in ("metrics.jsonl", "checkpoints", "samples", "tensorboard"):
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path | None = None, *, task: Task | None = None,
+                 reward=None, resume: bool = False, overwrite: bool = False):
+        self.cfg = cfg
+        self.out = Path(out) if out is not None else None
+        if self.out is not None:
+            prepare_run_dir(self.out, resume, overwrite)
+        self.device = torch.device(cfg.device)
+        self._seed_everything(cfg.seed)
+        self.task = task or build_task(cfg.model, cfg.process, cfg.device)
+        self.process = self.task.process
+        self.reward = reward if reward is not None else make_reward(cfg.reward)
+        self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
+        self.ref = with_guidance(self.task.ref, cfg.sampler.guidance)
+        self.trainable_parameters = list(self.task.trainable)
+        if not self.trainable_parameters:
+            raise CtrlDiffError(f"model {cfg.model!r} has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.algo = ALGORITHMS[cfg.algo](cfg, self)
+        self.stats = PerConditionStats()
+        s = cfg.sampler
+        solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
+        self.solver = get_solver(s.solver, **solver_kw)
+        self.times = self.process.time_grid(s.steps, device=self.device)
+        self.epoch = 0
+        self.reward_queries = 0
+        self.value_reward_queries = 0
+        self.reward_skipped = 0
+        self.wall_s = 0.0
+        self._writer = None
+        if self.out is not None:
+            if resume:
+                self._resume()
+            else:
+                dump_yaml(cfg, self.out / "config.yaml")
+
+    # ---- randomness -------------------------------------------------------------------------------
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.cpu_gen = torch.Generator().manual_seed(seed + 1)
+
+    def _rng_state(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "gen": self.gen.get_state(), "cpu_gen": self.cpu_gen.get_state()}
+
+    def _set_rng_state(self, st: dict) -> None:
+        random.setstate(st["python"])
+        np.random.set_state(st["numpy"])
+        torch.set_rng_state(st["torch"])
+        self.gen.set_state(st["gen"])
+        self.cpu_gen.set_state(st["cpu_gen"])
+
+    def count_queries(self, n: int, kind: str = "terminal") -> None:
+        self.reward_queries += n
+        if kind == "value":
+            self.value_reward_queries += n
+
+    # ---- rollouts ----------------------------------------------------------------------------------
+    def _score(self, x, cond, batch_index: int):
+        self.count_queries(x.shape[0])
+        try:
+            return call_reward(self.reward, x, cond, batch_index)
+        except RewardError:
+            if self.cfg.reward_errors == "skip":
+                return None
+            raise
+
+    def collect(self):
+        """Sample ``batch_size`` trajectories with the current policy and score them -> RolloutBatch."""
+        from ..algorithms.base import RolloutBatch
+
+        cfg = self.cfg
+        conds = self.task.sample_conditions(cfg.batch_size, self.cpu_gen)
+        trajs, futures = [], []
+        pool = ThreadPoolExecutor(max_workers=1) if cfg.reward_async else None
+        try:
+            for i, start in enumerate(range(0, cfg.batch_size, cfg.rollout_chunk)):
+                n = min(cfg.rollout_chunk, cfg.batch_size - start)
+                cond = None if conds is None else conds[start:start + n].to(self.device)
+                x = torch.randn((n, *self.task.sample_shape), generator=self.gen, device=self.device)
+                traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
+                                   generator=self.gen, policy_std=cfg.sampler.policy_std)
+                trajs.append(traj)
+                args = (traj.final, cond, self.epoch * 10_000 + i)
+                futures.append(pool.submit(self._score, *args) if pool else args)
+            rewards = [f.result() if pool else self._score(*f) for f in futures]
+        finally:
+            if pool:
+                pool.shutdown()
+        keep = [i for i, r in enumerate(rewards) if r is not None]
+        self.reward_skipped += sum(len(trajs[i].final) for i in range(len(trajs)) if rewards[i] is None)
+        if not keep:
+            raise RewardError(f"reward {self.reward.name!r} failed on every batch of epoch {self.epoch}; "
+                              "nothing to train on")
+        traj = cat_trajectories([trajs[i] for i in keep])
+        r = torch.cat([rewards[i] for i in keep]).to(self.device)
+        eps_ref = evaluate_along(self.ref, self.process, traj)
+        kl_rate = score_sq_dist_rate(self.process, traj.times, traj.outputs, eps_ref) * traj.dtau
+        return RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
+
+    # ---- one epoch ---------------------------------------------------------------------------------
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        batch = self.collect()
+        t_roll = time.perf_counter() - t0
+        self.stats.update(batch.rewards, batch.traj.cond)
+        metrics = self.algo.prepare(batch)
+        metrics.update(self.algo.update(batch))
+        self.wall_s += time.perf_counter() - t0
+        kl = float(batch.kl_path.mean())
+        r_mean = float(batch.rewards.mean())
+        rec = {"epoch": self.epoch, "reward_mean": r_mean, "reward_std": float(batch.rewards.std()),
+               "kl_path": kl, "objective": r_mean - self.cfg.beta * kl, "reward_queries": self.reward_queries,
+               "value_reward_queries": self.value_reward_queries, "reward_skipped": self.reward_skipped,
+               "wall_s": round(self.wall_s, 3), "rollout_s": round(t_roll, 3), **metrics}
+        if batch.traj.cond is not None and self.task.num_classes:
+            c = batch.traj.cond.to(batch.rewards.device)
+            for k in range(self.task.num_classes):
+                m = c == k
+                if m.any():
+                    rec[f"reward_by_cond/{k}"] = float(batch.rewards[m].mean())
+        self.epoch += 1
+        return rec
+
+    def train(self, epochs: int | None = None) -> list[dict]:
+        """Run until ``cfg.epochs`` (or ``epochs`` more); returns this call's metric records."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        end = cfg.epochs if epochs is None else self.epoch + epochs
+        records = []
+        if self.out is not None and self.epoch == 0:
+            self.save_samples("epoch_00000")
+        bar = tqdm(total=end - self.epoch, disable=not cfg.log.progress, desc=f"{cfg.algo}", dynamic_ncols=True)
+        while self.epoch < end:
+            rec = self.step()
+            records.append(rec)
+            bar.update(1)
+            bar.set_postfix(r=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_path']:.3f}", J=f"{rec['objective']:.3f}")
+            if self.out is not None:
+                append_jsonl(self.out / "metrics.jsonl", rec)
+                self._tensorboard(rec)
+                if cfg.log.sample_every and self.epoch % cfg.log.sample_every == 0:
+                    self.save_samples(f"epoch_{self.epoch:05d}")
+                if self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end:
+                    self.save_checkpoint()
+        bar.close()
+        if self.out is not None and self.epoch >= cfg.epochs:
+            self.finish()
+        return records
+
+    # ---- outputs -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_samples(self, model=None, n: int | None = None, seed: int = 1234):
+        """Fixed-noise samples for grids (same noise before and after training)."""
+        n = n or self.cfg.log.num_eval_samples
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        cond = self.task.eval_conditions(n)
+        cond = None if cond is None else cond.to(self.device)
+        x = torch.randn((n, *self.task.sample_shape), generator=g, device=self.device) * self.process.prior_std()
+        traj = self.solver(model or self.policy, x, self.times, self.process, cond, generator=g)
+        return traj.final
+
+    def save_samples(self, name: str) -> None:
+        from ..viz import save_samples_figure
+
+        (self.out / "samples").mkdir(exist_ok=True)
+        x = self.eval_samples()
+        nrow = self.task.num_classes or None
+        save_samples_figure(x, self.out / "samples" / f"{name}.png", nrow=nrow)
+
+    def finish(self) -> None:
+        """Write the final model, the before/after figure and the reward curve."""
+        from ..models.base import save_model
+        from ..viz import plot_curves, side_by_side
+
+        nrow = self.task.num_classes or None
+        side_by_side(self.eval_samples(self.ref), self.eval_samples(), self.out / "samples" / "before_after.png",
+                     nrow=nrow, labels=("before (reference)", f"after {self.epoch} epochs of {self.cfg.algo}"))
+        recs = read_jsonl(self.out / "metrics.jsonl")
+        plot_curves(recs, ["reward_mean", "kl_path", "objective"], self.out / "reward_curve.png",
+                    title=f"{self.cfg.algo} on {self.task.name}, reward {self.reward.name}")
+        if hasattr(self.task.model, "config"):
+            meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
+            save_model(self.task.model, self.out / "final_model", metadata=meta)
+
+    def _tensorboard(self, rec: dict) -> None:
+        if not self.cfg.log.tensorboard:
+            return
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.cfg.log.tensorboard = False
+                return
+            self._writer = SummaryWriter(str(self.out / "tensorboard"))
+        for k, v in rec.items():
+            if isinstance(v, int | float) and k != "epoch":
+                self._writer.add_scalar(k, v, rec["epoch"])
+        self._writer.flush()
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "algo": self.algo.state_dict(), "stats": self.stats.state_dict(), "rng": self._rng_state(),
+                "counters": {"reward_queries": self.reward_queries, "value_reward_queries": self.value_reward_queries,
+                             "reward_skipped": self.reward_skipped, "wall_s": self.wall_s}}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.epoch = st["epoch"]
+        self.task.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.algo.load_state_dict(st["algo"])
+        self.stats.load_state_dict(st["stats"])
+        self._set_rng_state(st["rng"])
+        for k, v in st["counters"].items():
+            setattr(self, k, v)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.out / "checkpoints", self.epoch, self.cfg.log.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            raise CtrlDiffError(f"cannot resume: no checkpoint in {self.out / 'checkpoints'}")
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        # metrics logged after the checkpoint are replayed by the resumed run: drop them
+        recs = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", -1) < self.epoch]
+        import json
+
+        atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    from ..config import apply_overrides
+
+    data = load_yaml(Path(run_dir) / "config.yaml")
+    return build_config(TrainConfig, apply_overrides(data, overrides or []), "config")
