@@ -13,8 +13,10 @@ sampled action, so that part of grad J is pathwise, not a likelihood ratio (with
 Estimator (b), advantage rate q = g^2 grad_x V . (a - s_old):
     L_b   = sum_k dtau_k g_k^2 [ -grad_x V(t_k, x_k) . s_theta + (beta/2) ||s_theta - s_ref||^2 ]
           = sum_k dtau_k g_k^2 (beta/2) ||s_theta - (s_ref + grad_x V / beta)||^2 + const
-(the second form is what is computed; its pointwise minimiser s_ref + grad V / beta is the optimal
-control of the KL-regularised problem when V is the soft value.)
+(its pointwise minimiser s_ref + grad V / beta is the optimal control of the KL-regularised problem when
+V is the soft value: one policy-iteration step). With noisy critics that full step can overshoot, so a
+proximal term (rho beta / 2) g^2 ||s_theta - s_old||^2 dtau is added (rho = ctrl.proximal): the minimiser
+becomes (s_ref + grad V / beta + rho s_old) / (1 + rho), a damped step towards the same fixed point.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class CTRLConfig(Strict):
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
+    proximal: float = Field(1.0, ge=0, description="estimator (b): weight rho of the proximal term "
+                            "(rho beta / 2) ||s_theta - s_old||^2; 0 = the full policy-iteration step")
     value: ValueConfig = ValueConfig()
 
 
@@ -192,14 +196,16 @@ class CTRL(Algorithm):
             adv = mb.batch.advantages[mb.b, mb.k]
             pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
             kl = self.step_kl_rate(mb, mb.eps).mean() * K  # the running cost's explicit dependence on theta
-            return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(ratio.mean()), "clipfrac": float(((ratio - 1).abs() > self.acfg.clip)
+            return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(ratio.detach().mean()), "clipfrac": float(((ratio.detach() - 1).abs() > self.acfg.clip)
                                                                                .float().mean())}
         # (b): in eps units s = -eps/sigma, the target s_ref + grad V / beta is eps_ref - sigma grad V / beta
         proc = self.trainer.process
         sigma = proc.sigma(mb.t.double()).to(mb.eps.dtype).reshape(-1, *[1] * (mb.eps.ndim - 1))
+        rho = self.acfg.proximal
         eps_target = mb.eps_ref - sigma * mb.batch.extras["grad_v"][mb.b, mb.k] / self.cfg.beta
+        eps_target = (eps_target + rho * mb.eps_old) / (1 + rho)
         err = self.step_kl_rate(mb, mb.eps, eps_target)
-        loss = self.cfg.beta * err.mean() * K
+        loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
     # ---- checkpointing -----------------------------------------------------------------------------

@@ -40,8 +40,8 @@ class DDPO(Algorithm):
         adv = mb.batch.advantages[mb.b]
         ratio = torch.exp(mb.log_prob - mb.log_prob_old)
         loss = ppo_clip_loss(ratio, adv, self.acfg.clip) * mb.batch.traj.num_steps
-        clipfrac = ((ratio - 1).abs() > self.acfg.clip).float().mean()
-        return loss, {"ratio_mean": float(ratio.mean()), "clipfrac": float(clipfrac)}
+        clipfrac = ((ratio.detach() - 1).abs() > self.acfg.clip).float().mean()
+        return loss, {"ratio_mean": float(ratio.detach().mean()), "clipfrac": float(clipfrac)}
 
     def state_dict(self):
         return {"stats": self.stats.state_dict()}

@@ -66,7 +66,7 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self.task = task or build_task(cfg.model, cfg.process, cfg.device)
         self.process = self.task.process
-        self.reward = reward if reward is not None else make_reward(cfg.reward)
+        self.reward = make_reward(reward if reward is not None else cfg.reward)
         self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
         self.ref = with_guidance(self.task.ref, cfg.sampler.guidance)
         self.trainable_parameters = list(self.task.trainable)

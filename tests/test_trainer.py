@@ -1,0 +1,132 @@
+"""The shared trainer: run-directory outputs, checkpoints and resume, reward checking, config errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ctrldiff.config import build_config
+from ctrldiff.errors import CtrlDiffError, RewardError
+from ctrldiff.train.config import TrainConfig
+from ctrldiff.train.trainer import Trainer
+
+
+def _cfg(**kw):
+    base = dict(algo="ctrl", model="gmm2-exact", reward="toy2d-mode-switch", beta=0.5, epochs=3, batch_size=32,
+                sampler=dict(solver="em", steps=8), optim=dict(lr=1e-3, minibatch=64),
+                log=dict(progress=False, tensorboard=False, checkpoint_every=1, num_eval_samples=64))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_directory_contents(tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(), out).train()
+    assert (out / "config.yaml").exists()
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1, 2]
+    for r in recs:
+        assert math.isclose(r["objective"], r["reward_mean"] - 0.5 * r["kl_path"], rel_tol=1e-9, abs_tol=1e-12)
+    # terminal queries are 3 x 32; the true (differentiable) reward inside V is counted separately too
+    assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32
+    assert recs[-1]["value_reward_queries"] == 3 * 32 * 8 * 2  # R(x0_hat) in the fit and in grad_x V
+    assert (out / "samples" / "before_after.png").exists() and (out / "reward_curve.png").exists()
+    assert (out / "samples" / "epoch_00000.png").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["epoch_00002.pt", "epoch_00003.pt"]
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(epochs=1), out).train()
+    with pytest.raises(CtrlDiffError, match="--resume"):
+        Trainer(_cfg(epochs=1), out)
+    Trainer(_cfg(epochs=1), out, overwrite=True).train()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("algo", ["ctrl", "ddpo"])
+def test_resume_matches_uninterrupted_run(tmp_path, algo):
+    full = Trainer(_cfg(algo=algo, epochs=4), tmp_path / "full")
+    full.train()
+    part = Trainer(_cfg(algo=algo, epochs=4), tmp_path / "part")
+    part.train(epochs=2)
+    del part
+    resumed = Trainer(_cfg(algo=algo, epochs=4), tmp_path / "part", resume=True)
+    assert resumed.epoch == 2
+    resumed.train()
+    a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in lines]  # noqa: E731
+    assert strip(a) == strip(b)
+    for p, q in zip(full.task.model.parameters(), resumed.task.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_same_seed_same_metrics():
+    a = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in Trainer(_cfg(epochs=2)).train()]
+    b = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in Trainer(_cfg(epochs=2)).train()]
+    assert a == b
+
+
+def _bad(kind):
+    def reward(x, cond=None):
+        if kind == "nan":
+            r = x[:, 0].clone()
+            r[0] = float("nan")
+            return r
+        if kind == "shape":
+            return x
+        if kind == "raise":
+            raise ValueError("scorer crashed")
+        if kind == "dtype":
+            return ["a"] * len(x)
+        return x[:, 0]
+
+    reward.__name__ = f"bad_{kind}"
+    return reward
+
+
+@pytest.mark.parametrize("kind,msg", [("nan", "non-finite"), ("shape", "shape"), ("raise", "raised ValueError"),
+                                      ("dtype", "expected")])
+def test_bad_reward_stops_with_a_clear_error(kind, msg, tmp_path):
+    tr = Trainer(_cfg(epochs=2), tmp_path / "run", reward=_bad(kind))
+    with pytest.raises(RewardError, match=msg) as e:
+        tr.train()
+    assert f"bad_{kind}" in str(e.value) and "batch" in str(e.value)
+    assert not any(torch.isnan(p).any() for p in tr.task.model.parameters())
+
+
+def test_bad_reward_batches_can_be_skipped_and_counted():
+    calls = {"n": 0}
+
+    def flaky(x, cond=None):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:
+            return torch.full((len(x),), float("nan"))
+        return -x.pow(2).sum(1)
+
+    tr = Trainer(_cfg(epochs=2, batch_size=32, rollout_chunk=16, reward_errors="skip"), reward=flaky)
+    recs = tr.train()
+    assert recs[-1]["reward_skipped"] == 32  # one chunk of 16 per epoch
+    assert all(math.isfinite(r["reward_mean"]) for r in recs)
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"algo": "ctrl", "bogus": 1}, "bogus"),
+    ({"algo": "ctrl", "beta": -1.0}, "beta"),
+    ({"algo": "ctrl", "sampler": {"steps": -3}}, "sampler.steps"),
+    ({"algo": "ctrl", "epochs": "many"}, "epochs"),
+    ({"algo": "nope"}, "algo"),
+    ({"algo": "ctrl", "ctrl": {"estimator": "c"}}, "ctrl.estimator"),
+])
+def test_config_errors_name_the_field(data, field):
+    with pytest.raises(CtrlDiffError) as e:
+        build_config(TrainConfig, data)
+    assert field in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_reward_lists_choices():
+    with pytest.raises(CtrlDiffError, match="digit-alignment"):
+        Trainer(_cfg(reward="no-such-reward"))
