@@ -157,7 +157,7 @@ class VPCosine(NoiseProcess):
         return torch.log(torch.cos(self._u(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
 
     def sigma(self, t):
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        return torch.sqrt(torch.clamp(-torch.expm1(2.0 * self.log_alpha(t)), min=0.0))  # log_alpha(0) can round > 0
 
     def f(self, t):
         return -torch.tan(self._u(t)) * 0.5 * math.pi / (1 + self.s)

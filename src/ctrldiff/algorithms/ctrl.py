@@ -150,7 +150,7 @@ class CTRL(Algorithm):
 
     # ---- per-epoch preparation ---------------------------------------------------------------------
     def prepare(self, batch: RolloutBatch) -> dict:
-        tr, traj = self.trainer, batch.traj
+        traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
         metrics = self._fit_surrogate(batch) if self.surrogate is not None else {}
         t, x, x0, cond = self._pairs(batch)
@@ -196,8 +196,9 @@ class CTRL(Algorithm):
             adv = mb.batch.advantages[mb.b, mb.k]
             pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
             kl = self.step_kl_rate(mb, mb.eps).mean() * K  # the running cost's explicit dependence on theta
-            return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(ratio.detach().mean()), "clipfrac": float(((ratio.detach() - 1).abs() > self.acfg.clip)
-                                                                               .float().mean())}
+            r = ratio.detach()
+            return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(r.mean()),
+                                             "clipfrac": float(((r - 1).abs() > self.acfg.clip).float().mean())}
         # (b): in eps units s = -eps/sigma, the target s_ref + grad V / beta is eps_ref - sigma grad V / beta
         proc = self.trainer.process
         sigma = proc.sigma(mb.t.double()).to(mb.eps.dtype).reshape(-1, *[1] * (mb.eps.ndim - 1))
