@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..solvers import model_eps
+from ..solvers import kl_weights, model_eps
 from ..trajectory import Trajectory, gaussian_log_prob
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -138,10 +138,9 @@ class Algorithm:
 
     # -- small shared formulas ------------------------------------------------------------------------
     def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None) -> Tensor:
-        """(1/2) g(t_k)^2 ||s - s_target||^2 dtau_k per pair, s = -eps / sigma (target: s_ref) -> [N]."""
-        proc, traj = self.trainer.process, mb.batch.traj
-        t64 = mb.t.double()
-        w = (0.5 * proc.g2(t64) / proc.sigma(t64) ** 2 * traj.dtau[mb.k].double()).to(eps.dtype)
+        """int over step k of (1/2) g^2 ||s - s_target||^2 dtau per pair, s = -eps / sigma (target: s_ref) -> [N]
+        (the quadrature of :func:`ctrldiff.solvers.kl_weights`)."""
+        w = kl_weights(self.trainer.process, mb.batch.traj.times)[mb.k].to(eps.dtype)
         target = mb.eps_ref if target is None else target
         return w * (eps - target).flatten(1).pow(2).sum(1)
 

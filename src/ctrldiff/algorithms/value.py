@@ -74,10 +74,18 @@ class ImageHead(nn.Module):
 
 def make_head(sample_shape: tuple[int, ...], num_classes: int = 0, with_x0: bool = True, use_time: bool = True,
               hidden: int | None = None) -> nn.Module:
-    """A scalar head for data of ``sample_shape`` (vectors -> MLP, images -> CNN)."""
+    """A scalar head for data of ``sample_shape`` (vectors -> MLP, images -> CNN).
+
+    The last layer starts at zero: an unfitted head has grad_x = 0 (no random push on the policy)."""
     if len(sample_shape) == 1:
-        return VectorHead(sample_shape[0], hidden or 128, num_classes, with_x0, use_time)
-    return ImageHead(sample_shape[0], hidden or 32, num_classes, with_x0, use_time)
+        head = VectorHead(sample_shape[0], hidden or 128, num_classes, with_x0, use_time)
+        last = head.net[-1]
+    else:
+        head = ImageHead(sample_shape[0], hidden or 32, num_classes, with_x0, use_time)
+        last = head.head[-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return head
 
 
 class RewardSurrogate(nn.Module):

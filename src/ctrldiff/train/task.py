@@ -71,7 +71,7 @@ def build_task(model: str, process: str = "vp", device: str = "cpu") -> Task:
             raise CtrlDiffError(f"model {model!r} is neither 'digits', a '<gmm>-exact' preset nor a model file")
         net = load_model(model, device=device)
         name = str(model)
-    net.train()
+    net.requires_grad_(True).train()
     cfg = net.config
     if "dim" in cfg:
         shape = (cfg["dim"],)

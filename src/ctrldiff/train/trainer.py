@@ -22,7 +22,7 @@ from ..errors import CtrlDiffError, RewardError
 from ..guidance import with_guidance
 from ..rewards.base import call_reward, make_reward
 from ..rewards.stats import PerConditionStats
-from ..solvers import evaluate_along, get_solver, score_sq_dist_rate
+from ..solvers import evaluate_along, get_solver, kl_increments
 from ..trajectory import cat_trajectories
 from .checkpoint import append_jsonl, atomic_write_bytes, latest_checkpoint, read_jsonl, save_checkpoint
 from .config import TrainConfig
@@ -156,7 +156,7 @@ class Trainer:
         traj = cat_trajectories([trajs[i] for i in keep])
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
         eps_ref = evaluate_along(self.ref, self.process, traj)
-        kl_rate = score_sq_dist_rate(self.process, traj.times, traj.outputs, eps_ref) * traj.dtau
+        kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
         return RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
 
     # ---- one epoch ---------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Shipped, pretrained assets: the class-conditional digits UNet and the digits classifier.
+
+``manifest.json`` records, per asset, its files (name, sha256, size), the exact command that made
+it, its training time and its measured quality. :func:`verify_manifest` (CLI: ``ctrldiff
+verify-assets``) checks the files against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import CtrlDiffError
+
+ASSETS_DIR = Path(__file__).resolve().parent
+MANIFEST = ASSETS_DIR / "manifest.json"
+DIGITS_MODEL = "digits_unet"
+DIGIT_CLASSIFIER = "digit_classifier"
+# CFG scale and sampler at which the shipped digits model was measured (see manifest.json)
+DEFAULT_GUIDANCE = 2.0
+
+
+def default_digits_model_path() -> Path:
+    """Path of the shipped class-conditional digits model's weights (``.safetensors``)."""
+    return ASSETS_DIR / f"{DIGITS_MODEL}.safetensors"
+
+
+def default_classifier_path() -> Path:
+    """Path of the shipped digits classifier's weights (``.safetensors``)."""
+    return ASSETS_DIR / f"{DIGIT_CLASSIFIER}.safetensors"
+
+
+def _load(path: Path, what: str) -> nn.Module:
+    from ..models import classifier as _c  # noqa: F401  (registers the model types)
+    from ..models import load_model
+    from ..models import unet as _u  # noqa: F401
+
+    if not path.exists():
+        raise CtrlDiffError(f"shipped {what} not found at {path}; reinstall ctrldiff or train one "
+                            "(see assets/manifest.json for the command)")
+    return load_model(path)
+
+
+def load_digits_model(device: str = "cpu") -> nn.Module:
+    """The shipped class-conditional digits UNet (eps prediction, VP process; eval mode, frozen)."""
+    return _load(default_digits_model_path(), "digits model").to(device).requires_grad_(False)
+
+
+def load_digit_classifier(device: str = "cpu") -> nn.Module:
+    """The shipped 8x8 digits classifier (logits over 10 classes; ``features`` for metrics)."""
+    return _load(default_classifier_path(), "digit classifier").to(device).requires_grad_(False)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """{"name", "sha256", "size"} of one file."""
+    return {"name": path.name, "sha256": sha256(path), "size": path.stat().st_size}
+
+
+def read_manifest(path: Path = MANIFEST) -> dict:
+    if not path.exists():
+        raise CtrlDiffError(f"asset manifest not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CtrlDiffError(f"asset manifest {path} is not valid JSON: {e}") from None
+
+
+def verify_manifest(path: Path = MANIFEST) -> dict[str, str]:
+    """Check every file listed in the manifest exists with the recorded size and sha256.
+
+    Returns {file name: sha256}; raises :class:`CtrlDiffError` naming the first mismatch."""
+    doc = read_manifest(path)
+    checked = {}
+    for asset in doc.get("assets", {}).values():
+        for rec in asset["files"]:
+            f = path.parent / rec["name"]
+            if not f.exists():
+                raise CtrlDiffError(f"asset file missing: {f}")
+            if f.stat().st_size != rec["size"]:
+                raise CtrlDiffError(f"asset {rec['name']} has size {f.stat().st_size}, manifest says {rec['size']}")
+            digest = sha256(f)
+            if digest != rec["sha256"]:
+                raise CtrlDiffError(f"asset {rec['name']} sha256 {digest} does not match the manifest {rec['sha256']}")
+            checked[rec["name"]] = digest
+    if not checked:
+        raise CtrlDiffError(f"asset manifest {path} lists no files")
+    return checked

@@ -1,0 +1,238 @@
+"""The ``ctrldiff`` command line.
+
+User errors (:class:`~ctrldiff.errors.CtrlDiffError`, bad options) print one line ``error: ...``
+and exit with status 1 (2 for usage errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+import torch
+from pydantic import ValidationError
+
+from .errors import CtrlDiffError
+
+
+def _validation_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"invalid {loc}: {msg}" + (f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else "")
+
+
+class _Group(click.Group):
+    """A click group that turns user errors raised by any command into one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except CtrlDiffError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except ValidationError as e:
+            click.echo(f"error: {_validation_message(e)}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+def _command_line() -> str:
+    return "ctrldiff " + shlex.join(sys.argv[1:])
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise CtrlDiffError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctrldiff")
+def main() -> None:
+    """ctrldiff: fine-tune diffusion models with rewards by continuous-time RL."""
+
+
+@main.command()
+@click.argument("dataset", metavar="DATASET", type=click.Choice(["digits", "gmm2", "gmm4", "gmm8", "checkerboard", "rings"]))
+@click.option("--steps", type=int, default=20000, show_default=True, help="optimizer steps")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="peak AdamW learning rate")
+@click.option("--ema-decay", type=float, default=0.999, show_default=True)
+@click.option("--cond-drop", type=float, default=0.1, show_default=True, help="label dropout for CFG")
+@click.option("--process", default="vp", show_default=True, help="noise process: vp, vp-cosine, rf")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--log-every", type=int, default=200, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt if it exists")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, checkpoint_every, log_every, out, seed,
+             resume, threads) -> None:
+    """Pretrain a denoiser on DATASET by denoising score matching (EMA weights saved to OUT/model.*)."""
+    from .train.pretrain import PretrainConfig
+    from .train.pretrain import pretrain as run
+
+    _threads(threads)
+    cfg = PretrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
+                         cond_drop=cond_drop, process=process, checkpoint_every=checkpoint_every, log_every=log_every,
+                         out=out, seed=seed, resume=resume, command=_command_line())
+    res = run(cfg, log=click.echo)
+    click.echo(f"model: {res.model_path}")
+    click.echo(f"checkpoint: {res.checkpoint_path}")
+
+
+
+@main.command("train-classifier")
+@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="peak AdamW learning rate (one-cycle)")
+@click.option("--shift", type=int, default=1, show_default=True, help="augmentation: random shift in pixels")
+@click.option("--noise-std", type=float, default=0.1, show_default=True, help="augmentation: pixel noise")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/classifier", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def train_classifier(epochs, batch_size, lr, shift, noise_std, out, seed, threads) -> None:
+    """Train the 8x8 digit classifier on the fixed train split and report its held-out accuracy."""
+    from .train.pretrain import ClassifierConfig
+    from .train.pretrain import train_classifier as run
+
+    _threads(threads)
+    cfg = ClassifierConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, noise_std=noise_std, out=out,
+                           seed=seed, command=_command_line())
+    res = run(cfg, log=click.echo)
+    click.echo(f"model: {res.model_path}")
+
+
+def run_sample(model_path: str | None, solver: str, eta: float | None, steps: int, guidance: float | None, seed: int,
+               label: str, n: int, out: Path, fmt: str = "safetensors") -> dict[str, Path]:
+    """Sample ``n`` states from a saved model and write a picture and a tensor file; returns their paths."""
+    from .assets import DEFAULT_GUIDANCE, default_digits_model_path
+    from .errors import check, choice
+    from .guidance import with_guidance
+    from .models import load_model
+    from .models import unet as _unet  # noqa: F401  (registers the model types)
+    from .noise import make_process, process_from_config
+    from .solvers import SOLVERS
+    from .solvers import sample as draw
+
+    choice("solver", solver, SOLVERS)
+    check(steps >= 1, f"--steps must be >= 1, got {steps}")
+    check(n >= 1, f"--n must be >= 1, got {n}")
+    check(eta is None or solver == "ddim", f"--eta applies to the ddim solver only, not {solver!r}")
+    check(eta is None or eta >= 0, f"--eta must be >= 0, got {eta}")
+    model = load_model(model_path or default_digits_model_path())
+    meta = getattr(model, "metadata", {}) or {}
+    process = process_from_config(meta["process"]) if "process" in meta else make_process("vp")
+    if "data_shape" in meta:
+        shape = tuple(meta["data_shape"])
+    elif hasattr(model, "resolution"):
+        shape = (model.in_channels, model.resolution, model.resolution)
+    else:
+        shape = (model.dim,)
+    num_classes = int(getattr(model, "num_classes", 0))
+    cond = None
+    if num_classes:
+        lab = _parse_label(label, num_classes)
+        cond = torch.arange(n) % num_classes if lab is None else torch.full((n,), lab, dtype=torch.long)
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    else:
+        check(label == "all", f"this model is unconditional: --label {label!r} cannot be used")
+        guidance = None
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"eta": eta} if eta is not None else {}
+    with torch.no_grad():
+        x = draw(with_guidance(model, guidance), process, (n, *shape), steps, solver, cond=cond, generator=gen, **kw).final
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"samples": x.contiguous()} | ({"labels": cond} if cond is not None else {})
+    tpath = out / f"samples.{fmt}"
+    if fmt == "pt":
+        torch.save(tensors, tpath)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tpath))
+    png = out / "samples.png"
+    if x.ndim == 4:
+        from .data.digits import save_grid
+
+        save_grid(x, png, nrow=min(n, num_classes or 10))
+    else:
+        _scatter(x, png)
+    return {"grid": png, "tensors": tpath}
+
+
+def _scatter(x: torch.Tensor, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=3, alpha=0.6)
+    ax.set_aspect("equal")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _parse_label(value: str, num_classes: int) -> int | None:
+    if value == "all":
+        return None
+    try:
+        label = int(value)
+    except ValueError:
+        raise CtrlDiffError(f"--label must be an integer in 0..{num_classes - 1} or 'all', got {value!r}") from None
+    if not 0 <= label < num_classes:
+        raise CtrlDiffError(f"--label must lie in 0..{num_classes - 1} or be 'all', got {label}")
+    return label
+
+
+@main.command()
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="model .safetensors/.json (default: the shipped digits model)")
+@click.option("--solver", default="em", show_default=True, help="em, ddim, ode-euler, heun or dpmpp-2m")
+@click.option("--eta", type=float, default=None, help="DDIM stochasticity (ddim only; 0 = deterministic)")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's "
+              "recommended one for the shipped model, else 1 = none)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label", default="all", show_default=True, help="class label N, or 'all' to cycle through the classes")
+@click.option("--n", "n", type=int, default=100, show_default=True, help="number of samples")
+@click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def sample(model_path, solver, eta, steps, guidance, seed, label, n, out, fmt, threads) -> None:
+    """Sample from a pretrained model; writes OUT/samples.png and OUT/samples.(safetensors|pt)."""
+    _threads(threads)
+    paths = run_sample(model_path=model_path, solver=solver, eta=eta, steps=steps, guidance=guidance, seed=seed,
+                       label=label, n=n, out=Path(out), fmt=fmt)
+    for kind, p in paths.items():
+        click.echo(f"{kind}: {p}")
+
+
+@main.command("verify-assets")
+def verify_assets() -> None:
+    """Check the shipped assets against the sha256 and sizes in assets/manifest.json."""
+    from .assets import verify_manifest
+
+    for name, digest in verify_manifest().items():
+        click.echo(f"ok  {name}  {digest}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
