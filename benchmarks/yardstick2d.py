@@ -36,8 +36,8 @@ REWARDS = {
     "mode_switch": (lambda: mode_switch(2.0), 0.5),
 }
 ALGOS = {
-    "ctrl-a": dict(algo="ctrl", ctrl=dict(estimator="a", value=dict(reward_term="surrogate"))),
-    "ctrl-b": dict(algo="ctrl", ctrl=dict(estimator="b", value=dict(reward_term="surrogate"))),
+    "ctrl-a": dict(algo="ctrl", ctrl=dict(estimator="a", value=dict(reward_term="surrogate", epochs=4))),
+    "ctrl-b": dict(algo="ctrl", ctrl=dict(estimator="b", value=dict(reward_term="surrogate", epochs=4))),
     "ddpo": dict(algo="ddpo"),
     "dpok": dict(algo="dpok"),
 }

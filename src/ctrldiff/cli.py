@@ -234,5 +234,16 @@ def verify_assets() -> None:
         click.echo(f"ok  {name}  {digest}")
 
 
+def _register_subcommands() -> None:
+    from .cli_eval import eval_cmd, report_cmd
+    from .cli_train import train_cmd
+
+    main.add_command(train_cmd)
+    main.add_command(eval_cmd)
+    main.add_command(report_cmd)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -90,5 +90,14 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
         click.echo(f"reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, KL_path {last['kl_path']:.4f}, "
                    f"J {first['objective']:.4f} -> {last['objective']:.4f}, reward queries {last['reward_queries']}, "
                    f"{time.perf_counter() - t0:.1f} s")
-    click.echo(f"wrote {out_dir / 'metrics.jsonl'}, {out_dir / 'samples' / 'before_after.png'}, "
-               f"{out_dir / 'reward_curve.png'}, {out_dir / 'final_model.safetensors'}")
+    fe = out_dir / "final_eval.json"
+    if fe.exists():
+        import json
+
+        ev = json.loads(fe.read_text())
+        b, a = ev["before"], ev["after"]
+        click.echo(f"held-out evaluation ({b['n']} fixed-noise samples, {b['solver']} {b['steps']} steps): reward "
+                   f"{b['reward_mean']:.4f} -> {a['reward_mean']:.4f}, KL_path {a['kl_path']:.4f}, "
+                   f"J {b['objective']:.4f} -> {a['objective']:.4f}")
+    names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors"]
+    click.echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))

@@ -41,7 +41,7 @@ class ValueConfig(Strict):
         "queries), a learned surrogate fitted on terminal rewards, or none. auto: true if the reward is "
         "differentiable, else surrogate")
     lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(4, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
+    epochs: int = Field(10, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
     minibatch: int = Field(1024, ge=1)
     surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
@@ -49,7 +49,7 @@ class ValueConfig(Strict):
 
 
 class CTRLConfig(Strict):
-    estimator: Literal["a", "b"] = Field("b", description="a: PPO-style likelihood ratio; b: advantage rate")
+    estimator: Literal["a", "b"] = Field("a", description="a: PPO-style likelihood ratio; b: advantage rate")
     clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "

@@ -18,18 +18,18 @@ class SamplerConfig(Strict):
     solver: Literal["em", "ddim", "ode-euler"] = Field(
         "em", description="rollout solver; RL updates need stochastic transitions: em, ddim with eta > 0, "
         "or an ODE solver (ddim eta=0, ode-euler) with policy_std > 0")
-    steps: int = Field(20, ge=1, le=1000)
+    steps: int = Field(10, ge=1, le=1000)
     eta: float = Field(1.0, ge=0, description="DDIM eta")
     policy_std: float = Field(0.0, ge=0, description="Gaussian policy noise on the action (eps units)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (None: off)")
 
 
 class OptimConfig(Strict):
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
-    minibatch: int = Field(512, ge=1, description="(sample, step) pairs per gradient step")
+    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
 
 
 class LogConfig(Strict):
@@ -39,6 +39,8 @@ class LogConfig(Strict):
     tensorboard: bool = True
     progress: bool = True
     num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
+    num_final_eval: int = Field(500, ge=0, description="fixed-noise samples scored before/after at the end "
+                                "(final_eval.json); 0 = skip")
 
 
 class TrainConfig(Strict):
@@ -50,8 +52,8 @@ class TrainConfig(Strict):
     reward_errors: Literal["raise", "skip"] = Field(
         "raise", description="a reward batch with NaN/inf/wrong shape/exception: stop, or skip it (counted)")
     beta: float = Field(0.05, ge=0, description="KL_path weight in J = E r - beta KL_path")
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=1, description="trajectories per epoch")
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(128, ge=1, description="trajectories per epoch")
     rollout_chunk: int = Field(256, ge=1, description="trajectories sampled per solver call")
     reward_async: bool = Field(True, description="score a chunk's rewards while the next chunk is sampled")
     seed: int = 0

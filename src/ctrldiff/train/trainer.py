@@ -238,12 +238,33 @@ class Trainer:
         nrow = self.task.num_classes or None
         side_by_side(self.eval_samples(self.ref), self.eval_samples(), self.out / "samples" / "before_after.png",
                      nrow=nrow, labels=("before (reference)", f"after {self.epoch} epochs of {self.cfg.algo}"))
+        self.final_eval()
         recs = read_jsonl(self.out / "metrics.jsonl")
         plot_curves(recs, ["reward_mean", "kl_path", "objective"], self.out / "reward_curve.png",
                     title=f"{self.cfg.algo} on {self.task.name}, reward {self.reward.name}")
         if hasattr(self.task.model, "config"):
             meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
             save_model(self.task.model, self.out / "final_model", metadata=meta)
+
+    def final_eval(self) -> dict | None:
+        """Score ``log.num_final_eval`` fixed-noise samples of the reference and of the fine-tuned model with the
+        rollout solver: E r, KL_path (Girsanov) and J for both -> RUN_DIR/final_eval.json."""
+        import json
+
+        from ..eval.evaluate import evaluate_policy
+
+        n = self.cfg.log.num_final_eval
+        if not n:
+            return None
+        s = self.cfg.sampler
+        cond = self.task.eval_conditions(n)
+        kw = dict(sample_shape=self.task.sample_shape, n=n, solver=s.solver, steps=s.steps, eta=s.eta, cond=cond,
+                  beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1))
+        res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
+               "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
+               "epochs": self.epoch, "reward_queries": self.reward_queries}
+        atomic_write_bytes(self.out / "final_eval.json", json.dumps(res, indent=1).encode())
+        return res
 
     def _tensorboard(self, rec: dict) -> None:
         if not self.cfg.log.tensorboard:
