@@ -77,7 +77,9 @@ def test_ctrl_b_gradient_matches_finite_difference_of_J():
             return a * x[:, 0]
 
         reward.differentiable = True
-        cfg = _cfg(algo="ctrl", beta=beta, batch_size=8, sampler=dict(solver="em", steps=steps))
+        # the proximal term leaves the gradient at theta_old unchanged; the trust-region cap is switched off here
+        cfg = _cfg(algo="ctrl", beta=beta, batch_size=8, sampler=dict(solver="em", steps=steps),
+                   ctrl=dict(estimator="b", trust_region=0.0, proximal=1.0))
         tr = Trainer(cfg, task=task, reward=reward)
         with torch.no_grad():
             model.theta.fill_(0.3)

@@ -30,12 +30,13 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 
 
 @click.command("train")
-@click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok"]), default=None,
+@click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning"]), default=None,
               help="Algorithm (default: ctrl, or the config file's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<algo>-<model>-<time>).")
-@click.option("--model", default=None, help="'digits' (shipped), 'gmm2-exact', or a saved model path.")
+@click.option("--model", default=None, help="'digits' (shipped), 'gmm2-exact', 'scratch-gmm2' / 'scratch-digits' "
+              "(a fresh model and a data set, for q-learning), or a saved model path.")
 @click.option("--reward", default=None, help="Built-in name, module:function, or '1.0*a + 0.1*b'.")
 @click.option("--beta", type=float, default=None, help="KL_path weight in J = E r - beta KL_path.")
 @click.option("--epochs", type=int, default=None)
@@ -55,7 +56,8 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads, quiet, **flags) -> None:
-    """Fine-tune a diffusion model with a reward (CTRL, DDPO, DDPO-SF, DPOK).
+    """Fine-tune a diffusion model with a reward (CTRL, DDPO, DDPO-SF, DPOK), or train one from data and a
+    reward with q-learning (--algo q-learning --model scratch-<data set>).
 
     With no options it fine-tunes the shipped digits model with CTRL on the download-free digit
     alignment reward (log p(c | x) under the shipped classifier), then writes a before/after grid and

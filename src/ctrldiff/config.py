@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import reprlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,21 +18,45 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class Strict(BaseModel):
-    """Base for every config section: unknown keys are rejected, values validated on assignment."""
+    """Base for every config section: unknown keys are rejected, values validated on assignment, and
+    nan/inf are not numbers any field accepts (``lr=.inf`` would only fail later, deep inside training)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-def format_validation_error(e: ValidationError, what: str = "config") -> str:
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 2, 60, 60, 4, 4
+
+
+def _section_keys(cls: type[BaseModel] | None, path: tuple) -> list[str] | None:
+    """Field names of the config section at ``path`` inside ``cls`` (None if that is not a section)."""
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part) if isinstance(part, str) else None
+        cls = field.annotation if field is not None else None
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return None
+
+
+def format_validation_error(e: ValidationError, what: str = "config", cls: type[BaseModel] | None = None) -> str:
+    """One line naming each bad field and what it allows (for unknown keys: the keys that section takes)."""
     msgs = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown key {loc!r}")
+            keys = _section_keys(cls, tuple(err["loc"][:-1]))
+            hint = ""
+            if keys:
+                section = ".".join(str(p) for p in err["loc"][:-1])
+                near = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
+                hint = (f" ({section or what} takes: {', '.join(keys)}"
+                        + (f"; did you mean {near[0]!r}?" if near else "") + ")")
+            msgs.append(f"unknown key {loc!r}{hint}")
         else:
+            msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            got = "" if isinstance(got, dict) else f" (got {got!r})"
-            msgs.append(f"{loc}: {err['msg']}{got}")
+            got = "" if isinstance(got, dict) or not loc else f" (got {_short.repr(got)})"
+            msgs.append(f"{loc}: {msg}{got}" if loc else msg)
     return f"invalid {what}: " + "; ".join(msgs)
 
 
@@ -39,6 +66,8 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise CtrlDiffError(f"value {text[:40]!r}... is nested too deeply") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -68,6 +97,12 @@ def load_yaml(path: str | Path) -> dict:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise CtrlDiffError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise CtrlDiffError(f"config file {p} is not a text (UTF-8) file") from None
+    except RecursionError:
+        raise CtrlDiffError(f"config file {p} is nested too deeply") from None
+    except OSError as e:
+        raise CtrlDiffError(f"cannot read config file {p}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise CtrlDiffError(f"config file {p} must hold a mapping of keys to values")
     return data
@@ -77,8 +112,22 @@ def build_config(cls: type[T], data: dict, what: str = "config") -> T:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise CtrlDiffError(format_validation_error(e, what)) from None
+        raise CtrlDiffError(format_validation_error(e, what, cls)) from None
+    except RecursionError:
+        raise CtrlDiffError(f"invalid {what}: nested too deeply") from None
 
 
 def dump_yaml(cfg: BaseModel, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write atomically (temp file, fsync, rename): a kill mid-write must not leave a truncated config.yaml,
+    which a resume would silently complete with default values."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -13,7 +13,11 @@ Single-stage solvers (Euler-Maruyama, probability-flow Euler, DDIM(eta)) are aff
 output, x' = A x + B eps + std xi; the trajectory records A, B and std so that an RL algorithm can
 re-evaluate any transition's log-density under a new model. ``policy_std`` > 0 adds exploration
 noise to the action (the eps/score output), a = eps + policy_std * zeta, which makes ODE solvers
-stochastic policies too (METHODS section 1: the Gaussian policy over the score).
+stochastic policies too (METHODS section 1: the Gaussian policy over the score). ``policy_std`` may
+also be a sequence / tensor [K] (one std per step: a time-dependent policy). With ``record_actions=True``
+the sampled action a_k = eps_k + policy_std_k zeta_k is drawn separately and kept in
+``Trajectory.actions``: x' = A x + B a + std xi, and ``std`` / ``log_probs`` are then those of the state
+noise given the action (q-learning needs the actions themselves).
 """
 
 from __future__ import annotations
@@ -83,20 +87,36 @@ def ddim_coeffs(process: NoiseProcess, t: Tensor, s: Tensor, eta: float = 0.0) -
     return float(a_s / a_t), float(c - a_s * s_t / a_t), float(std)
 
 
+def _step_policy_std(policy_std, k: int, K: int) -> float:
+    """policy_std as a float for step k: a number, or a sequence / tensor with one value per step."""
+    if isinstance(policy_std, int | float):
+        return float(policy_std)
+    if len(policy_std) != K:
+        raise CtrlDiffError(f"a per-step policy_std needs {K} values (one per step), got {len(policy_std)}")
+    return float(policy_std[k])
+
+
 def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor, process: NoiseProcess,
                    cond=None, *, generator: torch.Generator | None = None, grad: bool = False,
-                   policy_std: float = 0.0) -> Trajectory:
+                   policy_std=0.0, record_actions: bool = False) -> Trajectory:
     _check_inputs(x, times, cond)
     K = times.numel() - 1
-    states, outputs, noises, log_probs = [x], [], [], []
+    states, outputs, noises, log_probs, actions = [x], [], [], [], []
     ca, cb, cs = [], [], []
     d = x[0].numel()
     with torch.set_grad_enabled(grad):
         for k in range(K):
             a, b, std = coeffs(process, times[k], times[k + 1])
-            std = math.sqrt(std * std + (b * policy_std) ** 2)  # exploration on the action adds |B| policy_std
+            ps = _step_policy_std(policy_std, k, K)
             eps = model_eps(model, process, x, times[k], cond)
-            mean = a * x + b * eps
+            if record_actions:  # a = eps + ps zeta, kept; the state noise std stays the solver's own
+                act = eps + ps * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) \
+                    if ps > 0 else eps
+                actions.append(act)
+                mean = a * x + b * act
+            else:
+                std = math.sqrt(std * std + (b * ps) ** 2)  # exploration on the action adds |B| policy_std
+                mean = a * x + b * eps
             if std > 0:
                 xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = mean + std * xi
@@ -116,6 +136,7 @@ def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor,
         noise=torch.stack(noises, 1) if stochastic else None,
         log_probs=torch.stack(log_probs, 1) if stochastic else None,
         coef_a=torch.tensor(ca, **kw), coef_b=torch.tensor(cb, **kw), std=torch.tensor(cs, **kw), cond=cond,
+        actions=torch.stack(actions, 1) if record_actions else None,
     )
 
 
@@ -138,7 +159,8 @@ def ddim(model, x, times, process, cond=None, *, eta: float = 0.0, **kw) -> Traj
 
 def _deterministic(name: str, model, x, times, process, cond, stage: Callable, grad: bool, **unused) -> Trajectory:
     _check_inputs(x, times, cond)
-    if unused.get("policy_std", 0.0):
+    ps = unused.get("policy_std", 0.0)
+    if (ps if isinstance(ps, int | float) else any(float(v) for v in ps)) or unused.get("record_actions"):
         raise CtrlDiffError(f"solver {name!r} is a multi-stage ODE solver and takes no policy noise; "
                             "use em, ddim or ode-euler for RL rollouts")
     states, outputs, ctx = [x], [], {}

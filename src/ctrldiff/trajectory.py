@@ -25,6 +25,8 @@ class Trajectory:
       log_probs [B, K]       log N(x_{k+1}; mean_k, std_k^2 I) under the policy that sampled it
       coef_a, coef_b, std [K]  stochastic steps are affine in the model output:
                                x_{k+1} = coef_a x_k + coef_b eps_k + std_k xi_k
+      actions   [B, K, D]    only with ``record_actions``: the sampled action a_k = eps_k + policy noise
+                             (eps units); then x_{k+1} = coef_a x_k + coef_b a_k + std_k xi_k
     """
 
     times: Tensor
@@ -37,6 +39,7 @@ class Trajectory:
     coef_b: Tensor | None = None
     std: Tensor | None = None
     cond: Tensor | None = None
+    actions: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -117,4 +120,5 @@ def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
 
     return Trajectory(times=first.times, states=cat("states"), outputs=cat("outputs"), solver=first.solver,
                       noise=cat("noise"), log_probs=cat("log_probs"), coef_a=first.coef_a, coef_b=first.coef_b,
-                      std=first.std, cond=cat("cond") if isinstance(first.cond, Tensor) else first.cond)
+                      std=first.std, cond=cat("cond") if isinstance(first.cond, Tensor) else first.cond,
+                      actions=cat("actions"))

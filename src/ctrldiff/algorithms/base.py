@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..errors import CtrlDiffError
 from ..solvers import kl_weights, model_eps
 from ..trajectory import Trajectory, gaussian_log_prob
 
@@ -78,6 +79,10 @@ class Algorithm:
         self.cfg, self.trainer = cfg, trainer
 
     # -- hooks ----------------------------------------------------------------------------------
+    def rollout_kwargs(self) -> dict:
+        """Extra solver arguments for the trainer's rollouts (default: the configured policy noise)."""
+        return {"policy_std": self.trainer.cfg.sampler.policy_std}
+
     def prepare(self, batch: RolloutBatch) -> dict:
         """Compute advantages / fit critics before the policy update; returns metrics."""
         return {}
@@ -107,6 +112,10 @@ class Algorithm:
                 idx = perm[start:start + mb_size]
                 mb = self.make_minibatch(batch, idx // K, idx % K)
                 loss, info = self.loss(mb)
+                if not torch.isfinite(loss):
+                    raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was "
+                                        "applied from this minibatch and the last checkpoint is intact. Lower "
+                                        "optim.lr or raise beta")
                 tr.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)

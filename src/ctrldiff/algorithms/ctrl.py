@@ -16,7 +16,9 @@ Estimator (b), advantage rate q = g^2 grad_x V . (a - s_old):
 (its pointwise minimiser s_ref + grad V / beta is the optimal control of the KL-regularised problem when
 V is the soft value: one policy-iteration step). With noisy critics that full step can overshoot, so a
 proximal term (rho beta / 2) g^2 ||s_theta - s_old||^2 dtau is added (rho = ctrl.proximal): the minimiser
-becomes (s_ref + grad V / beta + rho s_old) / (1 + rho), a damped step towards the same fixed point.
+becomes (s_ref + grad V / beta + rho s_old) / (1 + rho), a damped step towards the same fixed point; and a
+trust region caps the per-step KL between that target and s_old (ctrl.trust_region), so one badly fitted
+grad V cannot throw the policy far (the fixed point is unchanged: at convergence the step is zero).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class CTRLConfig(Strict):
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
     proximal: float = Field(1.0, ge=0, description="estimator (b): weight rho of the proximal term "
                             "(rho beta / 2) ||s_theta - s_old||^2; 0 = the full policy-iteration step")
+    trust_region: float = Field(0.05, ge=0, description="estimator (b): cap on the KL (nats) between the update "
+                                "target and the sampling policy at each visited (t_k, x_k); larger targets are "
+                                "shrunk towards s_old. 0 = no cap")
     value: ValueConfig = ValueConfig()
 
 
@@ -205,6 +210,10 @@ class CTRL(Algorithm):
         rho = self.acfg.proximal
         eps_target = mb.eps_ref - sigma * mb.batch.extras["grad_v"][mb.b, mb.k] / self.cfg.beta
         eps_target = (eps_target + rho * mb.eps_old) / (1 + rho)
+        if self.acfg.trust_region > 0:  # shrink targets whose step from s_old exceeds the per-step KL cap
+            step_kl = self.step_kl_rate(mb, eps_target, mb.eps_old)
+            shrink = torch.sqrt(self.acfg.trust_region / step_kl.clamp_min(1e-12)).clamp(max=1.0)
+            eps_target = mb.eps_old + shrink.reshape(-1, *[1] * (eps_target.ndim - 1)) * (eps_target - mb.eps_old)
         err = self.step_kl_rate(mb, mb.eps, eps_target)
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}

@@ -12,18 +12,23 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import load_yaml
 from ..errors import CtrlDiffError
 from ..train.checkpoint import read_jsonl
 
+if TYPE_CHECKING:
+    from .run_eval import SolverSpec
+
 CURVE_KEYS = (("reward_mean", "E r"), ("kl_path", "KL_path"), ("objective", "J = E r - beta KL_path"))
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}small{color:#666}img{max-width:100%}
+th{background:#f3f3f3;white-space:nowrap}td.l,th.l{text-align:left}small{color:#666}img{max-width:100%}
 .run{margin:16px 0}.note{color:#555;font-size:90%}"""
 CHECK_JS = """window.addEventListener('load',function(){var im=document.images,ok=0;
 for(var i=0;i<im.length;i++){var g=im[i].complete&&im[i].naturalWidth>0;im[i].setAttribute('data-loaded',g?'1':'0');
@@ -39,6 +44,8 @@ class RunInfo:
             raise CtrlDiffError(f"{self.path} is not a ctrldiff run directory (no config.yaml)")
         self.config = load_yaml(self.path / "config.yaml")
         self.records = read_jsonl(self.path / "metrics.jsonl") if (self.path / "metrics.jsonl").exists() else []
+        fe = self.path / "final_eval.json"
+        self.final_eval = json.loads(fe.read_text()) if fe.exists() else {}
         self.label = f"{self.config.get('algo', '?')}: {self.path.resolve().name}"
 
     def highlights(self) -> str:
@@ -85,29 +92,42 @@ def _num(v, spec: str = ".4f") -> str:
 
 
 def summary_table(runs: list[RunInfo]) -> str:
-    head = ("<tr><th class=l>run</th><th>epochs</th><th>final E r</th><th>final KL_path</th><th>final J</th>"
-            "<th>reward queries</th><th>wall s</th><th class=l>config</th></tr>")
+    head = ("<tr><th class=l>run</th><th>epochs</th><th>last E r</th><th>last KL_path</th><th>last J</th>"
+            "<th>final eval J<br><small>reference &rarr; tuned</small></th><th>reward queries</th><th>wall s</th>"
+            "<th class=l>config</th></tr>")
     rows = []
     for run in runs:
         last = run.records[-1] if run.records else {}
         rows.append(f"<tr><td class=l>{html.escape(run.label)}<br><small>{html.escape(str(run.path))}</small></td>"
                     f"<td>{len(run.records)}</td><td>{_num(last.get('reward_mean'))}</td>"
                     f"<td>{_num(last.get('kl_path'))}</td><td>{_num(last.get('objective'))}</td>"
-                    f"<td>{_num(last.get('reward_queries'))}</td><td>{_num(last.get('wall_s'), '.1f')}</td>"
+                    f"<td>{_final_eval(run.final_eval)}</td><td>{_num(last.get('reward_queries'))}</td>"
+                    f"<td>{_num(last.get('wall_s'), '.1f')}</td>"
                     f"<td class=l><small>{html.escape(run.highlights())}</small></td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _final_eval(fe: dict) -> str:
+    """J of the reference and of the tuned model on the trainer's fixed-noise samples (final_eval.json)."""
+    before, after = fe.get("before") or {}, fe.get("after") or {}
+    if "objective" not in after:
+        return "-"
+    return (f"{_num(before.get('objective'))} &rarr; {_num(after['objective'])}<br>"
+            f"<small>n {after.get('n')}, {html.escape(str(after.get('solver')))}:{after.get('steps')}</small>")
 
 
 def robustness_table(runs: list[RunInfo], docs: list[dict | Exception]) -> str:
     """Rows: runs; columns: solver:steps; cells J with E r, KL_path (and gap / accuracy when known)."""
     labels = next((tuple(r["label"] for r in d["results"]) for d in docs if isinstance(d, dict)), ())
-    head = "<tr><th class=l>run</th>" + "".join(f"<th>{html.escape(lb)}</th>" for lb in labels) + "</tr>"
+    head = ("<tr><th class=l>run</th>" + "".join(f"<th>{html.escape(lb)}</th>" for lb in labels)
+            + "<th>exact J*</th></tr>")
     rows = []
     for run, doc in zip(runs, docs, strict=True):
         if isinstance(doc, Exception):
-            cells = f"<td class=l colspan={max(len(labels), 1)}>not evaluated: {html.escape(str(doc))}</td>"
+            cells = f"<td class=l colspan={len(labels) + 1}>not evaluated: {html.escape(str(doc))}</td>"
         else:
-            cells = "".join(_robust_cell(r) for r in doc["results"])
+            j_star = (doc.get("exact") or {}).get("J_star")
+            cells = "".join(_robust_cell(r) for r in doc["results"]) + f"<td>{_num(j_star)}</td>"
         rows.append(f"<tr><td class=l>{html.escape(run.label)}</td>{cells}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -121,7 +141,8 @@ def _robust_cell(r: dict) -> str:
     return f"<td><b>{_num(r['objective'])}</b><br><small>{extra}</small></td>"
 
 
-def _robustness(runs: list[RunInfo], solvers, n: int, seed: int, log: Callable[[str], None]) -> list[dict | Exception]:
+def _robustness(runs: list[RunInfo], solvers: list[SolverSpec], n: int, seed: int,
+                log: Callable[[str], None]) -> list[dict | Exception]:
     from .run_eval import evaluate_setup
     from .target import load_setup
 
@@ -135,7 +156,7 @@ def _robustness(runs: list[RunInfo], solvers, n: int, seed: int, log: Callable[[
     return docs
 
 
-def build_report(run_dirs: list[str | Path], *, solvers=None, n: int = 64, seed: int = 0,
+def build_report(run_dirs: list[str | Path], *, solvers: list[SolverSpec] | None = None, n: int = 64, seed: int = 0,
                  log: Callable[[str], None] = lambda m: None) -> str:
     """The HTML page (a string). ``solvers`` None skips the robustness table."""
     if not run_dirs:
@@ -149,7 +170,11 @@ def build_report(run_dirs: list[str | Path], *, solvers=None, n: int = 64, seed:
         docs = _robustness(runs, solvers, n, seed, log)
         parts += ["<h2>Solver / step robustness</h2>",
                   f"<p class=note>J per solver:steps with {n} samples each (same seed for every cell; DDIM eta 0). "
-                  "Trained with the solver in the config column above.</p>", robustness_table(runs, docs)]
+                  "Rollout solver during training: see the config column above. Exact J*: the optimum of J for "
+                  "'*-exact' runs (optimality gap = (J* - J) / |J*|). With deterministic solvers (ddim eta 0, heun, "
+                  "dpmpp-2m) KL_path is the Girsanov integrand averaged along ODE paths, which matches the sampled "
+                  "distribution only for a consistent score: there J may exceed J* (negative gap).</p>",
+                  robustness_table(runs, docs)]
     parts.append("<h2>Samples before / after fine-tuning</h2>")
     for run in runs:
         img = run.path / "samples" / "before_after.png"

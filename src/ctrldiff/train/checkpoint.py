@@ -23,11 +23,15 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, I/O error) leaves neither a torn file nor litter
+        raise
     _fsync_dir(path.parent)
 
 
@@ -72,11 +76,38 @@ def save_checkpoint(state: dict, ckpt_dir: Path, epoch: int, keep: int = 2) -> P
     return path
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+def checkpoint_candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files, best first: the one the ``latest`` pointer names, then the others newest first."""
+    ckpt_dir = Path(ckpt_dir)
+    files = sorted(ckpt_dir.glob("epoch_*.pt"), reverse=True)
     ptr = ckpt_dir / "latest"
-    if ptr.exists():
-        p = ckpt_dir / ptr.read_text().strip()
-        if p.exists():
-            return p
-    cands = sorted(ckpt_dir.glob("epoch_*.pt"))
-    return cands[-1] if cands else None
+    try:
+        name = ptr.read_text().strip() if ptr.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    first = [p for p in files if p.name == name]  # only a file that exists in ckpt_dir, never a path elsewhere
+    return first + [p for p in files if p.name != name]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    cands = checkpoint_candidates(ckpt_dir)
+    return cands[0] if cands else None
+
+
+def load_latest_checkpoint(ckpt_dir: Path, map_location=None) -> tuple[Path | None, dict | None, list[str]]:
+    """Load the best checkpoint that reads back as a complete trainer state.
+
+    Returns ``(path, state, rejected)``; ``rejected`` describes unreadable (corrupt, truncated) checkpoint files
+    that were passed over, so that nothing corrupt is ever taken as the latest checkpoint.
+    """
+    rejected = []
+    for p in checkpoint_candidates(ckpt_dir):
+        try:
+            st = torch.load(p, map_location=map_location, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated zip, unpickling error, ...: not usable
+            rejected.append(f"{p.name} ({type(e).__name__})")
+            continue
+        if isinstance(st, dict) and isinstance(st.get("epoch"), int) and "model" in st:
+            return p, st, rejected
+        rejected.append(f"{p.name} (not a trainer checkpoint)")
+    return None, None, rejected

@@ -9,9 +9,10 @@ from pydantic import Field, model_validator
 from ..algorithms.ctrl import CTRLConfig
 from ..algorithms.ddpo import DDPOConfig
 from ..algorithms.dpok import DPOKConfig
+from ..algorithms.qlearning import QLearningConfig
 from ..config import Strict
 
-ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok")
+ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning")
 
 
 class SamplerConfig(Strict):
@@ -44,10 +45,11 @@ class LogConfig(Strict):
 
 
 class TrainConfig(Strict):
-    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok"] = "ctrl"
+    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
-                       "(exact 2-D score + zero-initialised residual), or a saved model path")
-    process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact models")
+                       "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
+                       "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), or a saved model path")
+    process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact and scratch-* models")
     reward: str = Field("digit-alignment", description="built-in name, module:function, or weighted sum")
     reward_errors: Literal["raise", "skip"] = Field(
         "raise", description="a reward batch with NaN/inf/wrong shape/exception: stop, or skip it (counted)")
@@ -64,12 +66,16 @@ class TrainConfig(Strict):
     ctrl: CTRLConfig = CTRLConfig()
     ddpo: DDPOConfig = DDPOConfig()
     dpok: DPOKConfig = DPOKConfig()
+    qlearning: QLearningConfig = QLearningConfig()
 
     @model_validator(mode="after")
     def _compatible(self):
         s = self.sampler
         needs_lp = self.algo in ("ddpo", "ddpo-sf", "dpok") or (self.algo == "ctrl" and self.ctrl.estimator == "a")
         deterministic = (s.solver == "ode-euler" or (s.solver == "ddim" and s.eta == 0)) and s.policy_std == 0
+        if self.algo == "q-learning" and s.policy_std > 0:
+            raise ValueError("q-learning sets its own policy noise (theta / (2 g^2), qlearning.theta): leave "
+                             "sampler.policy_std at 0")
         if needs_lp and deterministic:
             raise ValueError(f"algo {self.algo!r} needs stochastic rollouts, but sampler.solver={s.solver!r} "
                              f"(eta={s.eta}) with policy_std=0 is deterministic: use em, ddim with eta > 0, "

@@ -23,6 +23,8 @@ class Task:
     sample_shape: tuple[int, ...]
     num_classes: int = 0
     trainable: list = field(default_factory=list)
+    data: Tensor | None = None  # training data [n, *sample_shape] (the 'scratch-*' tasks; used by q-learning)
+    data_labels: Tensor | None = None  # [n] long, for conditional data sets
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor | None:
         """Balanced labels (each class equally often, shuffled) or None for unconditional models."""
@@ -46,8 +48,61 @@ def _process_of(model: nn.Module) -> NoiseProcess:
     return process_from_config(meta["process"]) if "process" in meta else make_process("vp")
 
 
+SCRATCH_2D_SIZE = 10_000  # points in the fixed (seed 0) data set of a 'scratch-<2-D data set>' task
+
+
+def scratch_task(model: str, process: str = "vp", device: str = "cpu") -> Task:
+    """A fresh mean network plus a data set, for training from scratch (q-learning). The network predicts v
+    and starts at v = 0, i.e. at the score -x of N(0, I) data (a stable start: an eps = 0 start has score 0,
+    whose reverse drift -f y = +beta y / 2 blows the samples up):
+
+    'scratch-<gmm2|gmm4|gmm8|checkerboard|rings>'  MLP (2-D), 10,000 fixed data points;
+    'scratch-<gmm2|gmm4|gmm8>-cond'                 class-conditional MLP, label = mixture component;
+    'scratch-digits'                                class-conditional UNet, the 1,497 training digits.
+    The reference model (used only for KL_path in the logs and the 'before' samples) is the data's exact
+    noised score: closed form for the mixtures, the empirical distribution's (ratio estimator with all
+    the data) otherwise, so the logged KL_path is the path KL to the data process."""
+    from ..algorithms.ratio import EmpiricalScore
+    from ..data.toy2d import TOY2D, gmm_preset, sample_toy2d
+    from ..models.mlp import ExactGMMScore, MLPScoreModel
+
+    name = model.removeprefix("scratch-")
+    proc = make_process(process)
+    gen = torch.Generator().manual_seed(0)
+    labels = None
+    if name == "digits":
+        from ..data.digits import NUM_CLASSES, load_digits
+        from ..models.unet import UNet
+
+        d = load_digits("train")
+        data, labels = d.images, d.labels
+        net = UNet(in_channels=1, resolution=d.resolution, num_classes=NUM_CLASSES, prediction="v")
+        ref = EmpiricalScore(data, proc, labels)
+    elif name.endswith("-cond") and name.removesuffix("-cond") in ("gmm2", "gmm4", "gmm8"):
+        gmm = gmm_preset(name.removesuffix("-cond"))
+        labels = torch.multinomial(gmm.weights, SCRATCH_2D_SIZE, replacement=True, generator=gen)
+        z = torch.randn(SCRATCH_2D_SIZE, 2, generator=gen, dtype=torch.float64)
+        data = (gmm.means[labels] + gmm.stds[labels, None] * z).float()
+        net = MLPScoreModel(dim=2, hidden=128, depth=3, num_classes=len(gmm.weights), prediction="v", zero_init=True)
+        ref = EmpiricalScore(data, proc, labels)
+    elif name in TOY2D:
+        data = sample_toy2d(name, SCRATCH_2D_SIZE, gen)
+        net = MLPScoreModel(dim=2, hidden=128, depth=3, prediction="v", zero_init=True)
+        ref = ExactGMMScore(gmm_preset(name), proc, None) if name.startswith("gmm") else EmpiricalScore(data, proc)
+    else:
+        raise CtrlDiffError(f"unknown from-scratch task {model!r}; use scratch-<{'|'.join(TOY2D)}>, "
+                            "scratch-<gmm2|gmm4|gmm8>-cond or scratch-digits")
+    net = net.to(device).train()
+    ncls = int(net.config.get("num_classes", 0))
+    return Task(model, net, ref.to(device).eval(), proc, tuple(data.shape[1:]), ncls, list(net.parameters()),
+                data=data.to(device), data_labels=None if labels is None else labels.to(device))
+
+
 def build_task(model: str, process: str = "vp", device: str = "cpu") -> Task:
-    """'digits' (the shipped model), '<preset>-exact' (2-D yardstick), or a path to a saved model."""
+    """'digits' (the shipped model), '<preset>-exact' (2-D yardstick), 'scratch-<data set>' (a fresh model
+    and a data set, see :func:`scratch_task`), or a path to a saved model."""
+    if model.startswith("scratch-"):
+        return scratch_task(model, process, device)
     if model.endswith("-exact"):
         from ..data.toy2d import gmm_preset
         from ..models.mlp import ExactGMMScore, MLPScoreModel

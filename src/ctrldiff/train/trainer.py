@@ -8,9 +8,11 @@ update rule (``ctrldiff.algorithms``). A run directory holds:
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +26,32 @@ from ..rewards.base import call_reward, make_reward
 from ..rewards.stats import PerConditionStats
 from ..solvers import evaluate_along, get_solver, kl_increments
 from ..trajectory import cat_trajectories
-from .checkpoint import append_jsonl, atomic_write_bytes, latest_checkpoint, read_jsonl, save_checkpoint
+from .checkpoint import (
+    append_jsonl,
+    atomic_write_bytes,
+    latest_checkpoint,
+    load_latest_checkpoint,
+    read_jsonl,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .task import Task, build_task
+
+
+def check_runtime_config(cfg: TrainConfig) -> torch.device:
+    """Check the config values only the runtime can judge (device, seed range) before any file or compute."""
+    try:
+        dev = torch.device(cfg.device)
+        torch.Generator(device=dev)
+        torch.empty(0, device=dev)
+    except Exception as e:  # noqa: BLE001 - unknown device string, CUDA not built/available, ...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CtrlDiffError(f"invalid config: device: {cfg.device!r} cannot be used here ({why}); "
+                            "use cpu, or cuda / cuda:N on a machine with a GPU") from None
+    if not -(2**63) <= cfg.seed <= 2**64 - 2:
+        raise CtrlDiffError(f"invalid config: seed: must lie in [-2**63, 2**64 - 2] (torch generator range), "
+                            f"got {cfg.seed}")
+    return dev
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -47,7 +72,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if overwrite and not resume:
         import shutil
 
-        for name in ("metrics.jsonl", "checkpoints", "samples", "tensorboard"):
+        for name in ("metrics.jsonl", "checkpoints", "samples", "tensorboard", "final_eval.json", "reward_curve.png",
+                     "final_model.safetensors", "final_model.json"):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -60,9 +86,9 @@ class Trainer:
                  reward=None, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
+        self.device = check_runtime_config(cfg)
         if self.out is not None:
             prepare_run_dir(self.out, resume, overwrite)
-        self.device = torch.device(cfg.device)
         self._seed_everything(cfg.seed)
         self.task = task or build_task(cfg.model, cfg.process, cfg.device)
         self.process = self.task.process
@@ -140,7 +166,7 @@ class Trainer:
                 cond = None if conds is None else conds[start:start + n].to(self.device)
                 x = torch.randn((n, *self.task.sample_shape), generator=self.gen, device=self.device)
                 traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
-                                   generator=self.gen, policy_std=cfg.sampler.policy_std)
+                                   generator=self.gen, **self.algo.rollout_kwargs())
                 trajs.append(traj)
                 args = (traj.final, cond, self.epoch * 10_000 + i)
                 futures.append(pool.submit(self._score, *args) if pool else args)
@@ -191,7 +217,8 @@ class Trainer:
         end = cfg.epochs if epochs is None else self.epoch + epochs
         records = []
         if self.out is not None and self.epoch == 0:
-            self.save_samples("epoch_00000")
+            with self._writing("the start-of-run samples"):
+                self.save_samples("epoch_00000")
         bar = tqdm(total=end - self.epoch, disable=not cfg.log.progress, desc=f"{cfg.algo}", dynamic_ncols=True)
         while self.epoch < end:
             rec = self.step()
@@ -199,16 +226,33 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(r=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_path']:.3f}", J=f"{rec['objective']:.3f}")
             if self.out is not None:
-                append_jsonl(self.out / "metrics.jsonl", rec)
-                self._tensorboard(rec)
-                if cfg.log.sample_every and self.epoch % cfg.log.sample_every == 0:
-                    self.save_samples(f"epoch_{self.epoch:05d}")
-                if self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end:
-                    self.save_checkpoint()
+                with self._writing(f"the outputs of epoch {rec['epoch']}"):
+                    self._write_epoch(rec, end)
         bar.close()
         if self.out is not None and self.epoch >= cfg.epochs:
-            self.finish()
+            with self._writing("the final outputs"):
+                self.finish()
         return records
+
+    @contextmanager
+    def _writing(self, what: str):
+        """A failed write into the run directory (disk full, I/O error) is a one-line CtrlDiffError that names
+        the last good checkpoint (checkpoint writes are atomic: a failed one leaves the previous one intact)."""
+        try:
+            yield
+        except OSError as e:
+            last = latest_checkpoint(self.out / "checkpoints") if (self.out / "checkpoints").is_dir() else None
+            raise CtrlDiffError(f"could not write {what} into {self.out}: {e.strerror or e}; last good checkpoint: "
+                                f"{last.name if last else 'none'} (fix that, then --resume)") from None
+
+    def _write_epoch(self, rec: dict, end: int) -> None:
+        cfg = self.cfg
+        append_jsonl(self.out / "metrics.jsonl", rec)
+        self._tensorboard(rec)
+        if cfg.log.sample_every and self.epoch % cfg.log.sample_every == 0:
+            self.save_samples(f"epoch_{self.epoch:05d}")
+        if self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end:
+            self.save_checkpoint()
 
     # ---- outputs -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -302,10 +346,17 @@ class Trainer:
         return save_checkpoint(self.state_dict(), self.out / "checkpoints", self.epoch, self.cfg.log.keep_checkpoints)
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            raise CtrlDiffError(f"cannot resume: no checkpoint in {self.out / 'checkpoints'}")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        ckpts = self.out / "checkpoints"
+        path, state, rejected = load_latest_checkpoint(ckpts, map_location=self.device)
+        if rejected:
+            msg = f"passed over unreadable checkpoint(s) in {ckpts}: {', '.join(rejected)}"
+            if path is None:
+                raise CtrlDiffError(f"cannot resume: no readable checkpoint; {msg}. Start again with --overwrite")
+            logging.getLogger(__name__).warning("%s; resuming from %s", msg, path.name)
+        if state is not None:
+            self.load_state_dict(state)
+        # else: the run stopped before its first checkpoint. This trainer is in exactly the state of a fresh one
+        # (same config, same seed), so resuming replays the run from epoch 0.
         # metrics logged after the checkpoint are replayed by the resumed run: drop them
         recs = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", -1) < self.epoch]
         import json
