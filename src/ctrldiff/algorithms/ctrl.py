@@ -47,6 +47,7 @@ class ValueConfig(Strict):
     minibatch: int = Field(1024, ge=1)
     surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
+    u_sees_x0: bool = Field(True, description="feed the Tweedie prediction x0_hat to U_phi as an input")
     tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
 
 
@@ -82,7 +83,7 @@ class CTRL(Algorithm):
         self.reward_term = term
         shape, ncls = trainer.task.sample_shape, trainer.task.num_classes
         dev = trainer.device
-        self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none").to(dev)
+        self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none", u_sees_x0=vcfg.u_sees_x0).to(dev)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=vcfg.lr)
         self.surrogate = self.surrogate_opt = None
         if term == "surrogate":

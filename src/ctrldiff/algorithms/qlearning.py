@@ -15,21 +15,40 @@ units (a_eps = -sigma a):  g^2 dtau ||u_score||^2 -> w_k ||u_eps||^2,  w_k = 2 (
 increments. Per step k:
     action      a_k = mu_k + sqrt(theta dtau_k / (2 w_k)) zeta_k        (eps units; recorded by the solver)
     reward      r_hat_k dtau_k = -w_k ||eps_hat_k - a_k||^2              eps_hat: ratio estimator or s_ref
+                (running_reward=cross, the default: -w_k (eps_hat1 - a_k).(eps_hat2 - a_k) with two estimates
+                from disjoint data subsets; unbiased for -w_k ||E eps_hat - a_k||^2, see below)
     q           q_k dtau_k     = -w_k ||a_k - mu_psi(t_k, y_k)||^2 - (theta d dtau_k / 2) log(pi theta dtau_k / (sigma_k^2 w_k))
     TD error    delta_k = J(t_{k+1}, y_{k+1}) - J(t_k, y_k) + r_hat_k dtau_k - q_k dtau_k
-    critic      J_Theta(t, y, c) = beta_q h(y, c) + phi(t) U_Theta(t, y, c),  phi = (t - t_min) / (t_max - t_min)
-                (so J(t_min, y) = beta_q h(y) exactly; critic.reward_term=none drops h at t > t_min)
+    critic      J_Theta(t, y, c) = beta_q H(t, y, c) + phi(t) U_Theta(t, y, c),  phi = (t - t_min) / (t_max - t_min),
+                H(t_min, y) = h(y), and for t > t_min  H = h(x0_hat(t, y)), the reward at the sampling policy's
+                Tweedie prediction (critic.reward_term=tweedie; or 0 with reward_term=none). So J(t_min, y) =
+                beta_q h(y) exactly, and before the end J starts from the reward-to-go guess beta_q h(x0_hat)
+                (h(y) itself there would over-tilt the noisy states: the optimal grad J -> 0 at the noise end).
 
-Update: minimise sum_k delta_k^2 jointly over (Theta, psi) with Adam (the critic is a parameter group of
-the trainer's optimizer; the shared update loop over (sample, step) minibatches). In the TD error J(t_k, y_k)
-is the free, state-dependent baseline that absorbs E[delta | y_k]; mu_psi enters only through q, so psi's
-gradient -2 delta_k dq_k/dpsi is the martingale orthogonality condition with test function dq/dpsi.
-For Theta, ``critic.target=td`` (default) treats J(t_{k+1}, y_{k+1}) as a fixed target (semi-gradient: the
-orthogonality condition with test function dJ/dTheta); ``critic.target=residual`` differentiates through both
-ends, the literal mean-square TD error, which Jia & Zhou (2022) show approximates the path's quadratic
-variation: it flattens J (kept for comparison). Each step's delta is divided by its batch RMS at sampling
-time (a positive constant per k: it reweights the steps and leaves each step's fixed point alone; without it
-the steps at the data end, whose costs grow like 1 / sigma^2, swamp the rest early in training).
+Updates, each epoch on the fresh rollouts (``prepare`` fits the critic, ``loss`` is the actor's, run by
+the shared update loop). Both solve the martingale orthogonality conditions of Jia & Zhou (2023),
+E[delta_k dJ/dTheta] = 0 and E[delta_k dq/dpsi] = 0, i.e. the stationarity conditions of sum_k delta_k^2 in
+Theta (semi-gradient) and psi:
+  critic  ``critic.epochs`` passes of regression of J(t_k, y_k) on the fixed TD(lambda) target
+          G_k = (r_hat - q)_k dtau_k + (1 - lam) J_{k+1} + lam G_{k+1},  G_K = beta_q h(y_K)
+          (lam = 0: TD(0), test function dJ/dTheta; lam = 1: the Monte Carlo martingale loss).
+  actor   dq/dpsi = 2 w_k (a_k - mu_psi) dmu/dpsi, so at the sampling policy the condition reads
+          E[ delta_k u_k ] = 0 with u_k = a_k - mu_old. Since E[delta u] = theta dtau (mu* - mu_old) for the
+          policy-iteration target mu* = eps_hat + (grad J term), the one-sample estimate
+              mu_tilde_k = mu_old + delta_k u_k / (theta dtau_k)
+          is unbiased for mu*, and the actor regresses onto it:  L = sum_k w_k ||mu_psi - mu_tilde_k||^2.
+          Its gradient at psi = psi_old is -(2 / (theta dtau)) sum_k delta_k dq_k/dpsi (the orthogonality update),
+          and unlike sum delta^2 itself it stays a convex regression when the inner loop moves psi.
+          Baseline: delta_k minus its running part at a = mu_old, (r_hat - q)(a = mu_old) dtau_k =
+          -w_k ||eps_hat - mu_old||^2 + q_const_k (J(t_k, y_k) already is one): a function of the state only,
+          so the expected update is unchanged (E[u_k | y_k] = 0) and its variance drops by orders of magnitude.
+  ``actor=delta-sq`` instead minimises sum_k delta_k^2 over psi literally (J fixed): its curvature term
+  E[delta | y] (mu_old - mu_psi) pushes mu away from the actions wherever the critic lags, and it diverges
+  on the 2-D benchmarks (kept to show it; docs/QLEARNING.md).
+Running reward: with the literal square, E||eps_hat - a||^2 = ||E eps_hat - a||^2 + Var(eps_hat)(t, y): the
+estimator's variance (large at small t, O(1/m)) becomes a state-dependent cost that J picks up, and grad J
+then pulls the policy towards where the estimator happens to be precise (the data points). The cross
+product of two independent estimates has no variance term (running_reward=square keeps the paper's form).
 Modes: beta_q = 0 is pure score matching (mu -> grad log p_t); ``score_source=ref`` is fine-tuning (the
 running reward uses the frozen pretrained score, no ratio estimator); sampler.solver=ode-euler gives the
 probability-flow dynamics; a conditional task puts c in mu, J and the ratio estimator.
@@ -60,13 +79,15 @@ from .value import make_head
 
 
 class CriticConfig(Strict):
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the critic's parameter group")
-    target: Literal["td", "residual"] = Field(
-        "td", description="td: J(t_{k+1}, y_{k+1}) is a fixed target (semi-gradient, martingale orthogonality); "
-        "residual: differentiate sum delta^2 through both ends (the literal mean-square TD error)")
-    reward_term: Literal["true", "none"] = Field(
-        "true", description="true: J = beta_q h(y) + phi(t) U (h queried at every visited state, counted as "
-        "value reward queries); none: J = phi(t) U before the end, h only in the terminal condition")
+    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(4, ge=0, description="passes over the epoch's (sample, step) pairs per critic fit")
+    minibatch: int = Field(1024, ge=1)
+    lam: float = Field(0.9, ge=0, le=1, description="lambda of the TD(lambda) target (1: Monte Carlo, the "
+                       "martingale loss)")
+    reward_term: Literal["tweedie", "none"] = Field(
+        "tweedie", description="tweedie: J = beta_q h(x0_hat) + phi(t) U before the end (h queried at every "
+        "visited state's Tweedie prediction, counted as value reward queries); none: J = phi(t) U before the "
+        "end. Either way J(t_min, y) = beta_q h(y)")
 
 
 class QLearningConfig(Strict):
@@ -76,14 +97,21 @@ class QLearningConfig(Strict):
     score_source: Literal["auto", "ratio", "ref"] = Field(
         "auto", description="running-reward target: ratio estimator from the task's data, or the frozen "
         "reference score (fine-tuning). auto: ratio if the task has data")
-    m: int = Field(256, ge=0, description="data points per ratio-estimator call (0: all)")
+    m: int = Field(1024, ge=0, description="data points per ratio-estimator call (0: all; with running_reward="
+                   "cross each of the two estimates uses m, at most half the data)")
     ratio_floor: float = Field(DEFAULT_FLOOR, ge=0, description="ratio-estimator floor (see algorithms/ratio.py)")
+    running_reward: Literal["cross", "square"] = Field(
+        "cross", description="cross: -g^2 (s_hat1 - a).(s_hat2 - a), two ratio estimates from disjoint subsets "
+        "of m points (no estimator-variance term); square: -g^2 ||s_hat - a||^2 (the paper's literal form)")
+    actor: Literal["regression", "delta-sq"] = Field(
+        "regression", description="regression: regress mu on mu_old + delta u / (theta dtau) (martingale "
+        "orthogonality, baseline-corrected); delta-sq: minimise sum delta^2 over psi literally (unstable)")
     critic: CriticConfig = CriticConfig()
 
 
 class Critic(nn.Module):
-    """J(t, y, c) = beta_q h + phi(t) U(t, y, c), phi(t) = clamp((t - t_min) / (t_max - t_min), 0):
-    U is a zero-initialised scalar head; ``h`` holds the reward at y (zeros where it is not used)."""
+    """J(t, y, c) = beta_q H + phi(t) U(t, y, c), phi(t) = clamp((t - t_min) / (t_max - t_min), 0):
+    U is a zero-initialised scalar head; ``h`` holds H, the reward term at (t, y) (module docstring)."""
 
     def __init__(self, sample_shape: tuple[int, ...], num_classes: int, t_min: float, t_max: float,
                  beta_q: float):
@@ -124,9 +152,7 @@ class QLearning(Algorithm):
                                                  a.ratio_floor, self.ratio_gen)
         proc = trainer.process
         self.critic = Critic(task.sample_shape, task.num_classes, proc.t_min, proc.t_max, self.beta_q).to(trainer.device)
-        # (Theta, psi) are minimised jointly: the critic is one more parameter group of the trainer's Adam
-        trainer.optimizer.add_param_group({"params": list(self.critic.parameters()), "lr": a.critic.lr,
-                                           "weight_decay": 0.0})
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=a.critic.lr)
 
     # ---- the per-step constants of the discretisation (module docstring) --------------------------
     def step_constants(self, times: Tensor) -> dict[str, Tensor]:
@@ -152,83 +178,127 @@ class QLearning(Algorithm):
         return -w * (a - mu).flatten(1).pow(2).sum(1) - q0
 
     # ---- the running reward's target: the ratio estimator or the frozen pretrained score ------------
-    def eps_hat(self, batch: RolloutBatch) -> Tensor:
-        """eps_hat at every visited (t_k, y_k), k < K -> [B, K, *D]."""
+    def eps_hats(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
+        """Two estimates of eps at every visited (t_k, y_k), k < K, each [B, K, *D]: independent ratio estimates
+        (running_reward=cross), the same one twice (square), or the frozen reference twice (score_source=ref)."""
         if self.source == "ref":
-            return batch.eps_ref
+            return batch.eps_ref, batch.eps_ref
         traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
         x = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
         t = traj.times[:K].repeat(B)
         cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else None
-        out = [self.estimator.eps(x[i:i + 4096], t[i:i + 4096], None if cond is None else cond[i:i + 4096])
-               for i in range(0, B * K, 4096)]
-        return torch.cat(out).reshape(traj.outputs.shape)
+        copies = 2 if self.acfg.running_reward == "cross" else 1
+        est, outs = self.estimator, [[] for _ in range(copies)]
+        for i in range(0, B * K, 4096):
+            c = None if cond is None else cond[i:i + 4096]
+            for out, sc in zip(outs, est.scores(x[i:i + 4096], t[i:i + 4096], c, copies), strict=True):
+                out.append(est.to_eps(sc, t[i:i + 4096]))
+        e = [torch.cat(o).reshape(traj.outputs.shape) for o in outs]
+        return (e[0], e[-1])
 
     def _h_along(self, batch: RolloutBatch) -> Tensor:
-        """h at every state [B, K+1]: the terminal rewards at k = K; before the end h(y_k) (reward_term=true,
-        counted as value reward queries) or 0."""
+        """H at every state [B, K+1]: the terminal rewards h(y_K) at k = K; before the end h(x0_hat(t_k, y_k))
+        (reward_term=tweedie, counted as value reward queries) or 0."""
         traj, tr = batch.traj, self.trainer
         B, K = traj.batch_size, traj.num_steps
         h = torch.zeros(B, K + 1, dtype=batch.rewards.dtype, device=batch.rewards.device)
         h[:, K] = batch.rewards
-        if self.acfg.critic.reward_term == "true" and self.beta_q > 0:
+        if self.acfg.critic.reward_term == "tweedie" and self.beta_q > 0:
             x = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
+            t = traj.times[:K].repeat(B)
+            x0 = tr.process.convert(traj.outputs.reshape(x.shape), "eps", "x0", t, x)
             cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else None
             tr.count_queries(B * K, kind="value")
-            h[:, :K] = call_reward(tr.reward, x, cond).reshape(B, K).to(h.dtype)
+            h[:, :K] = call_reward(tr.reward, x0, cond).reshape(B, K).to(h.dtype)
         return h
 
-    # ---- per-epoch preparation: the running reward and the critic's inputs ---------------------------
+    # ---- per-epoch preparation: running reward, critic fit, TD errors ----------------------------------
+    def _critic_values(self, t: Tensor, y: Tensor, cond: Tensor | None, h: Tensor, chunk: int = 4096) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([self.critic(t[i:i + chunk], y[i:i + chunk], None if cond is None else cond[i:i + chunk],
+                                          h[i:i + chunk]) for i in range(0, len(t), chunk)])
+
+    def _fit_critic(self, t, y, cond, h, run: Tensor) -> float:
+        """TD(lambda) regression of J(t_k, y_k) (all states flattened b (K + 1) + k) on fixed targets."""
+        tr, ccfg = self.trainer, self.acfg.critic
+        B, K = run.shape
+        src = (torch.arange(B)[:, None] * (K + 1) + torch.arange(K)[None]).reshape(-1).to(y.device)
+        n, mb = B * K, min(ccfg.minibatch, B * K)
+        loss = torch.zeros(())
+        for _ in range(ccfg.epochs):
+            J = self._critic_values(t, y, cond, h).reshape(B, K + 1)
+            G, nxt = torch.empty_like(run), J[:, K]  # G_K = J_K = beta_q h(y_K), exact
+            for k in range(K - 1, -1, -1):
+                nxt = run[:, k] + (1 - ccfg.lam) * J[:, k + 1] + ccfg.lam * nxt
+                G[:, k] = nxt
+            G = G.reshape(-1)
+            perm = torch.randperm(n, generator=tr.cpu_gen).to(y.device)
+            for s in range(0, n - mb + 1, mb):
+                i = perm[s:s + mb]
+                j = src[i]
+                loss = (G[i] - self.critic(t[j], y[j], None if cond is None else cond[j], h[j])).pow(2).mean()
+                self.critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.critic_opt.step()
+        return float(loss.detach())
+
     def prepare(self, batch: RolloutBatch) -> dict:
         traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
         c = self.step_constants(traj.times)
-        w = c["w"].to(traj.outputs.dtype)
+        dt = traj.outputs.dtype
+        w, dtau, q0 = c["w"].to(dt), c["dtau"].to(dt), c["q_const"].to(dt)
         a, mu_old = traj.actions, traj.outputs
-        e_hat = self.eps_hat(batch)
-        r_dt = -w * (e_hat - a).flatten(2).pow(2).sum(-1)  # [B, K]  r_hat_k dtau_k
-        h = self._h_along(batch)  # [B, K + 1]
-        kk = torch.arange(K, device=a.device).repeat(B)
-        flat = (B * K, *a.shape[2:])
-        q_dt = self.q_dtau(a.reshape(flat), mu_old.reshape(flat), kk, c).reshape(B, K)
+        u = a - mu_old
+        e1, e2 = self.eps_hats(batch)
+        e_hat = 0.5 * (e1 + e2)
+        r_dt = -w * ((e1 - a) * (e2 - a)).flatten(2).sum(-1)  # [B, K]  r_hat_k dtau_k
+        q_dt = -w * u.flatten(2).pow(2).sum(-1) - q0  # q_old(a_k) dtau_k
+        h = self._h_along(batch).reshape(-1)  # [B (K + 1)]
         y = traj.states.reshape(B * (K + 1), *traj.states.shape[2:])
         t = traj.times.to(y.dtype).repeat(B)
         cond = traj.cond.repeat_interleave(K + 1, 0) if isinstance(traj.cond, Tensor) else None
-        with torch.no_grad():
-            J = torch.cat([self.critic(t[i:i + 4096], y[i:i + 4096], None if cond is None else cond[i:i + 4096],
-                                       h.reshape(-1)[i:i + 4096]) for i in range(0, len(t), 4096)]).reshape(B, K + 1)
+        critic_loss = self._fit_critic(t, y, cond, h, r_dt - q_dt)
+        J = self._critic_values(t, y, cond, h).reshape(B, K + 1)
         delta = J[:, 1:] - J[:, :-1] + r_dt - q_dt
-        batch.extras.update(r_dt=r_dt, h=h, consts=c, delta_scale=delta.pow(2).mean(0).sqrt().clamp(min=1e-8))
-        metrics = {"q/delta_sq": float(delta.pow(2).sum(1).mean()), "q/J0": float(J[:, 0].mean()),
-                   "q/beta_q": self.beta_q,
+        if self.acfg.actor == "regression":
+            # delta minus its running part at a = mu_old, a function of the state only: same expected update
+            base = -w * ((e1 - mu_old) * (e2 - mu_old)).flatten(2).sum(-1) + q0
+            coef = (delta - base) / (self.acfg.theta * dtau)  # [B, K]
+            batch.extras["mu_target"] = mu_old + coef.reshape(B, K, *[1] * (u.ndim - 2)) * u
+        else:
+            batch.extras["q_target"] = J[:, 1:] - J[:, :-1] + r_dt  # delta = q_target - q_psi dtau
+        batch.extras["consts"] = c
+        metrics = {"q/critic_loss": critic_loss, "q/delta_sq": float(delta.pow(2).sum(1).mean()),
+                   "q/J0": float(J[:, 0].mean()), "q/beta_q": self.beta_q,
                    # int g^2 ||s_hat - mu||^2 dtau along the path: the paper's running cost without the action noise
                    "q/score_cost": float((w * (e_hat - mu_old).flatten(2).pow(2).sum(-1)).sum(1).mean())}
         if self.source == "ratio":  # the estimator's own error against the task's reference (the data's score)
             metrics["q/ratio_err"] = float((w * (e_hat - batch.eps_ref).flatten(2).pow(2).sum(-1)).sum(1).mean())
         return metrics
 
-    # ---- the joint TD loss: sum_k delta_k^2 over (Theta, psi) ----------------------------------------
+    # ---- the actor -----------------------------------------------------------------------------------
     def loss(self, mb: Minibatch) -> tuple[Tensor, dict]:
-        batch, traj = mb.batch, mb.batch.traj
-        ex = batch.extras
-        cond = mb.cond if isinstance(mb.cond, Tensor) else None
-        J_k = self.critic(mb.t, mb.x, cond, ex["h"][mb.b, mb.k])
-        with torch.set_grad_enabled(self.acfg.critic.target == "residual"):
-            J_next = self.critic(traj.times[mb.k + 1], mb.x_next, cond, ex["h"][mb.b, mb.k + 1])
-        q_dt = self.q_dtau(traj.actions[mb.b, mb.k], mb.eps, mb.k, ex["consts"])
-        delta = J_next - J_k + ex["r_dt"][mb.b, mb.k] - q_dt
-        loss = (delta / ex["delta_scale"][mb.k]).pow(2).mean() * traj.num_steps
-        return loss, {"delta_sq_step": float(delta.detach().pow(2).mean())}
+        batch = mb.batch
+        ex, K = batch.extras, batch.traj.num_steps
+        w = ex["consts"]["w"].to(mb.eps.dtype)[mb.k]
+        if self.acfg.actor == "regression":  # sum_k w_k ||mu_psi - mu_tilde_k||^2
+            err = (mb.eps - ex["mu_target"][mb.b, mb.k]).flatten(1).pow(2).sum(1)
+            return (w * err).mean() * K, {}
+        q_dt = self.q_dtau(batch.traj.actions[mb.b, mb.k], mb.eps, mb.k, ex["consts"])
+        delta = ex["q_target"][mb.b, mb.k] - q_dt  # the literal sum_k delta_k^2 over psi, J fixed
+        return delta.pow(2).mean() * K, {}
 
     # ---- checkpointing ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:  # the critic's Adam state lives in the trainer's optimizer
-        st = {"critic": self.critic.state_dict()}
+    def state_dict(self) -> dict:
+        st = {"critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
         if self.estimator is not None:
             st["ratio_gen"] = self.ratio_gen.get_state()
         return st
 
     def load_state_dict(self, state: dict) -> None:
         self.critic.load_state_dict(state["critic"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
         if self.estimator is not None:
             self.ratio_gen.set_state(state["ratio_gen"])

@@ -60,7 +60,7 @@ def ratio_score(x: Tensor, t: Tensor | float, data: Tensor, process: NoiseProces
     xf = x.reshape(n, -1).double()
     y = data.reshape(m, -1).to(device=x.device, dtype=torch.float64)
     d = xf.shape[1]
-    t64 = _per_row(torch.as_tensor(t, device=x.device), n).to(x.device)
+    t64 = _per_row(torch.as_tensor(t, dtype=torch.float64, device=x.device), n).to(x.device)
     a, s2 = process.alpha(t64)[:, None], process.sigma(t64)[:, None] ** 2  # [N, 1]
     dist2 = (xf.pow(2).sum(1, keepdim=True) - 2 * a * (xf @ y.T) + a * a * y.pow(2).sum(1)[None]).clamp(min=0)
     logits = -(dist2 - d * s2) / (2 * s2)  # [N, m]
@@ -91,34 +91,48 @@ class RatioScoreEstimator:
         self._by_label = {} if labels is None else {int(c): torch.nonzero(labels == c)[:, 0]
                                                     for c in torch.unique(labels)}
 
-    def _subset(self, idx: Tensor) -> Tensor:
-        if self.m is None or self.m >= idx.numel():
-            return idx
-        return idx[torch.randperm(idx.numel(), generator=self.generator)[: self.m]]
+    def _subsets(self, idx: Tensor, copies: int) -> list[Tensor]:
+        """``copies`` disjoint random subsets of idx, each of m points (or of len(idx) // copies when the
+        data are too few; all of idx when copies = 1 and m is None or >= len(idx))."""
+        n = idx.numel()
+        if copies == 1 and (self.m is None or self.m >= n):
+            return [idx]
+        size = n // copies if self.m is None else min(self.m, n // copies)
+        if size < 1:
+            raise CtrlDiffError(f"{n} data points cannot give {copies} disjoint ratio-estimator subsets")
+        perm = idx[torch.randperm(n, generator=self.generator)]
+        return [perm[i * size:(i + 1) * size] for i in range(copies)]
 
-    def score(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
-        """s_hat(t, x [| c]) for x [N, *D] -> [N, *D]."""
+    def scores(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, copies: int = 1) -> list[Tensor]:
+        """``copies`` independent estimates s_hat(t, x [| c]) from disjoint data subsets, each [N, *D]."""
         if self.labels is None:
-            pts = self.data[self._subset(torch.arange(self.data.shape[0]))]
-            return ratio_score(x, t, pts, self.process, floor=self.floor)
+            return [ratio_score(x, t, self.data[i], self.process, floor=self.floor)
+                    for i in self._subsets(torch.arange(self.data.shape[0]), copies)]
         if cond is None:
             raise CtrlDiffError("this ratio estimator is conditional (its data carry labels): pass cond")
-        t = _per_row(torch.as_tensor(t, device=x.device), x.shape[0]).to(x.device)
-        out = torch.empty_like(x)
+        t = _per_row(torch.as_tensor(t, dtype=torch.float64, device=x.device), x.shape[0]).to(x.device)
+        outs = [torch.empty_like(x) for _ in range(copies)]
         cond = cond.to(x.device)
         for c in torch.unique(cond).tolist():
             rows = cond == c
             if c not in self._by_label:
                 raise CtrlDiffError(f"no data with label {c} for the conditional ratio estimator")
-            pts = self.data[self._subset(self._by_label[c])]
-            out[rows] = ratio_score(x[rows], t[rows], pts, self.process, floor=self.floor)
-        return out
+            for out, i in zip(outs, self._subsets(self._by_label[c], copies), strict=True):
+                out[rows] = ratio_score(x[rows], t[rows], self.data[i], self.process, floor=self.floor)
+        return outs
+
+    def score(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
+        """s_hat(t, x [| c]) for x [N, *D] -> [N, *D]."""
+        return self.scores(x, t, cond)[0]
+
+    def to_eps(self, score: Tensor, t: Tensor | float) -> Tensor:
+        """eps units: eps_hat = -sigma_t s_hat."""
+        sig = _per_row(torch.as_tensor(t, dtype=torch.float64, device=score.device), score.shape[0]).to(score.device)
+        return -self.process.sigma(sig).to(score.dtype).reshape(-1, *[1] * (score.ndim - 1)) * score
 
     def eps(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> Tensor:
         """The same estimate in eps units, eps_hat = -sigma_t s_hat."""
-        sig = _per_row(torch.as_tensor(t, device=x.device), x.shape[0]).to(x.device)
-        sig = self.process.sigma(sig).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        return -sig * self.score(x, t, cond)
+        return self.to_eps(self.score(x, t, cond), t)
 
 
 class EmpiricalScore(nn.Module):

@@ -109,9 +109,10 @@ class StructuredValue(nn.Module):
     ``reward_fn`` is the R term (a differentiable callable ``(x, cond) -> [B]``, or None for V = U_phi).
     """
 
-    def __init__(self, sample_shape: tuple[int, ...], num_classes: int = 0, use_tweedie_reward: bool = True):
+    def __init__(self, sample_shape: tuple[int, ...], num_classes: int = 0, use_tweedie_reward: bool = True,
+                 u_sees_x0: bool = True):
         super().__init__()
-        self.u = make_head(sample_shape, num_classes, with_x0=True)
+        self.u = make_head(sample_shape, num_classes, with_x0=u_sees_x0)
         self.use_tweedie_reward = use_tweedie_reward
 
     def forward(self, t: Tensor, x: Tensor, x0_hat: Tensor, cond: Tensor | None, reward_fn) -> Tensor:
