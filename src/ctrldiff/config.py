@@ -40,23 +40,34 @@ def _section_keys(cls: type[BaseModel] | None, path: tuple) -> list[str] | None:
 
 def format_validation_error(e: ValidationError, what: str = "config", cls: type[BaseModel] | None = None) -> str:
     """One line naming each bad field and what it allows (for unknown keys: the keys that section takes)."""
-    msgs = []
+    msgs: list = []
+    unknown: dict[tuple, list] = {}  # section -> its unknown keys, reported together with the keys it takes
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            keys = _section_keys(cls, tuple(err["loc"][:-1]))
-            hint = ""
-            if keys:
-                section = ".".join(str(p) for p in err["loc"][:-1])
-                near = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
-                hint = (f" ({section or what} takes: {', '.join(keys)}"
-                        + (f"; did you mean {near[0]!r}?" if near else "") + ")")
-            msgs.append(f"unknown key {loc!r}{hint}")
+            section = tuple(err["loc"][:-1])
+            if section not in unknown:
+                unknown[section] = []
+                msgs.append(section)
+            unknown[section].append(err["loc"][-1])
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             got = "" if isinstance(got, dict) or not loc else f" (got {_short.repr(got)})"
             msgs.append(f"{loc}: {msg}{got}" if loc else msg)
+    for i, m in enumerate(msgs):
+        if isinstance(m, tuple):
+            names = [".".join(str(p) for p in (*m, k)) for k in unknown[m]]
+            text = f"unknown key{'s' if len(names) > 1 else ''} " + ", ".join(_short.repr(n) for n in names[:8])
+            text += f" and {len(names) - 8} more" if len(names) > 8 else ""
+            keys = _section_keys(cls, m)
+            if keys:
+                near = [difflib.get_close_matches(str(k), keys, n=1) for k in unknown[m]]
+                hints = [f"{c[0]!r}" if len(near) == 1 else f"{_short.repr(k)} -> {c[0]!r}"
+                         for k, c in zip(unknown[m], near, strict=True) if c]
+                text += (f" ({'.'.join(map(str, m)) or what} takes: {', '.join(keys)}"
+                         + (f"; did you mean {', '.join(hints)}?" if hints else "") + ")")
+            msgs[i] = text
     return f"invalid {what}: " + "; ".join(msgs)
 
 
@@ -64,10 +75,10 @@ def parse_value(text: str) -> Any:
     """Parse an override value with YAML rules ('3' -> 3, 'true' -> True, '[1,2]' -> list)."""
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
     except RecursionError:
         raise CtrlDiffError(f"value {text[:40]!r}... is nested too deeply") from None
+    except Exception:  # noqa: BLE001 - YAMLError, and what PyYAML's constructors raise for values such as
+        return text  # '2001-13-45' or '!!float abc' (ValueError, KeyError, ...): then it is a plain string
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -103,6 +114,9 @@ def load_yaml(path: str | Path) -> dict:
         raise CtrlDiffError(f"config file {p} is nested too deeply") from None
     except OSError as e:
         raise CtrlDiffError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError etc. for e.g. 'a: 2001-13-45'
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise CtrlDiffError(f"config file {p} is not valid YAML: {type(e).__name__}: {why}") from None
     if not isinstance(data, dict):
         raise CtrlDiffError(f"config file {p} must hold a mapping of keys to values")
     return data

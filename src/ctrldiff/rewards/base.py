@@ -132,7 +132,7 @@ def _import_reward(path: str) -> Reward:
 
 
 # ---- checking what a reward returns -------------------------------------------------------------
-def check_reward_output(reward: Reward, out, batch: int, batch_index: int | None = None) -> Tensor:
+def check_reward_output(reward: Reward, out, batch: int, batch_index: int | str | None = None) -> Tensor:
     """Validate a reward's output: a float tensor of shape [batch] with finite values.
 
     Raises :class:`RewardError` naming the reward (and the batch) otherwise.
@@ -156,7 +156,7 @@ def check_reward_output(reward: Reward, out, batch: int, batch_index: int | None
     return out
 
 
-def call_reward(reward: Reward, x: Tensor, cond: Tensor | None, batch_index: int | None = None,
+def call_reward(reward: Reward, x: Tensor, cond: Tensor | None, batch_index: int | str | None = None,
                 grad: bool = False) -> Tensor:
     """Call ``reward`` and check its output; exceptions inside the reward become RewardError."""
     try:

@@ -143,7 +143,7 @@ class Trainer:
             self.value_reward_queries += n
 
     # ---- rollouts ----------------------------------------------------------------------------------
-    def _score(self, x, cond, batch_index: int):
+    def _score(self, x, cond, batch_index: str):
         self.count_queries(x.shape[0])
         try:
             return call_reward(self.reward, x, cond, batch_index)
@@ -168,7 +168,7 @@ class Trainer:
                 traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
                                    generator=self.gen, **self.algo.rollout_kwargs())
                 trajs.append(traj)
-                args = (traj.final, cond, self.epoch * 10_000 + i)
+                args = (traj.final, cond, f"{i} of epoch {self.epoch}")
                 futures.append(pool.submit(self._score, *args) if pool else args)
             rewards = [f.result() if pool else self._score(*f) for f in futures]
         finally:
@@ -367,5 +367,7 @@ class Trainer:
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     from ..config import apply_overrides
 
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise CtrlDiffError(f"cannot resume: {run_dir} has no config.yaml (not a ctrldiff run directory)")
     data = load_yaml(Path(run_dir) / "config.yaml")
     return build_config(TrainConfig, apply_overrides(data, overrides or []), "config")
