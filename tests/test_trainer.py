@@ -30,7 +30,7 @@ def test_run_directory_contents(tmp_path):
         assert math.isclose(r["objective"], r["reward_mean"] - 0.5 * r["kl_path"], rel_tol=1e-9, abs_tol=1e-12)
     # terminal queries are 3 x 32; the true (differentiable) reward inside V is counted separately too
     assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32
-    assert recs[-1]["value_reward_queries"] == 3 * 32 * 8 * 2  # R(x0_hat) in the fit and in grad_x V
+    assert recs[-1]["value_reward_queries"] == 3 * 32 * 8  # CTRL(a): R(x0_hat) once per visited state
     assert (out / "samples" / "before_after.png").exists() and (out / "reward_curve.png").exists()
     assert (out / "samples" / "epoch_00000.png").exists()
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["epoch_00002.pt", "epoch_00003.pt"]

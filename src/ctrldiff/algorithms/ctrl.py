@@ -34,7 +34,7 @@ from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
 from ..solvers import model_eps
 from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
-from .value import RewardSurrogate, StructuredValue
+from .value import RewardSurrogate, StructuredValue, value_weight
 
 
 class ValueConfig(Strict):
@@ -43,7 +43,7 @@ class ValueConfig(Strict):
         "queries), a learned surrogate fitted on terminal rewards, or none. auto: true if the reward is "
         "differentiable, else surrogate")
     lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(10, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
+    epochs: int = Field(5, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
     minibatch: int = Field(1024, ge=1)
     surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
@@ -127,7 +127,16 @@ class CTRL(Algorithm):
         x0 = tr.process.tweedie_x0(x, t, tr.process.convert(traj.outputs.reshape(x.shape), "eps", "score", t, x))
         return t, x, x0, cond
 
-    def _fit_value(self, batch: RolloutBatch, t, x, x0, cond) -> dict:
+    def _r_term(self, x0: Tensor, cond: Tensor | None) -> Tensor | None:
+        """R(x0_hat) at every pair (no grad), or None when V = U_phi."""
+        if not self.value.use_tweedie_reward:
+            return None
+        mb = self.acfg.value.minibatch
+        with torch.no_grad():
+            return torch.cat([self._reward_fn(x0[i:i + mb], None if cond is None else cond[i:i + mb])
+                              for i in range(0, len(x0), mb)])
+
+    def _fit_value(self, batch: RolloutBatch, t, x, x0, cond, r_term: Tensor | None) -> dict:
         vcfg, tr = self.acfg.value, self.trainer
         B, K = batch.traj.batch_size, batch.traj.num_steps
         kl_to_go = batch.kl_rate.flip(1).cumsum(1).flip(1)  # sum_{j >= k}
@@ -135,10 +144,7 @@ class CTRL(Algorithm):
         n = B * K
         mb = min(vcfg.minibatch, n)
         loss = torch.zeros(())
-        with torch.no_grad():  # the R term is fixed during the fit: evaluate it once
-            w = torch.cos(0.5 * torch.pi * t.clamp(0, 1))
-            r_term = torch.cat([self._reward_fn(x0[i:i + mb], None if cond is None else cond[i:i + mb])
-                                for i in range(0, n, mb)]) if self.value.use_tweedie_reward else None
+        w = value_weight(t)
         for _ in range(vcfg.epochs):
             perm = torch.randperm(n, generator=tr.cpu_gen).to(x.device)
             for s in range(0, n, mb):
@@ -160,13 +166,16 @@ class CTRL(Algorithm):
         B, K = traj.batch_size, traj.num_steps
         metrics = self._fit_surrogate(batch) if self.surrogate is not None else {}
         t, x, x0, cond = self._pairs(batch)
-        metrics.update(self._fit_value(batch, t, x, x0, cond))
+        r_term = self._r_term(x0, cond)  # the R term is fixed while U_phi is fitted: evaluate it once
+        metrics.update(self._fit_value(batch, t, x, x0, cond, r_term))
         mb = self.acfg.value.minibatch
         chunks = range(0, B * K, mb)
         if self.acfg.estimator == "a":
             with torch.no_grad():
-                v = torch.cat([self._value(t[i:i + mb], x[i:i + mb], x0[i:i + mb],
-                                           None if cond is None else cond[i:i + mb]) for i in chunks]).reshape(B, K)
+                u = torch.cat([self.value.u(x[i:i + mb], t[i:i + mb], None if cond is None else cond[i:i + mb],
+                                            x0[i:i + mb]) for i in chunks])
+                w = value_weight(t)
+                v = (u if r_term is None else w * r_term + (1 - w) * u).reshape(B, K)
             v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
             adv = v_next - v - self.cfg.beta * batch.kl_rate
             adv = adv - adv.mean(0)
