@@ -154,6 +154,24 @@ class Algorithm:
         return w * (eps - target).flatten(1).pow(2).sum(1)
 
 
+class TerminalRewardAlgorithm(Algorithm):
+    """Shared by DDPO and DPOK: advantages from the terminal reward minus a per-condition baseline,
+    whose buffers are part of the checkpoint. Subclasses set ``acfg`` (with stat_buffer / stat_min_count)."""
+
+    def __init__(self, cfg, trainer, acfg):
+        super().__init__(cfg, trainer)
+        from ..rewards.stats import PerConditionStats
+
+        self.acfg = acfg
+        self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count)
+
+    def state_dict(self) -> dict:
+        return {"stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state["stats"])
+
+
 def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
     """-mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (per pair, [N] -> scalar)."""
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()

@@ -13,8 +13,7 @@ import torch
 from pydantic import Field
 
 from ..config import Strict
-from ..rewards.stats import PerConditionStats
-from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
+from .base import Minibatch, RolloutBatch, TerminalRewardAlgorithm, ppo_clip_loss, register_algorithm
 
 
 class DDPOConfig(Strict):
@@ -25,11 +24,9 @@ class DDPOConfig(Strict):
 
 
 @register_algorithm("ddpo")
-class DDPO(Algorithm):
+class DDPO(TerminalRewardAlgorithm):
     def __init__(self, cfg, trainer):
-        super().__init__(cfg, trainer)
-        self.acfg: DDPOConfig = cfg.ddpo
-        self.stats = PerConditionStats(self.acfg.stat_buffer, self.acfg.stat_min_count)
+        super().__init__(cfg, trainer, cfg.ddpo)
 
     def prepare(self, batch: RolloutBatch) -> dict:
         adv = self.stats.advantages(batch.rewards, batch.traj.cond, normalize=True)
@@ -42,12 +39,6 @@ class DDPO(Algorithm):
         loss = ppo_clip_loss(ratio, adv, self.acfg.clip) * mb.batch.traj.num_steps
         clipfrac = ((ratio.detach() - 1).abs() > self.acfg.clip).float().mean()
         return loss, {"ratio_mean": float(ratio.detach().mean()), "clipfrac": float(clipfrac)}
-
-    def state_dict(self):
-        return {"stats": self.stats.state_dict()}
-
-    def load_state_dict(self, state):
-        self.stats.load_state_dict(state["stats"])
 
 
 @register_algorithm("ddpo-sf")

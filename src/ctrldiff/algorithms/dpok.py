@@ -12,8 +12,7 @@ import torch
 from pydantic import Field
 
 from ..config import Strict
-from ..rewards.stats import PerConditionStats
-from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
+from .base import Minibatch, RolloutBatch, TerminalRewardAlgorithm, ppo_clip_loss, register_algorithm
 
 
 class DPOKConfig(Strict):
@@ -24,11 +23,9 @@ class DPOKConfig(Strict):
 
 
 @register_algorithm("dpok")
-class DPOK(Algorithm):
+class DPOK(TerminalRewardAlgorithm):
     def __init__(self, cfg, trainer):
-        super().__init__(cfg, trainer)
-        self.acfg: DPOKConfig = cfg.dpok
-        self.stats = PerConditionStats(self.acfg.stat_buffer, self.acfg.stat_min_count)
+        super().__init__(cfg, trainer, cfg.dpok)
 
     def prepare(self, batch: RolloutBatch) -> dict:
         batch.advantages = self.stats.advantages(batch.rewards, batch.traj.cond, self.acfg.normalize_advantages)
@@ -40,9 +37,3 @@ class DPOK(Algorithm):
         pg = ppo_clip_loss(ratio, mb.batch.advantages[mb.b], self.acfg.clip) * K
         kl = self.step_kl_rate(mb, mb.eps).mean() * K
         return pg + self.cfg.beta * kl, {"pg_loss": float(pg.detach()), "kl_step": float(kl.detach())}
-
-    def state_dict(self):
-        return {"stats": self.stats.state_dict()}
-
-    def load_state_dict(self, state):
-        self.stats.load_state_dict(state["stats"])
