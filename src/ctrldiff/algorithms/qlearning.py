@@ -1,63 +1,56 @@
-r"""Reward-directed q-learning (Gao, Zha & Zhou 2024; METHODS section 3): train a score model from data
-samples and a reward, with no pretrained score and no denoising score-matching loss.
+r"""Reward-directed q-learning (Gao, Zha & Zhou 2024; METHODS section 3): train a score model from data samples
+and a reward, with no pretrained score and no denoising score-matching loss. Derivations: docs/QLEARNING.md.
 
-Problem (backward time, the action a is a score): dY = [-f Y + g^2 a] dtau + g dB (SDE) or
-[-f Y + (1/2) g^2 a] dtau (probability-flow ODE), a ~ pi(. | t, Y [, c]), maximise
+Problem (backward time; the action a is a score): dY = [-f Y + g^2 a] dtau + g dB (SDE; sampler em / ddim) or
+[-f Y + (1/2) g^2 a] dtau (probability-flow ODE; sampler ode-euler), a ~ pi(. | t, Y [, c]), maximise
     E[ int ( -g^2 ||grad log p_t(Y) - a||^2 + theta Entropy(pi) ) dtau + beta_q h(Y_end) ].
-The optimal policy is N(grad log p_t + (1/2) grad J*, theta / (2 g^2) I): only its mean mu_psi is learned
-(the trainer's model; its eps output is -sigma_t mu_psi). With it, the normalised little q-function is
-    q_psi(t, y, a) dtau = -g^2 dtau ||a - mu_psi||^2 - (theta d dtau / 2) log(pi theta / g^2)   (= theta dtau log pi).
+The optimal policy is N(grad log p_t + (1/2) grad J*, theta / (2 g^2) I): only its mean mu_psi is learned (the
+trainer's model, eps = -sigma_t mu_psi), and the normalised little q-function is known in closed form:
+    q_psi(t, y, a) = -g^2 ||a - mu_psi||^2 - (theta d / 2) log(pi theta / g^2)        (= theta log pi(a)).
 
-Discretisation (this module's one convention). On the rollout grid t_0 = t_max > ... > t_K = t_min, the
-"g^2 dtau" of step k is taken in the exact-in-log-SNR form of :func:`ctrldiff.solvers.kl_weights`, in eps
-units (a_eps = -sigma a):  g^2 dtau ||u_score||^2 -> w_k ||u_eps||^2,  w_k = 2 (lambda_{k+1} - lambda_k)
-(-> g^2 dtau / sigma^2 as dtau -> 0), so the code's costs are exactly 2 x the trainer's KL_path
-increments. Per step k:
-    action      a_k = mu_k + sqrt(theta dtau_k / (2 w_k)) zeta_k        (eps units; recorded by the solver)
-    reward      r_hat_k dtau_k = -w_k ||eps_hat_k - a_k||^2              eps_hat: ratio estimator or s_ref
-                (running_reward=cross, the default: -w_k (eps_hat1 - a_k).(eps_hat2 - a_k) with two estimates
-                from disjoint data subsets; unbiased for -w_k ||E eps_hat - a_k||^2, see below)
-    q           q_k dtau_k     = -w_k ||a_k - mu_psi(t_k, y_k)||^2 - (theta d dtau_k / 2) log(pi theta dtau_k / (sigma_k^2 w_k))
-    TD error    delta_k = J(t_{k+1}, y_{k+1}) - J(t_k, y_k) + r_hat_k dtau_k - q_k dtau_k
-    critic      J_Theta(t, y, c) = beta_q H(t, y, c) + phi(t) U_Theta(t, y, c),  phi = (t - t_min) / (t_max - t_min),
-                H(t_min, y) = h(y), and for t > t_min  H = h(x0_hat(t, y)), the reward at the sampling policy's
-                Tweedie prediction (critic.reward_term=tweedie; or 0 with reward_term=none). So J(t_min, y) =
-                beta_q h(y) exactly, and before the end J starts from the reward-to-go guess beta_q h(x0_hat)
-                (h(y) itself there would over-tilt the noisy states: the optimal grad J -> 0 at the noise end).
+Discretisation. On the rollout grid t_0 = t_max > ... > t_K = t_min, everything is written in eps units
+(u_eps = -sigma_k u_score) with the step's "g^2 dtau / sigma^2" taken in the exact-in-log-SNR form of
+:func:`ctrldiff.solvers.kl_weights`, w_k = 2 (lambda_{k+1} - lambda_k), so the costs below are exactly twice the
+trainer's KL_path increments:
+    action    a_k = mu_k + sqrt(theta dtau_k / (2 w_k)) zeta_k                     (recorded by the solver)
+    reward    r_hat_k dtau_k = -w_k ||eps_hat_k - a_k||^2                          (running_reward=square)
+                             = -w_k (eps_hat1_k - a_k).(eps_hat2_k - a_k)          (running_reward=cross)
+    q         q_k dtau_k = -w_k ||a_k - mu_psi||^2 - (theta d dtau_k / 2) log(pi theta dtau_k / (sigma_k^2 w_k))
+    TD error  delta_k = J(t_{k+1}, y_{k+1}) - J(t_k, y_k) + r_hat_k dtau_k - q_k dtau_k
+    critic    J(t, y, c) = beta_q H + phi(t) U_Theta(t, y, c),  phi = (t - t_min) / (t_max - t_min),
+              H = h(y) at t_min (so J(t_min, y) = beta_q h(y) exactly); before the end H = h(x0_hat(t, y)) at the
+              sampling policy's Tweedie prediction (critic.reward_term=tweedie, the default) or 0 (none).
+eps_hat is the ratio estimator (:mod:`ctrldiff.algorithms.ratio`) from the task's data, or the frozen reference
+score when fine-tuning (score_source=ref). 'cross' uses two estimates from disjoint data subsets: the literal
+square carries the estimator's variance Var(eps_hat)(t, y) as a state-dependent cost, which J learns and whose
+gradient then pulls samples towards where the estimator is precise (the data points). With m = 0 (all the data)
+the estimator is deterministic (the noised empirical score) and has no variance, so 'auto' uses the square then,
+'cross' otherwise.
 
-Updates, each epoch on the fresh rollouts (``prepare`` fits the critic, ``loss`` is the actor's, run by
-the shared update loop). Both solve the martingale orthogonality conditions of Jia & Zhou (2023),
-E[delta_k dJ/dTheta] = 0 and E[delta_k dq/dpsi] = 0, i.e. the stationarity conditions of sum_k delta_k^2 in
-Theta (semi-gradient) and psi:
-  critic  ``critic.epochs`` passes of regression of J(t_k, y_k) on the fixed TD(lambda) target
-          G_k = (r_hat - q)_k dtau_k + (1 - lam) J_{k+1} + lam G_{k+1},  G_K = beta_q h(y_K)
-          (lam = 0: TD(0), test function dJ/dTheta; lam = 1: the Monte Carlo martingale loss).
-  actor   dq/dpsi = 2 w_k (a_k - mu_psi) dmu/dpsi, so at the sampling policy the condition reads
-          E[ delta_k u_k ] = 0 with u_k = a_k - mu_old. Since E[delta u] = theta dtau (mu* - mu_old) for the
-          policy-iteration target mu* = eps_hat + (grad J term), the one-sample estimate
-              mu_tilde_k = mu_old + delta_k u_k / (theta dtau_k)
-          is unbiased for mu*, and the actor regresses onto it:  L = sum_k w_k ||mu_psi - mu_tilde_k||^2.
-          Its gradient at psi = psi_old is -(2 / (theta dtau)) sum_k delta_k dq_k/dpsi (the orthogonality update),
-          and unlike sum delta^2 itself it stays a convex regression when the inner loop moves psi.
-          Baseline: delta_k minus its running part at a = mu_old, (r_hat - q)(a = mu_old) dtau_k =
-          -w_k ||eps_hat - mu_old||^2 + q_const_k (J(t_k, y_k) already is one): a function of the state only,
-          so the expected update is unchanged (E[u_k | y_k] = 0) and its variance drops by orders of magnitude.
-  ``actor=delta-sq`` instead minimises sum_k delta_k^2 over psi literally (J fixed): its curvature term
-  E[delta | y] (mu_old - mu_psi) pushes mu away from the actions wherever the critic lags, and it diverges
-  on the 2-D benchmarks (kept to show it; docs/QLEARNING.md).
-Running reward: with the literal square, E||eps_hat - a||^2 = ||E eps_hat - a||^2 + Var(eps_hat)(t, y): the
-estimator's variance (large at small t, O(1/m)) becomes a state-dependent cost that J picks up, and grad J
-then pulls the policy towards where the estimator happens to be precise (the data points). The cross
-product of two independent estimates has no variance term (running_reward=square keeps the paper's form).
-Modes: beta_q = 0 is pure score matching (mu -> grad log p_t); ``score_source=ref`` is fine-tuning (the
-running reward uses the frozen pretrained score, no ratio estimator); sampler.solver=ode-euler gives the
-probability-flow dynamics; a conditional task puts c in mu, J and the ratio estimator.
+Updates, each epoch on fresh rollouts: the martingale orthogonality conditions of Jia & Zhou (2023),
+E[delta dJ/dTheta] = 0 and E[delta dq/dpsi] = 0 (the stationarity conditions of sum_k delta_k^2):
+  critic (prepare)  ``critic.epochs`` passes regressing J(t_k, y_k) on the TD(lambda) target
+                    G_k = (r_hat - q)_k dtau_k + (1 - lam) J_{k+1} + lam G_{k+1},  G_K = beta_q h(y_K).
+  actor (loss)      dq/dpsi = 2 w (a - mu) dmu/dpsi, so at the sampling policy the condition is E[delta_k u_k] = 0,
+                    u_k = a_k - mu_old. As E[delta u] = theta dtau (mu* - mu_old) for the policy-improvement target
+                    mu* = eps_hat + (the grad J term), mu_tilde = mu_old + delta u / (theta dtau) is a one-sample
+                    unbiased estimate of mu*, and the actor regresses on it:
+                        L = sum_k w_k ||mu_psi(t_k, y_k) - mu_tilde_k||^2.
+                    Its gradient at psi_old is -(2 / (theta dtau)) sum_k delta_k dq_k/dpsi, the orthogonality update,
+                    and it remains a convex regression over the inner loop. delta is taken minus its running part
+                    at a = mu_old (a function of the state only, like J(t_k, y_k)): the expected update is the same
+                    (E[u | y] = 0) and the variance orders of magnitude lower.
+  ``actor=delta-sq`` minimises sum_k delta_k^2 over psi literally (J fixed). Its curvature term
+  E[delta | y] (mu_old - mu_psi) pushes the mean away from the actions wherever the critic lags; it diverges on the
+  2-D benchmark (kept for comparison).
+Modes: beta_q = 0 is pure score matching (mu -> grad log p_t); score_source=ref fine-tunes a pretrained model
+(known running reward, no ratio estimator); ode-euler gives the probability-flow dynamics; a conditional task
+puts the label in mu, J and the ratio estimator (data with that label only).
 
-Weights (docs/QLEARNING.md): E over the action of -g^2 ||s - a||^2 is -g^2 ||s - mu||^2 + const, and
-int g^2 ||mu - s||^2 dtau = 2 KL_path, so the paper's objective is beta_q (E h - (2 / beta_q) KL_path) +
-const: the code's J = E r - beta KL_path with r = h and beta = 2 / beta_q, optimum p* ∝ p_data exp(beta_q h / 2).
-theta only sets the exploration noise (it does not move the optimal mean). ``qlearning.beta_q`` unset
-means beta_q = 2 / beta.
+Weights. E_a[-g^2 ||s - a||^2] = -g^2 ||s - mu||^2 + const and int g^2 ||mu - s||^2 dtau = 2 KL_path, so the
+paper's objective is beta_q (E h - (2 / beta_q) KL_path) + const: the code's J = E r - beta KL_path with r = h and
+beta = 2 / beta_q, optimum p* ∝ p_data exp(beta_q h / 2). theta only sets the exploration (the optimal mean does
+not depend on it). qlearning.beta_q unset means beta_q = 2 / beta.
 """
 
 from __future__ import annotations
@@ -72,22 +65,25 @@ from torch import Tensor, nn
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import kl_weights
+from ..solvers import kl_weights, model_eps
 from .base import Algorithm, Minibatch, RolloutBatch, register_algorithm
 from .ratio import DEFAULT_FLOOR, RatioScoreEstimator
 from .value import make_head
 
 
 class CriticConfig(Strict):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0, description="critic Adam learning rate; slower than the actor's (two time scales): "
+                      "early on J learns the current policy's large cost-to-go, and a fast critic's gradient then "
+                      "throws the policy around (50-step rollouts diverge at 1e-3 on the 2-D benchmark)")
     epochs: int = Field(4, ge=0, description="passes over the epoch's (sample, step) pairs per critic fit")
     minibatch: int = Field(1024, ge=1)
     lam: float = Field(0.9, ge=0, le=1, description="lambda of the TD(lambda) target (1: Monte Carlo, the "
                        "martingale loss)")
     reward_term: Literal["tweedie", "none"] = Field(
         "tweedie", description="tweedie: J = beta_q h(x0_hat) + phi(t) U before the end (h queried at every "
-        "visited state's Tweedie prediction, counted as value reward queries); none: J = phi(t) U before the "
-        "end. Either way J(t_min, y) = beta_q h(y)")
+        "visited state's Tweedie prediction and at the actor's control-variate states, counted as value reward "
+        "queries: 2 K per trajectory); none: J = phi(t) U before the end (1 value query per trajectory; the "
+        "reward propagates back more slowly). Either way J(t_min, y) = beta_q h(y)")
 
 
 class QLearningConfig(Strict):
@@ -100,9 +96,10 @@ class QLearningConfig(Strict):
     m: int = Field(1024, ge=0, description="data points per ratio-estimator call (0: all; with running_reward="
                    "cross each of the two estimates uses m, at most half the data)")
     ratio_floor: float = Field(DEFAULT_FLOOR, ge=0, description="ratio-estimator floor (see algorithms/ratio.py)")
-    running_reward: Literal["cross", "square"] = Field(
-        "cross", description="cross: -g^2 (s_hat1 - a).(s_hat2 - a), two ratio estimates from disjoint subsets "
-        "of m points (no estimator-variance term); square: -g^2 ||s_hat - a||^2 (the paper's literal form)")
+    running_reward: Literal["auto", "cross", "square"] = Field(
+        "auto", description="cross: -g^2 (s_hat1 - a).(s_hat2 - a), two ratio estimates from disjoint subsets "
+        "of m points (no estimator-variance term); square: -g^2 ||s_hat - a||^2 (the paper's literal form). "
+        "auto: square when the estimator uses all the data (m = 0: deterministic, no variance), else cross")
     actor: Literal["regression", "delta-sq"] = Field(
         "regression", description="regression: regress mu on mu_old + delta u / (theta dtau) (martingale "
         "orthogonality, baseline-corrected); delta-sq: minimise sum delta^2 over psi literally (unstable)")
@@ -145,6 +142,9 @@ class QLearning(Algorithm):
             raise CtrlDiffError(f"q-learning's ratio estimator needs data samples, and model {cfg.model!r} has none: "
                                 "train from scratch with model=scratch-<data set> or use qlearning.score_source=ref")
         self.source = source
+        self.running_reward = a.running_reward
+        if self.running_reward == "auto":
+            self.running_reward = "square" if a.m == 0 else "cross"
         self.estimator = None
         if source == "ratio":
             self.ratio_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -188,7 +188,7 @@ class QLearning(Algorithm):
         x = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
         t = traj.times[:K].repeat(B)
         cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else None
-        copies = 2 if self.acfg.running_reward == "cross" else 1
+        copies = 2 if self.running_reward == "cross" else 1
         est, outs = self.estimator, [[] for _ in range(copies)]
         for i in range(0, B * K, 4096):
             c = None if cond is None else cond[i:i + 4096]
@@ -197,21 +197,32 @@ class QLearning(Algorithm):
         e = [torch.cat(o).reshape(traj.outputs.shape) for o in outs]
         return (e[0], e[-1])
 
-    def _h_along(self, batch: RolloutBatch) -> Tensor:
-        """H at every state [B, K+1]: the terminal rewards h(y_K) at k = K; before the end h(x0_hat(t_k, y_k))
-        (reward_term=tweedie, counted as value reward queries) or 0."""
-        traj, tr = batch.traj, self.trainer
-        B, K = traj.batch_size, traj.num_steps
-        h = torch.zeros(B, K + 1, dtype=batch.rewards.dtype, device=batch.rewards.device)
-        h[:, K] = batch.rewards
-        if self.acfg.critic.reward_term == "tweedie" and self.beta_q > 0:
-            x = traj.states[:, :K].reshape(B * K, *traj.states.shape[2:])
-            t = traj.times[:K].repeat(B)
-            x0 = tr.process.convert(traj.outputs.reshape(x.shape), "eps", "x0", t, x)
-            cond = traj.cond.repeat_interleave(K, 0) if isinstance(traj.cond, Tensor) else None
-            tr.count_queries(B * K, kind="value")
-            h[:, :K] = call_reward(tr.reward, x0, cond).reshape(B, K).to(h.dtype)
-        return h
+    def _reward_term(self, x: Tensor, t: Tensor, cond: Tensor | None, eps: Tensor | None) -> Tensor:
+        """H at states x [N, *D], times t [N] (module docstring): h(x) where t = t_min, else h(x0_hat) with the
+        sampling policy's Tweedie prediction (its eps at x: ``eps``, evaluated here if None) for
+        reward_term=tweedie, or 0. Reward calls are counted as value reward queries. -> [N]"""
+        tr = self.trainer
+        out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        if self.beta_q == 0:
+            return out
+        end = t <= tr.process.t_min
+        todo = torch.ones_like(end) if self.acfg.critic.reward_term == "tweedie" else end
+        if not todo.any():
+            return out
+        xs, ts = x[todo], t[todo]
+        cs = None if cond is None else cond[todo]
+        if not bool(end[todo].all()):
+            if eps is None:
+                with torch.no_grad():
+                    eps = torch.cat([model_eps(tr.policy, tr.process, xs[i:i + 4096], ts[i:i + 4096],
+                                               None if cs is None else cs[i:i + 4096]) for i in range(0, len(xs), 4096)])
+            else:
+                eps = eps[todo]
+            x0 = tr.process.convert(eps, "eps", "x0", ts, xs)
+            xs = torch.where(end[todo].reshape(-1, *[1] * (xs.ndim - 1)), xs, x0)
+        tr.count_queries(xs.shape[0], kind="value")
+        out[todo] = call_reward(tr.reward, xs, cs).to(out.dtype)
+        return out
 
     # ---- per-epoch preparation: running reward, critic fit, TD errors ----------------------------------
     def _critic_values(self, t: Tensor, y: Tensor, cond: Tensor | None, h: Tensor, chunk: int = 4096) -> Tensor:
@@ -255,17 +266,32 @@ class QLearning(Algorithm):
         e_hat = 0.5 * (e1 + e2)
         r_dt = -w * ((e1 - a) * (e2 - a)).flatten(2).sum(-1)  # [B, K]  r_hat_k dtau_k
         q_dt = -w * u.flatten(2).pow(2).sum(-1) - q0  # q_old(a_k) dtau_k
-        h = self._h_along(batch).reshape(-1)  # [B (K + 1)]
         y = traj.states.reshape(B * (K + 1), *traj.states.shape[2:])
         t = traj.times.to(y.dtype).repeat(B)
         cond = traj.cond.repeat_interleave(K + 1, 0) if isinstance(traj.cond, Tensor) else None
+        h = torch.zeros(B, K + 1, dtype=y.dtype, device=y.device)
+        h[:, K] = batch.rewards.to(y.dtype)  # the terminal rewards, already queried by the trainer
+        nt = torch.arange(K, device=y.device)
+        sel = (torch.arange(B, device=y.device)[:, None] * (K + 1) + nt[None]).reshape(-1)  # states k < K
+        h[:, :K] = self._reward_term(y[sel], t[sel], None if cond is None else cond[sel],
+                                     traj.outputs.reshape(B * K, *u.shape[2:])).reshape(B, K)
+        h = h.reshape(-1)  # [B (K + 1)]
         critic_loss = self._fit_critic(t, y, cond, h, r_dt - q_dt)
         J = self._critic_values(t, y, cond, h).reshape(B, K + 1)
         delta = J[:, 1:] - J[:, :-1] + r_dt - q_dt
         if self.acfg.actor == "regression":
-            # delta minus its running part at a = mu_old, a function of the state only: same expected update
+            # control variates, functions of (y_k, xi_k) only, so E[. u_k] = 0 and the expected update is unchanged:
+            # the running part of delta at a = mu_old, and J at the next state reached with the same noise xi_k but
+            # the mean action, y0_{k+1} = y_{k+1} - B_k u_k (cancels the Brownian part of J_{k+1} - J_k)
             base = -w * ((e1 - mu_old) * (e2 - mu_old)).flatten(2).sum(-1) + q0
-            coef = (delta - base) / (self.acfg.theta * dtau)  # [B, K]
+            bk = traj.coef_b.to(dt).reshape(1, K, *[1] * (u.ndim - 2))
+            y0 = (traj.states[:, 1:] - bk * u).reshape(B * K, *u.shape[2:])
+            i_next = (torch.arange(B)[:, None] * (K + 1) + torch.arange(1, K + 1)[None]).reshape(-1).to(y.device)
+            c0 = None if cond is None else cond[i_next]
+            h0 = self._reward_term(y0, t[i_next], c0, None)
+            j0 = self._critic_values(t[i_next], y0, c0, h0).reshape(B, K)
+            # (J_{k+1} - J(y0_{k+1}) + 2 w u.(eps_hat - mu_old)) / (theta dtau)
+            coef = (delta - base + J[:, :-1] - j0) / (self.acfg.theta * dtau)
             batch.extras["mu_target"] = mu_old + coef.reshape(B, K, *[1] * (u.ndim - 2)) * u
         else:
             batch.extras["q_target"] = J[:, 1:] - J[:, :-1] + r_dt  # delta = q_target - q_psi dtau
