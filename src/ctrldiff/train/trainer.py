@@ -23,7 +23,6 @@ from ..config import build_config, dump_yaml, load_yaml
 from ..errors import CtrlDiffError, RewardError
 from ..guidance import with_guidance
 from ..rewards.base import call_reward, make_reward
-from ..rewards.stats import PerConditionStats
 from ..solvers import evaluate_along, get_solver, kl_increments
 from ..trajectory import cat_trajectories
 from .checkpoint import (
@@ -101,7 +100,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
-        self.stats = PerConditionStats()
         s = cfg.sampler
         solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
         self.solver = get_solver(s.solver, **solver_kw)
@@ -190,7 +188,6 @@ class Trainer:
         t0 = time.perf_counter()
         batch = self.collect()
         t_roll = time.perf_counter() - t0
-        self.stats.update(batch.rewards, batch.traj.cond)
         metrics = self.algo.prepare(batch)
         metrics.update(self.algo.update(batch))
         self.wall_s += time.perf_counter() - t0
@@ -328,7 +325,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "algo": self.algo.state_dict(), "stats": self.stats.state_dict(), "rng": self._rng_state(),
+                "algo": self.algo.state_dict(), "rng": self._rng_state(),
                 "counters": {"reward_queries": self.reward_queries, "value_reward_queries": self.value_reward_queries,
                              "reward_skipped": self.reward_skipped, "wall_s": self.wall_s}}
 
@@ -337,7 +334,6 @@ class Trainer:
         self.task.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.algo.load_state_dict(st["algo"])
-        self.stats.load_state_dict(st["stats"])
         self._set_rng_state(st["rng"])
         for k, v in st["counters"].items():
             setattr(self, k, v)
