@@ -84,11 +84,11 @@ class CTRL(Algorithm):
         shape, ncls = trainer.task.sample_shape, trainer.task.num_classes
         dev = trainer.device
         self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none", u_sees_x0=vcfg.u_sees_x0).to(dev)
-        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=vcfg.lr)
+        self.value_opt = trainer.make_optimizer(self.value.parameters(), lr=vcfg.lr)
         self.surrogate = self.surrogate_opt = None
         if term == "surrogate":
             self.surrogate = RewardSurrogate(shape, ncls).to(dev)
-            self.surrogate_opt = torch.optim.Adam(self.surrogate.parameters(), lr=vcfg.lr)
+            self.surrogate_opt = trainer.make_optimizer(self.surrogate.parameters(), lr=vcfg.lr)
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
 
     # ---- the R term of V ---------------------------------------------------------------------------

@@ -152,7 +152,7 @@ class QLearning(Algorithm):
                                                  a.ratio_floor, self.ratio_gen)
         proc = trainer.process
         self.critic = Critic(task.sample_shape, task.num_classes, proc.t_min, proc.t_max, self.beta_q).to(trainer.device)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=a.critic.lr)
+        self.critic_opt = trainer.make_optimizer(self.critic.parameters(), lr=a.critic.lr)
 
     # ---- the per-step constants of the discretisation (module docstring) --------------------------
     def step_constants(self, times: Tensor) -> dict[str, Tensor]:

@@ -97,8 +97,8 @@ class Trainer:
         self.trainable_parameters = list(self.task.trainable)
         if not self.trainable_parameters:
             raise CtrlDiffError(f"model {cfg.model!r} has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=cfg.optim.lr,
-                                           weight_decay=cfg.optim.weight_decay)
+        self.optimizer = self.make_optimizer(self.trainable_parameters, lr=cfg.optim.lr,
+                                             weight_decay=cfg.optim.weight_decay)
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         s = cfg.sampler
         solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
@@ -134,6 +134,11 @@ class Trainer:
         torch.set_rng_state(st["torch"])
         self.gen.set_state(st["gen"])
         self.cpu_gen.set_state(st["cpu_gen"])
+
+    def make_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+        """Every optimizer of a run (policy, value networks, critics, surrogates) is made here, so that the
+        trainer owns how their gradients are applied (e.g. averaged across processes)."""
+        return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
 
     def count_queries(self, n: int, kind: str = "terminal") -> None:
         self.reward_queries += n
