@@ -44,7 +44,10 @@ ALGOS = {
 BATCH = 256
 
 
-def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int) -> dict:
+def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int,
+            return_trainer: bool = False) -> dict:
+    """Train ``algo`` until the largest budget, evaluating at each budget; ``return_trainer`` adds the trained
+    Trainer under "trainer" (for further evaluation, e.g. with other solvers)."""
     make, beta = REWARDS[reward_name]
     reward = make()
     target = TiltedTarget(gmm_preset("gmm2"), reward, beta)
@@ -77,8 +80,11 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
             ev = evaluate()
             curve.append({k: ev[k] for k in ("queries", "objective", "improvement_frac")})
     hit = next((c["queries"] for c in curve if c["improvement_frac"] >= 0.9), None)
-    return {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
-            "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
+    res = {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
+           "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
+    if return_trainer:
+        res["trainer"] = tr
+    return res
 
 
 def _ms(vals):
