@@ -82,6 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
     server_version = "ctrldiff-reward"
     protocol_version = "HTTP/1.0"
+    default_request_version = "HTTP/1.0"  # so that even a garbled request line gets a status line back
 
     def _send(self, status: int, body: bytes) -> None:
         try:
@@ -96,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, ...)
+        # the client's fault, so a 4xx: an unknown method (501) is 405, an unsupported HTTP version (505) is 400
+        code = {501: 405, 505: 400}.get(int(code), int(code))
         self._send(code, error_body(message or self.responses.get(code, ("error",))[0], self.server.reward.name))
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
