@@ -527,12 +527,21 @@ def test_failing_remote_reward_stops_the_run_naming_reward_and_batch(fault, tmp_
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("fault", ["500", "timeout", "malformed"])
-def test_failing_remote_reward_is_skipped_and_counted(fault, tmp_path, capsys):
-    server = FaultyServer(fault, start=4, periodic=True)  # the second chunk of epochs 2 and 3
+def test_failing_remote_reward_is_skipped_and_counted(tmp_path, capsys):
+    # the second chunk of epoch 2 gets a 500, of epoch 3 a timeout, of epoch 4 a malformed answer (calls 5, 7, 9)
+    server = FaultyServer("500", start=4, periodic=True)
+    kinds = iter(["500", "timeout", "malformed"])
+    real_score = server.score
+
+    def score(body):
+        if server.calls >= 4 and server.calls % 2 == 1:
+            server.fault = next(kinds)
+        return real_score(body)
+
+    server.score = score
     thread = serve_in_thread(server)
     try:
-        code, err = _cli(capsys, "train", *SMALL, "--epochs", "4", "--reward",
+        code, err = _cli(capsys, "train", *SMALL, "--epochs", "5", "--reward",
                          f"remote:{server.url};timeout=0.3;retries=0", "--set", "reward_errors=skip",
                          "--out", str(tmp_path / "run"))
     finally:
@@ -541,8 +550,9 @@ def test_failing_remote_reward_is_skipped_and_counted(fault, tmp_path, capsys):
         thread.join(5)
     assert code == 0, err
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16] and server.faults == 2 and server.calls == 8
+    assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16, 24] and server.faults == 3 and server.calls == 10
     assert all(math.isfinite(r["reward_mean"]) for r in recs)
+    assert next(kinds, None) is None  # all three kinds of fault were injected
 
 
 def test_real_train_process_stops_cleanly_when_the_reward_server_goes_away(tmp_path):
