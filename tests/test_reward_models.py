@@ -62,6 +62,18 @@ def _tiny_clip(d: Path, projection_dim: int = 16, act: str = "quick_gelu", image
     return model
 
 
+@pytest.fixture(autouse=True)
+def _errors_are_one_line(monkeypatch):
+    """Every CtrlDiffError a model reward raises in these tests is one line (the CLI prints it as ``error: ...``)."""
+    real = CtrlDiffError.__init__
+
+    def init(self, *args):
+        assert all("\n" not in str(a) for a in args), args
+        real(self, *args)
+
+    monkeypatch.setattr(CtrlDiffError, "__init__", init)
+
+
 def _images(b: int = 4, size: int = 20, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1
@@ -201,6 +213,8 @@ def test_text_image_rewards_need_prompts(tmp_path):
 
 
 def test_hub_ids_fail_fast_offline_or_unreachable(tmp_path, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CTRLDIFF_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     with pytest.raises(CtrlDiffError, match=r"'nobody/no-such-model' is not a local directory nor in the Hugging "
