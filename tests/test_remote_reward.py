@@ -425,6 +425,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_serve_reward_cli_answers_and_stops_on_sigterm():
     p = subprocess.Popen([sys.executable, "-m", "ctrldiff", "serve-reward", "--reward", "toy2d-mode-switch",
                           "--port", "0", "--threads", "1", "--max-batch", "16"],
@@ -555,6 +556,7 @@ def test_failing_remote_reward_is_skipped_and_counted(tmp_path, capsys):
     assert next(kinds, None) is None  # all three kinds of fault were injected
 
 
+@pytest.mark.slow
 def test_real_train_process_stops_cleanly_when_the_reward_server_goes_away(tmp_path):
     """``ctrldiff train`` in a real process against a loopback server that is shut down mid-run."""
     server = RewardServer("toy2d-mode-switch", port=0)

@@ -54,6 +54,10 @@ class RemoteReward:
         self.timeout, self.retries = float(timeout), retries
         self.backoff, self.max_backoff = float(backoff), float(max_backoff)
         self.max_batch = max_batch
+        # a loopback server is reached directly, never through an http_proxy from the environment
+        loopback = u.hostname in ("127.0.0.1", "localhost", "::1")
+        self._open = (urllib.request.build_opener(urllib.request.ProxyHandler({})).open if loopback
+                      else urllib.request.urlopen)
         self.served: str | None = None  # the served reward's name, from the server's answers
         self.attempts = 0  # requests sent, retries included
 
@@ -90,7 +94,7 @@ class RemoteReward:
             req = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._open(req, timeout=self.timeout) as resp:
                     data = resp.read(MAX_ANSWER_BYTES + 1)
                 if len(data) > MAX_ANSWER_BYTES:
                     raise RewardError(f"{self._where()}: the answer is larger than {MAX_ANSWER_BYTES >> 20} MiB")
