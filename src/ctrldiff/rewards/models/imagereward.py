@@ -10,9 +10,12 @@ BlipTextModel (``is_decoder`` config so that every layer has cross-attention, ca
 bidirectional mask) and the checkpoint's keys are renamed by :func:`imagereward_to_hf`; its sizes are read from the
 checkpoint's tensor shapes (heads = width / 64, as in BLIP's 'large' ViT and BERT-base).
 
-Verification status: the key mapping follows the two layouts as written in BLIP's vit.py / med.py and in
-transformers' modeling_blip(.py/_text.py) (qkv fused in both ViTs with the same [3, heads, head_dim] order, ViT
-LayerNorm eps 1e-6, BERT eps from med_config.json or 1e-12). The tests load a checkpoint written in that layout
+Verification status: the scoring path (tokenizer max_length 35, [CLS] feature, mean/std) and the key layout were
+read off ImageReward's source (ImageReward.py, models/BLIP/blip_pretrain.py: visual_encoder, text_encoder,
+vision_proj, text_proj; med.py: BERT names identical to transformers' BlipText*, cross-attention in every layer,
+"multimodal" mode by default) and BLIP's vit.py, and matched to transformers' modeling_blip(.py/_text.py)
+(qkv fused in both ViTs with the same [3, heads, head_dim] order, ViT LayerNorm eps 1e-6, BERT eps from
+med_config.json or 1e-12). The tests load a checkpoint written in that layout
 through this loader; the official ImageReward.pt itself could not be downloaded here, so agreement of the scores
 with the ``ImageReward`` package on real weights is NOT verified (a strict load at least names every missing,
 unexpected or mis-shaped key).
