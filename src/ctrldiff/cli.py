@@ -236,11 +236,13 @@ def verify_assets() -> None:
 
 def _register_subcommands() -> None:
     from .cli_eval import eval_cmd, report_cmd
+    from .cli_serve import serve_reward_cmd
     from .cli_train import train_cmd
 
     main.add_command(train_cmd)
     main.add_command(eval_cmd)
     main.add_command(report_cmd)
+    main.add_command(serve_reward_cmd)
 
 
 _register_subcommands()
