@@ -175,3 +175,17 @@ class TerminalRewardAlgorithm(Algorithm):
 def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
     """-mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (per pair, [N] -> scalar)."""
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+
+
+def optimizer_step(algo: Algorithm, loss: Tensor) -> float:
+    """One policy step on ``loss``: refuse a non-finite loss, backward, clip to optim.grad_clip, step ->
+    the gradient norm before clipping (for algorithms that override ``update``)."""
+    tr = algo.trainer
+    if not torch.isfinite(loss):
+        raise CtrlDiffError(f"{algo.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was applied from "
+                            "this minibatch and the last checkpoint is intact. Lower optim.lr or raise beta")
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, tr.cfg.optim.grad_clip)
+    tr.optimizer.step()
+    return float(gnorm)
