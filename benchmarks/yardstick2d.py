@@ -40,7 +40,11 @@ ALGOS = {
     "ctrl-b": dict(algo="ctrl", ctrl=dict(estimator="b", value=dict(reward_term="surrogate", epochs=4))),
     "ddpo": dict(algo="ddpo"),
     "dpok": dict(algo="dpok"),
+    # the baselines helper's two (not in the default set: --algos reward-backprop diffusion-dpo)
+    "reward-backprop": dict(algo="reward-backprop"),
+    "diffusion-dpo": dict(algo="diffusion-dpo"),
 }
+DEFAULT_ALGOS = ["ctrl-a", "ctrl-b", "ddpo", "dpok"]
 BATCH = 256
 
 
@@ -124,7 +128,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--budgets", type=int, nargs="+", default=None)
     ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS))
-    ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    ap.add_argument("--algos", nargs="+", default=DEFAULT_ALGOS, choices=list(ALGOS))
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/yardstick2d.json")
