@@ -18,8 +18,16 @@ where W_t = T omega(lambda_t) is the importance weight of the drawn t:
                            trains the denoiser at the times the sampler uses (needed for few-step generators)
     t_sampling=continuous  lambda ~ U[lambda(t_max), lambda(t_min)], W = lambda(t_min) - lambda(t_max).
 Squared norms are summed over data dims (the KL_path convention). beta_dpo (default: the run's beta) is the KL
-weight of the DPO objective max E r_BT - beta_dpo KL; at theta = ref the loss is log 2 exactly. The rollout
-samples x_K (at t_min) play the role of the data x0.
+weight of the DPO objective max E r_BT - beta_dpo KL (0.05 when the run's beta is 0); at theta = ref the loss is
+log 2 exactly. The rollout samples x_K (at t_min) play the role of the data x0.
+
+Labels. The paper's hard labels (the winner always wins) make the Bradley-Terry reward gap of every pair
+infinite: nothing bounds the update but beta_dpo's saturation of the sigmoid, and online the policy drifts
+without limit (KL_path grows). ``labels=bradley-terry`` [an extension, not in the paper] uses the soft label
+p = sigmoid(r_w - r_l) of a Bradley-Terry model of the true reward,
+    L = -[ p log sigmoid(z) + (1 - p) log sigmoid(-z) ],   z = the logit above,
+whose minimiser over log-ratios is z = r_w - r_l, i.e. beta_dpo log p_theta / p_ref = r + const: with
+beta_dpo = beta the DPO optimum is the tilted target p* of J (METHODS section 0), up to the ELBO approximation.
 """
 
 from __future__ import annotations
@@ -34,17 +42,23 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..solvers import kl_weights, model_eps, select_cond
-from .base import Algorithm, RolloutBatch, optimizer_step, register_algorithm
+from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
+
+DEFAULT_BETA_DPO = 0.05  # the temperature when neither diffusion_dpo.beta_dpo nor the run's beta is > 0
 
 
 class DiffusionDPOConfig(Strict):
     beta_dpo: float | None = Field(None, gt=0, description="DPO temperature (KL weight of the DPO objective); "
-                                   "None: the run's beta")
+                                   f"None: the run's beta, or {DEFAULT_BETA_DPO} when beta = 0 (DPO needs a "
+                                   "temperature > 0)")
     pairs: Literal["best-worst", "all"] = Field("all", description="per comparison group: best vs worst sample, "
                                                 "or all pairs ranked by reward with r_w - r_l > margin")
     group_size: int = Field(4, ge=2, description="samples of one condition per comparison group (a random "
                             "partition of each condition's samples)")
     margin: float = Field(0.0, ge=0, description="pairs=all: keep pairs with r_w - r_l > margin")
+    labels: Literal["hard", "bradley-terry"] = Field(
+        "hard", description="hard: the winner is always preferred (the paper); bradley-terry: soft label "
+        "p = sigmoid(r_w - r_l), whose DPO optimum is the tilted target p_ref exp(r / beta_dpo)")
     t_sampling: Literal["grid", "continuous"] = Field(
         "grid", description="grid: t on the rollout solver's grid (weight K w_k); continuous: uniform in log-SNR")
     minibatch: int = Field(64, ge=1, description="preference pairs per gradient step")
@@ -109,9 +123,7 @@ class DiffusionDPO(Algorithm):
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
         self.acfg: DiffusionDPOConfig = cfg.diffusion_dpo
-        self.beta_dpo = self.acfg.beta_dpo if self.acfg.beta_dpo is not None else cfg.beta
-        if self.beta_dpo <= 0:
-            raise CtrlDiffError("diffusion-dpo needs beta > 0 or diffusion_dpo.beta_dpo > 0 (the DPO temperature)")
+        self.beta_dpo = self.acfg.beta_dpo or (cfg.beta if cfg.beta > 0 else DEFAULT_BETA_DPO)
         ncls = trainer.task.num_classes
         if ncls and cfg.batch_size < 2 * ncls:
             raise CtrlDiffError(f"diffusion-dpo compares samples of the same condition: batch_size={cfg.batch_size} "
@@ -163,7 +175,12 @@ class DiffusionDPO(Algorithm):
             err_ref = (eps - model_eps(tr.ref, proc, xt, tt, cond)).flatten(1).pow(2).sum(1)
         d = err - err_ref  # [2P]: the policy's denoising error minus the reference's
         inside = -self.beta_dpo * weight * (d[:P] - d[P:])
-        loss = -F.logsigmoid(inside).mean()
+        if self.acfg.labels == "hard":
+            loss = -F.logsigmoid(inside).mean()
+        else:
+            r = batch.rewards
+            p = torch.sigmoid(r[win.to(r.device)] - r[lose.to(r.device)]).to(inside)
+            loss = -(p * F.logsigmoid(inside) + (1 - p) * F.logsigmoid(-inside)).mean()
         ins = inside.detach()
         return loss, {"dpo_acc": float((ins > 0).float().mean()), "dpo_logit": float(ins.mean()),
                       "denoise_err_w": float(err[:P].detach().mean()), "denoise_err_l": float(err[P:].detach().mean())}
@@ -178,10 +195,8 @@ class DiffusionDPO(Algorithm):
         for _ in range(self.inner_epochs() if P else 0):
             perm = torch.randperm(P, generator=tr.cpu_gen).to(win.device)
             for s in range(0, P - mb + 1, mb):
-                i = perm[s:s + mb]
-                loss, info = self.pair_loss(batch, win[i], lose[i])
-                gnorm = optimizer_step(self, loss)
-                for key, v in {"loss": float(loss.detach()), "grad_norm": gnorm, **info}.items():
+                info = gradient_step(self, lambda sub: self.pair_loss(batch, win[sub], lose[sub]), perm[s:s + mb])
+                for key, v in info.items():
                     sums[key] = sums.get(key, 0.0) + v
                 n_updates += 1
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in sums.items()}

@@ -37,7 +37,7 @@ from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
 from ..solvers import kl_weights, model_eps, repeat_cond, replay_steps, select_cond
-from .base import Algorithm, RolloutBatch, optimizer_step, register_algorithm
+from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
 
 
 class RewardBackpropConfig(Strict):
@@ -83,7 +83,9 @@ class RewardBackprop(Algorithm):
         start = K - self.grad_steps(K)
         cond = select_cond(traj.cond, idx)
         states, eps = replay_steps(tr.policy, tr.process, traj, start, idx, checkpoint=self.acfg.checkpoint)
-        r = call_reward(tr.reward, states[:, -1], cond, grad=True)
+        task = tr.task  # latent models (once the trainer's decode / reward_cond hooks exist): r sees decoded x
+        x_final = task.decode(states[:, -1], grad=True) if hasattr(task, "decode") else states[:, -1]
+        r = call_reward(tr.reward, x_final, task.reward_cond(cond) if hasattr(task, "reward_cond") else cond, grad=True)
         tr.count_queries(len(idx), kind="value")
         loss = -r.mean()
         info = {"reward_grad_call": float(r.detach().mean())}
@@ -107,9 +109,8 @@ class RewardBackprop(Algorithm):
         for _ in range(self.inner_epochs()):
             perm = torch.randperm(B, generator=tr.cpu_gen).to(batch.traj.states.device)
             for s in range(0, B - mb + 1, mb):
-                loss, info = self.sample_loss(batch, perm[s:s + mb])
-                gnorm = optimizer_step(self, loss)
-                for key, v in {"loss": float(loss.detach()), "grad_norm": gnorm, **info}.items():
+                info = gradient_step(self, lambda sub: self.sample_loss(batch, sub), perm[s:s + mb])
+                for key, v in info.items():
                     sums[key] = sums.get(key, 0.0) + v
                 n_updates += 1
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in sums.items()}

@@ -90,8 +90,6 @@ class TrainConfig(Strict):
             if self.batch_size < 2:
                 raise ValueError(f"diffusion-dpo compares samples of one condition: batch_size must be >= 2 per "
                                  f"condition, got {self.batch_size}")
-            if self.beta <= 0 and self.diffusion_dpo.beta_dpo is None:
-                raise ValueError("diffusion-dpo needs beta > 0 or diffusion_dpo.beta_dpo (the DPO temperature)")
         return self
 
 
