@@ -47,6 +47,8 @@ ALGOS = {
     "reward-backprop": dict(algo="reward-backprop"),
     "diffusion-dpo": dict(algo="diffusion-dpo", optim=dict(lr=1e-5)),
     "diffusion-dpo-bt": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry"), optim=dict(lr=1e-4)),
+    "diffusion-dpo-bt-d8": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry", draws=8),
+                                optim=dict(lr=1e-4)),
 }
 DEFAULT_ALGOS = ["ctrl-a", "ctrl-b", "ddpo", "dpok"]
 BATCH = 256

@@ -50,12 +50,12 @@ def test_log_snr_inversion(proc):
     torch.testing.assert_close(t_of_log_snr(p, p.log_snr(t)), t, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("t_sampling,labels", [("grid", "hard"), ("continuous", "bradley-terry")])
-def test_loss_is_log2_at_init_and_its_gradient_favours_the_winner(t_sampling, labels):
+@pytest.mark.parametrize("t_sampling,labels,draws", [("grid", "hard", 1), ("continuous", "bradley-terry", 3)])
+def test_loss_is_log2_at_init_and_its_gradient_favours_the_winner(t_sampling, labels, draws):
     """policy == ref (zero residual): every DPO logit is 0, L = log 2. A few steps on the pairs lower the winners'
     denoising error relative to the reference's, more than the losers' (the likelihood proxy of the winners
     rises), on fresh (t, eps) draws."""
-    tr = Trainer(_cfg(diffusion_dpo=dict(t_sampling=t_sampling, labels=labels), optim=dict(lr=1e-3)))
+    tr = Trainer(_cfg(diffusion_dpo=dict(t_sampling=t_sampling, labels=labels, draws=draws), optim=dict(lr=1e-3)))
     batch = tr.collect()
     tr.algo.prepare(batch)
     w, lo = batch.extras["winners"], batch.extras["losers"]

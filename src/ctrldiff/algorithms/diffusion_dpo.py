@@ -10,7 +10,8 @@ Loss. DPO needs log p_theta(x) / p_ref(x) of a sample; with the diffusion ELBO (
 the eps-loss weight is -d lambda / dt, lambda = log-SNR, as in :func:`ctrldiff.solvers.kl_weights`)
     log p_theta(x0) / p_ref(x0) ~= -int (-lambda'(t)) E_eps[ ||eps - eps_theta(x_t)||^2 - ||eps - eps_ref(x_t)||^2 ] dt,
     x_t = alpha_t x0 + sigma_t eps.
-One Monte Carlo draw of (t, eps), shared by the winner and the loser, gives Wallace et al.'s eq. (14):
+One Monte Carlo draw of (t, eps), shared by the winner and the loser, gives Wallace et al.'s eq. (14)
+(``draws`` > 1 averages the bracket over that many draws before the sigmoid):
     L = -log sigmoid( -beta_dpo * W_t * [ (||eps - eps_theta(x_t^w)||^2 - ||eps - eps_ref(x_t^w)||^2)
                                          - (||eps - eps_theta(x_t^l)||^2 - ||eps - eps_ref(x_t^l)||^2) ] )
 where W_t = T omega(lambda_t) is the importance weight of the drawn t:
@@ -62,6 +63,8 @@ class DiffusionDPOConfig(Strict):
     t_sampling: Literal["grid", "continuous"] = Field(
         "grid", description="grid: t on the rollout solver's grid (weight K w_k); continuous: uniform in log-SNR")
     minibatch: int = Field(64, ge=1, description="preference pairs per gradient step")
+    draws: int = Field(1, ge=1, description="(t, eps) draws per pair averaged inside the sigmoid; 1: the paper's "
+                       "loss (one draw: the expectation over t outside the log-sigmoid)")
 
 
 def condition_groups(cond, n: int) -> list[Tensor]:
@@ -162,19 +165,20 @@ class DiffusionDPO(Algorithm):
         """The DPO loss over pairs (x0[win_i], x0[lose_i]) [P] with one shared (t, eps) per pair -> scalar."""
         tr, traj = self.trainer, batch.traj
         proc = tr.process
-        x0 = torch.cat([traj.final[win], traj.final[lose]])
-        P = len(win)
-        t, weight = self.draw_times(P, traj.times, x0.device)
-        eps = torch.randn((P, *x0.shape[1:]), generator=tr.gen, device=x0.device, dtype=x0.dtype).repeat(
+        m, P = self.acfg.draws, len(win)
+        win_m, lose_m = win.repeat(m), lose.repeat(m)  # [m P]: draw j of pair i at j P + i
+        x0 = torch.cat([traj.final[win_m], traj.final[lose_m]])
+        t, weight = self.draw_times(m * P, traj.times, x0.device)
+        eps = torch.randn((m * P, *x0.shape[1:]), generator=tr.gen, device=x0.device, dtype=x0.dtype).repeat(
             2, *[1] * (x0.ndim - 1))
         tt = t.to(x0.dtype).repeat(2)
         xt, _ = proc.marginal(x0, tt, eps)
-        cond = select_cond(traj.cond, torch.cat([win, lose]))
+        cond = select_cond(traj.cond, torch.cat([win_m, lose_m]))
         err = (eps - model_eps(tr.policy, proc, xt, tt, cond)).flatten(1).pow(2).sum(1)
         with torch.no_grad():
             err_ref = (eps - model_eps(tr.ref, proc, xt, tt, cond)).flatten(1).pow(2).sum(1)
-        d = err - err_ref  # [2P]: the policy's denoising error minus the reference's
-        inside = -self.beta_dpo * weight * (d[:P] - d[P:])
+        d = err - err_ref  # [2 m P]: the policy's denoising error minus the reference's
+        inside = (-self.beta_dpo * weight * (d[:m * P] - d[m * P:])).reshape(m, P).mean(0)
         if self.acfg.labels == "hard":
             loss = -F.logsigmoid(inside).mean()
         else:
@@ -183,7 +187,8 @@ class DiffusionDPO(Algorithm):
             loss = -(p * F.logsigmoid(inside) + (1 - p) * F.logsigmoid(-inside)).mean()
         ins = inside.detach()
         return loss, {"dpo_acc": float((ins > 0).float().mean()), "dpo_logit": float(ins.mean()),
-                      "denoise_err_w": float(err[:P].detach().mean()), "denoise_err_l": float(err[P:].detach().mean())}
+                      "denoise_err_w": float(err[:m * P].detach().mean()),
+                      "denoise_err_l": float(err[m * P:].detach().mean())}
 
     def update(self, batch: RolloutBatch) -> dict:
         tr = self.trainer
