@@ -103,3 +103,16 @@ def test_batch_too_small_is_a_one_line_error():
         Trainer(_cfg(model="scratch-gmm2-cond", batch_size=3))
     with pytest.raises(CtrlDiffError, match="diffusion_dpo.beta_dpo"):
         build_config(TrainConfig, {"algo": "diffusion-dpo", "diffusion_dpo": {"beta_dpo": 0.0}})
+
+
+def test_batch_too_small_on_the_cli_is_one_error_line(tmp_path, capsys):
+    from ctrldiff.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main.main(args=["train", "--algo", "diffusion-dpo", "--model", "gmm2-exact", "--batch-size", "1",
+                        "--out", str(tmp_path / "run"), "--quiet"], prog_name="ctrldiff")
+    assert e.value.code == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "batch_size must be >= 2" in err[0], err
+    assert not (tmp_path / "run").exists()
