@@ -1,4 +1,5 @@
-"""Exact 2-D yardstick (METHODS section 7): CTRL(a), CTRL(b), DDPO and DPOK against the exact optimum.
+"""Exact 2-D yardstick (METHODS section 7): CTRL(a), CTRL(b), DDPO and DPOK (and, with --algos, reward
+backprop and Diffusion-DPO) against the exact optimum.
 
 The pretrained model is the exact score of the 'gmm2' mixture plus a zero-initialised residual MLP, so
 p_ref is known, and p* = p_ref exp(r / beta) / Z and J* = beta log E_ref exp(r / beta) follow by

@@ -62,7 +62,8 @@ class DiffusionDPOConfig(Strict):
         "p = sigmoid(r_w - r_l), whose DPO optimum is the tilted target p_ref exp(r / beta_dpo)")
     t_sampling: Literal["grid", "continuous"] = Field(
         "grid", description="grid: t on the rollout solver's grid (weight K w_k); continuous: uniform in log-SNR")
-    minibatch: int = Field(64, ge=1, description="preference pairs per gradient step")
+    minibatch: int = Field(64, ge=1, description="preference pairs per gradient step (a remainder of the epoch's "
+                           "pairs is left out)")
     draws: int = Field(1, ge=1, description="(t, eps) draws per pair averaged inside the sigmoid; 1: the paper's "
                        "loss (one draw: the expectation over t outside the log-sigmoid)")
 
