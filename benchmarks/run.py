@@ -49,7 +49,8 @@ MODES = {
                   lasro=False, algos=["ctrl-a", "ddpo"]),
     "quick": dict(rewards=["mode_switch"], budgets=[2560, 5120], seeds=[0, 1], n_eval=1000,
                   robust=[("em", 5), ("em", 20), ("em", 100), ("ddim", 50), ("heun", 25), ("dpmpp-2m", 20)],
-                  ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True, algos=None),
+                  ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True,
+                  algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"]),
     "full": dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000, 50000], seeds=[0, 1, 2], n_eval=2000,
                  robust=None, ql_epochs=150, ql_seeds=[0, 1, 2], ql_algos=["ddpo", "dpok", "ctrl-a", "ctrl-b"],
                  lasro=True, algos=None),
@@ -285,7 +286,8 @@ def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
 
 
 SECTIONS = {
-    "finetune2d": ("CTRL vs DDPO / DPOK on the exact 2-D yardstick", section_finetune2d, render_finetune2d),
+    "finetune2d": ("CTRL vs DDPO / DPOK / reward backprop / Diffusion-DPO on the exact 2-D yardstick",
+                   section_finetune2d, render_finetune2d),
     "qlearning2d": ("q-learning from data vs pretrain + fine-tune (2-D)", section_qlearning2d, render_qlearning2d),
     "lasro2step": ("LaSRO vs DDPO / Diffusion-DPO on the 2-step digits generator", section_lasro2step,
                    render_lasro2step),
