@@ -52,7 +52,8 @@ def launch_env() -> tuple[int, int, int, int]:
 def _parent_accelerate_num_processes() -> int | None:
     """--num_processes N of the ``accelerate launch`` command that started this process (Linux /proc), or None."""
     argv = _parent_argv()
-    if "launch" not in argv or not any("accelerate" in a for a in argv[:3]):
+    head = argv[:3]
+    if not any("accelerate" in a for a in head) or not ("launch" in argv or "accelerate.commands.launch" in head):
         return None
     for i, a in enumerate(argv):
         for flag in ("--num_processes", "--num-processes"):
