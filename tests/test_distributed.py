@@ -1,8 +1,9 @@
 """Multi-process training: real 2-process runs through ``accelerate launch --cpu`` (ctrldiff starts the workers),
 ``accelerate launch --multi_gpu`` (torchrun; works on CPU with gloo) and ``torchrun``, plus in-process checks.
 
-The 2-process runs start together on a background thread when this module's first test runs (each one is its own
-session, killed at teardown or on timeout, so no process is left behind); the tests that read them come last.
+The 2-process runs start together on a background thread when the first test that reads them runs (each one is
+its own session, killed at teardown or on timeout, so no process is left behind); the in-process tests come first
+(one of them forks a 2-process gloo group, before any thread is started).
 Every run checks at each checkpoint that its processes hold identical weights (sha256 of the model and of every
 optimizer's parameters and state, stored per process in the checkpoint) and stops with an error if not.
 """
@@ -218,7 +219,51 @@ def test_accelerate_cpu_single_process_is_not_spawned(monkeypatch):
     assert accelerate_cpu_processes() == 0  # a launcher set the ranks already
 
 
-# ---- the real 2-process runs (come last: they overlap with the tests above) ---------------------------------
+def _collectives_worker(rank: int, port: str, out: str) -> None:
+    """Process ``rank`` of 2 (forked): exercises Dist with unequal local sizes and missing gradients."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    from ctrldiff.train import distributed
+
+    distributed._DIST = None
+    d, dev = distributed.get_dist("cpu")
+    x = torch.arange(3.0 + rank * 2).reshape(-1, 1) + 10 * rank  # process 0: 3 rows, process 1: 5 rows
+    res = {"cat": d.all_gather_cat(x), "any": d.all_gather_any(["a"] * (rank + 1)), "mean": d.mean(x, 0),
+           "std": d.std(x, None), "n_mb": len(list(d.minibatches(len(x), 4, torch.Generator().manual_seed(0))))}
+    w = torch.nn.Parameter(torch.zeros(2))
+    v = torch.nn.Parameter(torch.zeros(1))
+    opt = distributed.SyncedAdamW([w, v], d, lr=0.1)
+    (w * torch.tensor([1.0, 2.0]) * (rank + 1)).sum().backward()  # v has no gradient anywhere
+    opt.sync_grads()
+    res["grad"], res["v_grad"] = w.grad.clone(), v.grad
+    torch.save(res, out)
+    distributed._destroy()
+
+
+def test_collectives_with_unequal_batches(tmp_path):
+    import multiprocessing as mp
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo (seconds):
+    ctx, port = mp.get_context("fork"), _port()  # here, once, not in both children
+    ps = [ctx.Process(target=_collectives_worker, args=(r, port, str(tmp_path / f"{r}.pt"))) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ps] == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    full = torch.cat([torch.arange(3.0).reshape(-1, 1), torch.arange(5.0).reshape(-1, 1) + 10])
+    for r in (r0, r1):
+        assert torch.equal(r["cat"], full) and r["any"] == ["a", "a", "a"]
+        torch.testing.assert_close(r["mean"], full.mean(0))
+        torch.testing.assert_close(r["std"], full.std())
+        assert r["n_mb"] == 1  # per process ceil(4 / 2) = 2 items a step: 1 full step on process 0, 2 on 1 -> 1
+        torch.testing.assert_close(r["grad"], torch.tensor([1.5, 3.0]))  # mean of (1, 2) and (2, 4)
+        assert r["v_grad"] is None
+
+
+# ---- the real 2-process runs ------------------------------------------------------------------------------------
 @needs_accelerate
 def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     res, root = real

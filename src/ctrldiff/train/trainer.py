@@ -106,7 +106,7 @@ class Trainer:
             self.dist.barrier()
         self.optimizers: list[torch.optim.Optimizer] = []
         self._seed_everything(cfg.seed)
-        self.task = task or build_task(cfg.model, cfg.process, cfg.device)
+        self.task = task or build_task(cfg.model, cfg.process, str(self.device))
         self.process = self.task.process
         self.reward = make_reward(reward if reward is not None else cfg.reward)
         self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
@@ -424,8 +424,9 @@ class Trainer:
             setattr(self, k, v)
 
     def _sync_tensors(self) -> list[torch.Tensor]:
-        """What every process must hold identically: the model and every optimizer's parameters and state."""
-        ts = list(self.task.model.state_dict().values())
+        """What every process must hold identically: every optimizer's parameters and state (the trainable
+        weights of the policy and of every network an algorithm trains; frozen weights are the same file)."""
+        ts = []
         for opt in self.optimizers:
             for g in opt.param_groups:
                 for p in g["params"]:
