@@ -264,6 +264,7 @@ def test_collectives_with_unequal_batches(tmp_path):
 
 
 # ---- the real 2-process runs ------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_accelerate
 def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     res, root = real
@@ -287,6 +288,7 @@ def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     assert (run / "samples" / "before_after.png").exists() and (run / "reward_curve.png").exists()
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_resumed_two_process_run_matches_uninterrupted(real):
     res, root = real
@@ -304,6 +306,7 @@ def test_resumed_two_process_run_matches_uninterrupted(real):
     assert torch.equal(sa["rank_states"][1]["rng"]["gen"], sb["rank_states"][1]["rng"]["gen"])
 
 
+@pytest.mark.slow
 @needs_accelerate
 def test_ddpo_two_processes_through_torchrun_launcher(real):
     res, root = real
@@ -316,6 +319,7 @@ def test_ddpo_two_processes_through_torchrun_launcher(real):
     assert len((root / "ddpo" / "metrics.jsonl").read_text().splitlines()) == EPOCHS
 
 
+@pytest.mark.slow
 def test_qlearning_two_processes_with_torchrun(real):
     res, root = real
     _check_ok(res["qlearning"])
