@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -217,6 +218,20 @@ def test_accelerate_cpu_single_process_is_not_spawned(monkeypatch):
         accelerate_cpu_processes()
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert accelerate_cpu_processes() == 0  # a launcher set the ranks already
+
+
+def test_a_failing_worker_stops_the_others(tmp_path):
+    from ctrldiff.launcher import spawn_workers
+
+    code = ("import os, sys, time, pathlib; r = int(os.environ['RANK']); assert os.environ['WORLD_SIZE'] == '2'; "
+            f"pathlib.Path(r'{tmp_path}', str(r)).write_text(str(os.getpid())); "
+            "time.sleep(120) if r == 0 else (time.sleep(0.5), sys.exit(3))")
+    t0 = time.monotonic()
+    assert spawn_workers(2, [sys.executable, "-c", code]) == 3
+    assert time.monotonic() - t0 < 60
+    pid = int((tmp_path / "0").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # process 0 was stopped (and reaped), not left behind
 
 
 def _collectives_worker(rank: int, port: str, out: str) -> None:

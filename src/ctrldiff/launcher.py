@@ -109,16 +109,14 @@ def spawn_workers(n: int, argv: list[str] | None = None) -> int:
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
                        MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"), MASTER_PORT=str(port))
             procs.append(subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent))
-        rc = 0
-        while procs and any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        while True:
+            codes = [p.poll() for p in procs]  # poll every worker: a failed one stops the rest
+            failed = [c for c in codes if c not in (None, 0)]
             if failed:
-                rc = failed[0]
-                break
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
             time.sleep(0.05)
-        if rc == 0:
-            rc = next((p.returncode for p in procs if p.returncode), 0)
-        return rc
     finally:
         for p in procs:
             if p.poll() is None:

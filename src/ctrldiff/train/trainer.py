@@ -322,7 +322,7 @@ class Trainer:
             raise CtrlDiffError(f"could not write {what} into {self.out}: {e.strerror or e}; last good checkpoint: "
                                 f"{last.name if last else 'none'} (fix that, then --resume)") from None
 
-    def _write_epoch(self, rec: dict, end: int, rank_states: dict | None = None) -> None:
+    def _write_epoch(self, rec: dict, end: int, rank_states: list | None = None) -> None:
         cfg = self.cfg
         append_jsonl(self.out / "metrics.jsonl", rec)
         self._tensorboard(rec)
