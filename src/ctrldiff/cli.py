@@ -41,7 +41,7 @@ class _Group(click.Group):
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except CtrlDiffError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_process_tag()}{e}", err=True)
             sys.exit(1)
         except ValidationError as e:
             click.echo(f"error: {_validation_message(e)}", err=True)
@@ -49,6 +49,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+
+
+def _process_tag() -> str:
+    """'(process R) ' in the workers R > 0 of a multi-process run (each process reports its own errors)."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return f"(process {rank}) " if rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 def _command_line() -> str:

@@ -102,14 +102,10 @@ class Algorithm:
         ocfg = tr.cfg.optim
         traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
-        n_pairs = B * K
-        mb_size = min(ocfg.minibatch, n_pairs)
         info_sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(self.inner_epochs()):
-            perm = torch.randperm(n_pairs, generator=tr.cpu_gen).to(traj.states.device)
-            for start in range(0, n_pairs - mb_size + 1, mb_size):
-                idx = perm[start:start + mb_size]
+            for idx in tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
                 mb = self.make_minibatch(batch, idx // K, idx % K)
                 loss, info = self.loss(mb)
                 if not torch.isfinite(loss):
@@ -118,6 +114,7 @@ class Algorithm:
                                         "optim.lr or raise beta")
                 tr.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()
                 info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}
@@ -163,7 +160,8 @@ class TerminalRewardAlgorithm(Algorithm):
         from ..rewards.stats import PerConditionStats
 
         self.acfg = acfg
-        self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count)
+        # several processes: the buffers see every process's rewards, so every process has the same baseline
+        self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count, gather=trainer.dist.all_gather_any)
 
     def state_dict(self) -> dict:
         return {"stats": self.stats.state_dict()}
