@@ -44,6 +44,14 @@ SCRATCH = ["--algo", "q-learning", "--model", "scratch-gmm2", "--reward", "toy2d
            "--set", "log.num_eval_samples=16", "--set", "log.num_final_eval=0", "--set", "qlearning.m=256",
            "--set", "qlearning.critic.minibatch=16", "--set", "optim.minibatch=16", "--quiet", "--threads", "1"]
 EPOCHS = 3
+# the two baselines that override Algorithm.update (one cheap run each): 8 samples per process
+BASE = ["--model", "gmm2-exact", "--batch-size", str(B), "--steps", "4", "--epochs", "2", "--set",
+        "log.checkpoint_every=1", "--set", "log.tensorboard=false", "--set", "log.num_eval_samples=16", "--set",
+        "log.num_final_eval=0", "--set", "optim.inner_epochs=2", "--quiet", "--threads", "1"]
+RB = ["--algo", "reward-backprop", "--reward", "toy2d-quadratic", "--set", "reward_backprop.minibatch=6", *BASE]
+# a margin makes the processes' pair counts differ: both must still take the same number of steps
+DPO = ["--algo", "diffusion-dpo", "--reward", "toy2d-mode-switch", "--set", "diffusion_dpo.minibatch=8", "--set",
+       "diffusion_dpo.margin=0.3", *BASE]
 
 
 def _port() -> str:
@@ -107,6 +115,8 @@ class _Runs:
                                                 str(EPOCHS), "--out", "ddpo"])
         procs["qlearning"] = self.start("qlearning", [*_torchrun(), "train", *SCRATCH, "--epochs", "2",
                                                       "--out", "qlearning"])
+        procs["reward-backprop"] = self.start("reward-backprop", [*_torchrun(), "train", *RB, "--out", "rb"])
+        procs["diffusion-dpo"] = self.start("diffusion-dpo", [*_torchrun(), "train", *DPO, "--out", "dpo"])
         res = {}
         if "ctrl" in procs:
             # the interrupted run: the finished run's directory as it was after epoch 2's checkpoint
@@ -192,6 +202,15 @@ def test_batch_size_must_split_over_the_processes(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(CtrlDiffError, match=r"batch_size: 15 .* 2 processes \(use a multiple of 2\)"):
         Trainer(_cfg(batch_size=15))
+
+
+def test_diffusion_dpo_needs_pairs_per_process():
+    from ctrldiff.algorithms.diffusion_dpo import DiffusionDPO
+
+    tr = Trainer(_cfg(algo="diffusion-dpo", model="scratch-gmm2-cond", batch_size=8))  # 2 classes: 8 >= 4
+    tr.dist = Dist(1, 2)  # as process 1 of 2 (the check needs no collective): 3 samples each, fewer than 2 x 2
+    with pytest.raises(CtrlDiffError, match=r"batch_size=6 \(3 per process with 2 processes\) .* \(use >= 8\)"):
+        DiffusionDPO(tr.cfg.model_copy(update={"batch_size": 6}), tr)
 
 
 def test_single_process_dist_is_the_identity():
@@ -345,3 +364,39 @@ def test_qlearning_two_processes_with_torchrun(real):
     assert not torch.equal(st["algo"]["ratio_gen"], st["rank_states"][1]["algo"]["ratio_gen"])
     recs = [json.loads(x) for x in (root / "qlearning" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1] and recs[-1]["reward_queries"] > 2 * B
+
+
+@pytest.mark.slow
+def test_reward_backprop_two_processes_in_sync(real):
+    res, root = real
+    _check_ok(res["reward-backprop"])
+    st = _final(root / "rb")
+    assert st["epoch"] == 2
+    _assert_in_sync(st, _cfg(algo="reward-backprop", reward="toy2d-quadratic", epochs=2, optim=dict(inner_epochs=2),
+                             reward_backprop=dict(minibatch=6)))
+    recs = [json.loads(x) for x in (root / "rb" / "metrics.jsonl").read_text().splitlines()]
+    # the global minibatch of 6 samples (3 per process): 2 steps per inner epoch, as one process with all 16
+    assert [r["train/updates"] for r in recs] == [4, 4]
+    # one gradient reward call per sample per inner epoch, counted over both processes
+    assert [r["value_reward_queries"] for r in recs] == [2 * 12, 4 * 12]
+    assert torch.equal(st["rng"]["cpu_gen"], st["rank_states"][1]["rng"]["cpu_gen"])  # the shared generator
+
+
+@pytest.mark.slow
+def test_diffusion_dpo_two_processes_in_sync_with_unequal_pairs(real):
+    res, root = real
+    _check_ok(res["diffusion-dpo"])
+    st = _final(root / "dpo")
+    assert st["epoch"] == 2
+    _assert_in_sync(st, _cfg(algo="diffusion-dpo", epochs=2, optim=dict(inner_epochs=2),
+                             diffusion_dpo=dict(minibatch=8, margin=0.3)))
+    recs = [json.loads(x) for x in (root / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    # an odd total: the processes formed different numbers of pairs that epoch (the case that would deadlock
+    # if each process counted its own steps)
+    assert any(r["dpo/pairs"] % 2 for r in recs), [r["dpo/pairs"] for r in recs]
+    for r in recs:  # pairs within each process's own 8 samples (2 groups of 4: at most 12), 4 of them per step
+        assert 0 < r["dpo/pairs"] <= 24 and r["train/updates"] <= 2 * (r["dpo/pairs"] // 8)
+    # pair groups / order / times come from each process's own generator; the shared cpu_gen stays in step
+    assert not torch.equal(st["algo"]["pair_gen"], st["rank_states"][1]["algo"]["pair_gen"])
+    assert torch.equal(st["rng"]["cpu_gen"], st["rank_states"][1]["rng"]["cpu_gen"])
+

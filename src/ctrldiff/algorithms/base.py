@@ -175,13 +175,15 @@ def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
 
 
-
 def gradient_step(algo: Algorithm, loss_fn, idx: Tensor) -> dict:
     """One optimizer step on the mean loss over the items ``idx`` [N] (for algorithms that override ``update``).
 
     ``loss_fn(sub) -> (loss, info)`` is a mean over the items ``sub``; with ``optim.microbatch`` (where the
     config has it) the items are processed in chunks whose gradients are accumulated (same step, less memory).
-    A non-finite loss stops before anything is applied. Returns {"loss", "grad_norm", **info} (means)."""
+    A non-finite loss stops before anything is applied. Several processes: ``idx`` is this process's share of the
+    global minibatch (from ``trainer.minibatches``), the gradient is averaged across processes before it is
+    clipped, so the step is that of one process on the global minibatch. Returns {"loss", "grad_norm", **info}
+    (this process's means; ``grad_norm`` is the averaged gradient's)."""
     tr = algo.trainer
     micro = getattr(tr.cfg.optim, "microbatch", None) or len(idx)
     tr.optimizer.zero_grad(set_to_none=True)
@@ -198,6 +200,7 @@ def gradient_step(algo: Algorithm, loss_fn, idx: Tensor) -> dict:
         out["loss"] += float(loss.detach()) * frac
         for key, v in info.items():
             out[key] = out.get(key, 0.0) + float(v) * frac
+    tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient (as the shared update loop)
     out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, tr.cfg.optim.grad_clip))
     tr.optimizer.step()
     return out

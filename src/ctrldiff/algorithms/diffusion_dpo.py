@@ -29,6 +29,12 @@ p = sigmoid(r_w - r_l) of a Bradley-Terry model of the true reward,
     L = -[ p log sigmoid(z) + (1 - p) log sigmoid(-z) ],   z = the logit above,
 whose minimiser over log-ratios is z = r_w - r_l, i.e. beta_dpo log p_theta / p_ref = r + const: with
 beta_dpo = beta the DPO optimum is the tilted target p* of J (METHODS section 0), up to the ELBO approximation.
+
+Several processes: pairs are formed within each process's own batch_size / W samples (a process whose every
+condition has a single sample stops the run with an error on every process); ``minibatch`` is the global
+minibatch (ceil(minibatch / W) of a process's own pairs per step, the same number of steps everywhere: the fewest
+any process's pairs allow), gradients are averaged before clipping, ``dpo/pairs`` and ``dpo/reward_gap`` are over
+every process's pairs. Groups, pair order and times come from a per-process generator (checkpointed).
 """
 
 from __future__ import annotations
@@ -128,37 +134,58 @@ class DiffusionDPO(Algorithm):
         super().__init__(cfg, trainer)
         self.acfg: DiffusionDPOConfig = cfg.diffusion_dpo
         self.beta_dpo = self.acfg.beta_dpo or (cfg.beta if cfg.beta > 0 else DEFAULT_BETA_DPO)
-        ncls = trainer.task.num_classes
-        if ncls and cfg.batch_size < 2 * ncls:
-            raise CtrlDiffError(f"diffusion-dpo compares samples of the same condition: batch_size={cfg.batch_size} "
-                                f"gives fewer than 2 samples per condition for {ncls} classes (use >= {2 * ncls})")
+        ncls, W = trainer.task.num_classes, trainer.dist.world_size
+        if ncls and cfg.batch_size // W < 2 * ncls:  # pairs are formed within each process's own samples
+            per = f" ({cfg.batch_size // W} per process with {W} processes)" if W > 1 else ""
+            raise CtrlDiffError(f"diffusion-dpo compares samples of the same condition: batch_size={cfg.batch_size}"
+                                f"{per} gives fewer than 2 samples per condition for {ncls} classes (use >= "
+                                f"{2 * ncls * W})")
+        # the random groups, pair order and times depend on this process's pairs: with several processes they are
+        # drawn from a generator of this process's own, so that the shared cpu_gen stays in step everywhere
+        self.gen = trainer.cpu_gen if W == 1 else torch.Generator().manual_seed(trainer.process_seed(cfg.seed + 3))
+
+    def state_dict(self) -> dict:
+        return {} if self.gen is self.trainer.cpu_gen else {"pair_gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "pair_gen" in state and self.gen is not self.trainer.cpu_gen:
+            self.gen.set_state(state["pair_gen"])
 
     # ---- pairs --------------------------------------------------------------------------------------
     def prepare(self, batch: RolloutBatch) -> dict:
-        a = self.acfg
-        win, lose = preference_pairs(batch.rewards, batch.traj.cond, a.group_size, a.pairs, a.margin,
-                                     self.trainer.cpu_gen)
-        sizes = [len(g) for g in condition_groups(batch.traj.cond, batch.traj.batch_size)]
-        if max(sizes) < 2:
-            raise CtrlDiffError(f"diffusion-dpo: every condition of epoch {self.trainer.epoch} has a single sample, "
-                                "so no pair can be formed; raise batch_size")
+        a, tr = self.acfg, self.trainer
+        dist = tr.dist
+        win, lose = preference_pairs(batch.rewards, batch.traj.cond, a.group_size, a.pairs, a.margin, self.gen)
+        largest = max(len(g) for g in condition_groups(batch.traj.cond, batch.traj.batch_size))
+        # every process checks every process's largest condition group (the same error everywhere, no deadlock)
+        largest_by_rank = dist.all_reduce_int([largest if r == dist.rank else 0 for r in range(dist.world_size)])
+        if min(largest_by_rank) < 2:
+            if not dist.enabled:
+                raise CtrlDiffError(f"diffusion-dpo: every condition of epoch {tr.epoch} has a single sample, so no "
+                                    "pair can be formed; raise batch_size")
+            bad = ", ".join(str(r) for r, n in enumerate(largest_by_rank) if n < 2)
+            raise CtrlDiffError(f"diffusion-dpo: on process(es) {bad} every condition of epoch {tr.epoch} has a "
+                                f"single sample among its {batch.traj.batch_size} (pairs are formed within a "
+                                f"process's own samples), so no pair can be formed; raise batch_size")
         dev = batch.traj.states.device
         batch.extras["winners"], batch.extras["losers"] = win.to(dev), lose.to(dev)
         r = batch.rewards.detach().cpu()
-        return {"dpo/pairs": len(win), "dpo/reward_gap": float((r[win] - r[lose]).mean()) if len(win) else 0.0}
+        n_pairs = dist.all_reduce_int([len(win)])[0]  # over every process's pairs
+        batch.extras["global_pairs"] = n_pairs
+        return {"dpo/pairs": n_pairs, "dpo/reward_gap": float(dist.mean(r[win] - r[lose])) if n_pairs else 0.0}
 
     # ---- the loss -----------------------------------------------------------------------------------
     def draw_times(self, n: int, times: Tensor, device) -> tuple[Tensor, Tensor]:
         """n times t and their importance weights W_t = T omega(lambda_t) (module docstring) -> [n], [n]."""
-        tr, proc = self.trainer, self.trainer.process
+        proc = self.trainer.process
         if self.acfg.t_sampling == "grid":
             K = times.numel() - 1
-            k = torch.randint(0, K, (n,), generator=tr.cpu_gen)
+            k = torch.randint(0, K, (n,), generator=self.gen)
             w = kl_weights(proc, times.cpu())
             return times.cpu()[k].to(device), (K * w[k]).to(device)
         lam_hi = proc.log_snr(torch.tensor(proc.t_min, dtype=torch.float64))
         lam_lo = proc.log_snr(torch.tensor(proc.t_max, dtype=torch.float64))
-        lam = lam_lo + (lam_hi - lam_lo) * torch.rand(n, generator=tr.cpu_gen, dtype=torch.float64)
+        lam = lam_lo + (lam_hi - lam_lo) * torch.rand(n, generator=self.gen, dtype=torch.float64)
         t = t_of_log_snr(proc, lam)
         return t.float().to(device), (lam_hi - lam_lo).float().expand(n).to(device)
 
@@ -194,14 +221,14 @@ class DiffusionDPO(Algorithm):
     def update(self, batch: RolloutBatch) -> dict:
         tr = self.trainer
         win, lose = batch.extras["winners"], batch.extras["losers"]
-        P = len(win)
-        mb = min(self.acfg.minibatch, P)
+        P = len(win)  # this process's pairs
         sums: dict[str, float] = {}
         n_updates = 0
-        for _ in range(self.inner_epochs() if P else 0):
-            perm = torch.randperm(P, generator=tr.cpu_gen).to(win.device)
-            for s in range(0, P - mb + 1, mb):
-                info = gradient_step(self, lambda sub: self.pair_loss(batch, win[sub], lose[sub]), perm[s:s + mb])
+        # a global minibatch of diffusion_dpo.minibatch pairs: ceil(minibatch / W) of this process's own pairs per
+        # step and the same number of steps on every process (the fewest any process's pairs allow)
+        for _ in range(self.inner_epochs() if batch.extras["global_pairs"] else 0):
+            for sub in tr.minibatches(P, self.acfg.minibatch, win.device, generator=self.gen):
+                info = gradient_step(self, lambda s: self.pair_loss(batch, win[s], lose[s]), sub)
                 for key, v in info.items():
                     sums[key] = sums.get(key, 0.0) + v
                 n_updates += 1

@@ -24,12 +24,13 @@ KL_path, so J stays comparable across algorithms and samplers.
 Reward queries: the trainer counts the rollout rewards; each reward call with gradient in the update is one
 more true-reward query per sample (counted as ``value_reward_queries``), so an epoch costs batch_size
 (rollout) + inner_epochs x batch_size (gradient calls; a remainder of batch_size / minibatch is skipped).
+Several processes: ``minibatch`` is the global minibatch (each process differentiates ceil(minibatch / W) of its
+own samples per step, the gradients are averaged before clipping); nothing else depends on the batch.
 Needs a differentiable reward; memory grows with n x minibatch unless ``checkpoint`` is on.
 """
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -102,14 +103,14 @@ class RewardBackprop(Algorithm):
 
     def update(self, batch: RolloutBatch) -> dict:
         tr = self.trainer
-        B = batch.traj.batch_size
-        mb = min(self.acfg.minibatch, B)
+        B = batch.traj.batch_size  # this process's samples (batch_size / W)
         sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(self.inner_epochs()):
-            perm = torch.randperm(B, generator=tr.cpu_gen).to(batch.traj.states.device)
-            for s in range(0, B - mb + 1, mb):
-                info = gradient_step(self, lambda sub: self.sample_loss(batch, sub), perm[s:s + mb])
+            # a global minibatch of reward_backprop.minibatch samples: ceil(minibatch / W) of this process's per
+            # step, the same number of steps on every process; the gradient is averaged across processes
+            for idx in tr.minibatches(B, self.acfg.minibatch, batch.traj.states.device):
+                info = gradient_step(self, lambda sub: self.sample_loss(batch, sub), idx)
                 for key, v in info.items():
                     sums[key] = sums.get(key, 0.0) + v
                 n_updates += 1

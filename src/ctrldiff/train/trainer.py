@@ -170,11 +170,13 @@ class Trainer:
         otherwise); nothing with one process."""
         sync_grads(opt)
 
-    def minibatches(self, n: int, size: int, device=None, drop_last: bool = True):
-        """Shuffled index minibatches (``cpu_gen``) over ``n`` local items for a global minibatch of ``size``:
-        every loop that steps an optimizer iterates these, so every process takes the same number of steps
-        (:meth:`ctrldiff.train.distributed.Dist.minibatches`)."""
-        return self.dist.minibatches(n, size, self.cpu_gen, device, drop_last)
+    def minibatches(self, n: int, size: int, device=None, drop_last: bool = True,
+                    generator: torch.Generator | None = None):
+        """Shuffled index minibatches (``cpu_gen``, or ``generator``) over ``n`` local items for a global minibatch
+        of ``size``: every loop that steps an optimizer iterates these, so every process takes the same number of
+        steps (:meth:`ctrldiff.train.distributed.Dist.minibatches`). Pass a per-process ``generator`` when ``n``
+        differs between processes, so that the shared ``cpu_gen`` stays in step on every process."""
+        return self.dist.minibatches(n, size, self.cpu_gen if generator is None else generator, device, drop_last)
 
     def process_seed(self, seed: int) -> int:
         """A seed for a generator of this process's own (``seed`` on process 0, distinct on the others)."""
