@@ -297,6 +297,46 @@ def test_collectives_with_unequal_batches(tmp_path):
         assert r["v_grad"] is None
 
 
+def _gradient_step_worker(rank: int, port: str, out: str) -> None:
+    """Process ``rank`` of 2 (forked): one ``gradient_step`` with local gradients 3 (process 0) and -1 (process 1)."""
+    from types import SimpleNamespace
+
+    from ctrldiff.algorithms.base import gradient_step
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    from ctrldiff.train import distributed
+
+    distributed._DIST = None
+    d, _ = distributed.get_dist("cpu")
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = distributed.SyncedAdamW([w], d, lr=0.1)
+    tr = SimpleNamespace(optimizer=opt, trainable_parameters=[w], epoch=0, sync_grads=distributed.sync_grads,
+                         cfg=SimpleNamespace(optim=SimpleNamespace(grad_clip=2.0)))
+    slope = 3.0 if rank == 0 else -1.0
+    info = gradient_step(SimpleNamespace(trainer=tr, name="test"), lambda sub: (slope * w.sum(), {}), torch.arange(2))
+    torch.save({"grad_norm": info["grad_norm"], "grad": w.grad.clone()}, out)
+    distributed._destroy()
+
+
+def test_gradient_step_clips_the_averaged_gradient(tmp_path):
+    """The mean gradient (3 - 1) / 2 = 1 is under the clip 2: applied whole. Clipping each process's own gradient
+    first would give (2 - 1) / 2 = 0.5."""
+    import multiprocessing as mp
+
+    ctx, port = mp.get_context("fork"), _port()
+    ps = [ctx.Process(target=_gradient_step_worker, args=(r, port, str(tmp_path / f"{r}.pt"))) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ps] == [0, 0]
+    for r in (0, 1):
+        res = torch.load(tmp_path / f"{r}.pt")
+        assert res["grad_norm"] == pytest.approx(1.0) and torch.equal(res["grad"], torch.tensor([1.0]))
+
+
 # ---- the real 2-process runs ------------------------------------------------------------------------------------
 @pytest.mark.slow
 @needs_accelerate
