@@ -70,3 +70,19 @@ def test_distill_command_beats_the_teachers_two_step_samples(tmp_path):
     err_teacher = (draw(teacher, 2) - ref).pow(2).mean()
     err_student = (draw(student, 2) - ref).pow(2).mean()
     assert err_student < 0.7 * err_teacher, (float(err_student), float(err_teacher))
+
+
+def test_shipped_two_step_generator_loads_as_a_task_and_samples_digits():
+    from ctrldiff import assets
+    from ctrldiff.train.task import build_task
+
+    assert {"digits_2step.safetensors", "digits_2step.json"} <= set(assets.verify_manifest())
+    task = build_task("digits-2step")
+    assert task.name == "digits-2step" and task.num_classes == 10 and task.sample_shape == (1, 8, 8)
+    assert task.model.metadata["generator_steps"] == 2 and task.model.metadata["teacher"] == "digits"
+    clf = assets.load_digit_classifier().eval()
+    cond = torch.arange(100) % 10
+    with torch.no_grad():
+        x = sample(task.ref, task.process, (100, 1, 8, 8), 2, "ddim", cond=cond,
+                   generator=torch.Generator().manual_seed(0), eta=0.0).final
+    assert float((clf.predict(x.clamp(-1, 1)) == cond).float().mean()) >= 0.9

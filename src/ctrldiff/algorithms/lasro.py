@@ -38,15 +38,17 @@ from .base import Algorithm, RolloutBatch, register_algorithm
 
 class LaSROConfig(Strict):
     c0: float = Field(1.0, ge=0, description="weight of L_reg (distillation to the frozen initial generator)")
-    c1: float = Field(0.5, ge=0, description="weight of the normalised surrogate reward of the 1-step output")
+    c1: float = Field(0.1, ge=0, description="weight of the normalised surrogate reward of the 1-step output (small: "
+                      "an eps-model's 1-step output from t = 1 moves ~1/alpha_1 times as much as eps, so this term "
+                      "dominates the update otherwise)")
     c2: float = Field(1.0, ge=0, description="weight of the normalised surrogate reward of the 2-step output")
     gen_steps: int = Field(4, ge=1, le=100, description="N_gen: generator steps per epoch (paper: 1-10)")
-    gen_batch: int = Field(64, ge=1, description="initial noises per generator step (no true-reward queries)")
+    gen_batch: int = Field(32, ge=1, description="initial noises per generator step (no true-reward queries)")
     surrogate_steps: int = Field(10, ge=0, description="N_sur: surrogate steps per epoch (paper: 1-50)")
-    initial_surrogate_steps: int = Field(150, ge=0, description="surrogate steps on the first epoch's buffer")
+    initial_surrogate_steps: int = Field(100, ge=0, description="surrogate steps on the first epoch's buffer")
     surrogate_lr: float = Field(1e-3, gt=0)
     surrogate_weight_decay: float = Field(1e-4, ge=0)
-    pairs: int = Field(128, ge=1, description="Bradley-Terry pairs per surrogate step")
+    pairs: int = Field(64, ge=1, description="Bradley-Terry pairs per surrogate step")
     buffer_size: int = Field(4096, ge=2, description="replay buffer capacity (samples; FIFO)")
     explore_one_step: bool = Field(True, description="also score the rollouts' 1-step outputs (counted queries) "
                                    "and put them in the buffer (2-step generators only)")
@@ -333,8 +335,10 @@ class LaSRO(Algorithm):
         g_ref.set_state(state)  # the same solver noise for the reference (stochastic solvers)
         with torch.no_grad():
             z_ref = self.outputs(tr.ref, x_T, cond, grad=False, generator=g_ref)
-        reg = sum((z[k] - z_ref[k]).flatten(1).pow(2).mean(1).mean() for k in self.out_steps)
+        regs = {k: (z[k] - z_ref[k]).flatten(1).pow(2).mean(1).mean() for k in self.out_steps}
+        reg = sum(regs.values())
         loss, info = a.c0 * reg, {"lasro/reg": float(reg.detach())}
+        info.update({f"lasro/reg_z{k}": float(v.detach()) for k, v in regs.items()})
         c = cond if tr.task.num_classes else None
         for k in self.out_steps:
             r = self.surrogate(z[k], c)
