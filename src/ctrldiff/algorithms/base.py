@@ -175,3 +175,31 @@ class TerminalRewardAlgorithm(Algorithm):
 def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
     """-mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (per pair, [N] -> scalar)."""
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+
+
+
+def gradient_step(algo: Algorithm, loss_fn, idx: Tensor) -> dict:
+    """One optimizer step on the mean loss over the items ``idx`` [N] (for algorithms that override ``update``).
+
+    ``loss_fn(sub) -> (loss, info)`` is a mean over the items ``sub``; with ``optim.microbatch`` (where the
+    config has it) the items are processed in chunks whose gradients are accumulated (same step, less memory).
+    A non-finite loss stops before anything is applied. Returns {"loss", "grad_norm", **info} (means)."""
+    tr = algo.trainer
+    micro = getattr(tr.cfg.optim, "microbatch", None) or len(idx)
+    tr.optimizer.zero_grad(set_to_none=True)
+    out: dict[str, float] = {"loss": 0.0}
+    for s in range(0, len(idx), micro):
+        sub = idx[s:s + micro]
+        loss, info = loss_fn(sub)
+        if not torch.isfinite(loss):
+            tr.optimizer.zero_grad(set_to_none=True)
+            raise CtrlDiffError(f"{algo.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was applied "
+                                "from this minibatch and the last checkpoint is intact. Lower optim.lr or raise beta")
+        frac = len(sub) / len(idx)
+        (loss * frac).backward()
+        out["loss"] += float(loss.detach()) * frac
+        for key, v in info.items():
+            out[key] = out.get(key, 0.0) + float(v) * frac
+    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, tr.cfg.optim.grad_clip))
+    tr.optimizer.step()
+    return out

@@ -8,12 +8,14 @@ from pydantic import Field, model_validator
 
 from ..algorithms.ctrl import CTRLConfig
 from ..algorithms.ddpo import DDPOConfig
+from ..algorithms.diffusion_dpo import DiffusionDPOConfig
 from ..algorithms.dpok import DPOKConfig
 from ..algorithms.lasro import LaSROConfig
 from ..algorithms.qlearning import QLearningConfig
+from ..algorithms.reward_backprop import RewardBackpropConfig
 from ..config import Strict
 
-ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "lasro")
+ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro")
 
 
 class SamplerConfig(Strict):
@@ -46,7 +48,7 @@ class LogConfig(Strict):
 
 
 class TrainConfig(Strict):
-    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "lasro"] = "ctrl"
+    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
                        "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
                        "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), or a saved model path")
@@ -68,6 +70,8 @@ class TrainConfig(Strict):
     ddpo: DDPOConfig = DDPOConfig()
     dpok: DPOKConfig = DPOKConfig()
     qlearning: QLearningConfig = QLearningConfig()
+    reward_backprop: RewardBackpropConfig = RewardBackpropConfig()
+    diffusion_dpo: DiffusionDPOConfig = DiffusionDPOConfig()
     lasro: LaSROConfig = LaSROConfig()
 
     @model_validator(mode="after")
@@ -87,6 +91,10 @@ class TrainConfig(Strict):
                              f"{s.steps} (use e.g. --model digits-2step --solver ddim --steps 2 --set sampler.eta=0)")
         if self.algo == "ctrl" and self.ctrl.estimator == "b" and self.beta <= 0:
             raise ValueError("ctrl.estimator=b needs beta > 0")
+        if self.algo == "diffusion-dpo":
+            if self.batch_size < 2:
+                raise ValueError(f"diffusion-dpo compares samples of one condition: batch_size must be >= 2 per "
+                                 f"condition, got {self.batch_size}")
         return self
 
 
