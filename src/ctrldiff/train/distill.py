@@ -184,7 +184,9 @@ def distill(cfg: DistillConfig, log: Callable[[str], None] | None = print,
                 log(f"{2 * K} -> {K} steps: step {step + 1}/{cfg.steps_per_halving}  loss {losses[-1]:.5f}  "
                     f"{time.perf_counter() - t0:.0f}s")
         student.eval()
-        stage_meta = {**meta, "process": process.config(), "teacher": cfg.teacher, "teacher_steps": cfg.teacher_steps,
+        stage_meta = {**{k: meta[k] for k in ("dataset", "data_shape") if k in meta}, "process": process.config(),
+                      "teacher": cfg.teacher, "teacher_steps": cfg.teacher_steps, "seed": cfg.seed,
+                      "steps_per_halving": cfg.steps_per_halving, "final_loss": round(losses[-1], 5),
                       "generator_steps": K, "guidance_distilled": guidance, "sampler": {"solver": "ddim", "eta": 0.0,
                                                                                        "steps": K},
                       "distilled_by": "progressive", "train_time_s": round(time.perf_counter() - t0, 1),
