@@ -38,13 +38,14 @@ DEFAULT_REWARDS = ("jpeg-compressibility", "digit-correct", "digit-alignment")
 TOL = {"accuracy_drop": 0.05, "frechet_ratio": 1.5, "diversity_ratio": 0.8}
 
 
-def algo_config(name: str, reward: str, model: str, epochs: int, queries: int, seed: int, lr: float) -> TrainConfig:
+def algo_config(name: str, reward: str, model: str, epochs: int, queries: int, seed: int, lr: float,
+                lasro: dict | None = None) -> TrainConfig:
     base = dict(model=model, reward=reward, epochs=epochs, seed=seed, beta=0.0,
                 log=dict(progress=False, num_final_eval=0, tensorboard=False))
     det = dict(solver="ddim", steps=2, eta=0.0)
     if name in ("lasro", "lasro-frozen"):
         return TrainConfig(algo="lasro", batch_size=queries // 2, sampler=det, optim=dict(lr=lr),
-                           lasro=dict(freeze_surrogate=name == "lasro-frozen"), **base)
+                           lasro=dict(freeze_surrogate=name == "lasro-frozen") | (lasro or {}), **base)
     if name == "ddpo":
         return TrainConfig(algo="ddpo", batch_size=queries, sampler=dict(solver="ddim", steps=2, eta=1.0),
                            optim=dict(lr=lr, minibatch=queries // 2, inner_epochs=2), **base)
@@ -74,7 +75,8 @@ def evaluate(tr: Trainer, model, n: int, seed: int = 4321, quality: bool = False
 
 
 def run_one(name: str, reward: str, args, seed: int) -> dict:
-    cfg = algo_config(name, reward, args.model, args.epochs, args.queries, seed, args.lr)
+    cfg = algo_config(name, reward, args.model, args.epochs, args.queries, seed, args.lr,
+                      json.loads(args.lasro) if args.lasro else None)
     tr = Trainer(cfg, reward=make_reward(reward))
     t0 = time.perf_counter()
     curve = [{"epoch": 0, "reward_queries": 0, **evaluate(tr, tr.policy, args.eval_n_curve)}]
@@ -196,8 +198,9 @@ def main() -> None:
     ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--queries", type=int, default=64, help="true-reward queries per epoch (every algorithm)")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=3e-5, help="policy learning rate (every algorithm)")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--lasro", default=None, help='JSON overrides of the lasro config, e.g. \'{"c1": 0.0}\'')
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--eval-n-curve", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=500)

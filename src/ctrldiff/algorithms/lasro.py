@@ -13,8 +13,9 @@ Generator update (deterministic policy gradient through the sampler; z_k = the k
 G_theta from the same initial noise x_T, k = 1, 2, both differentiable in theta, z_2 through both steps):
     L(theta) = c0 L_reg - c1 S_1[R_psi(z_1, c)] - c2 S_2[R_psi(z_2, c)],
     S_k[R]   = clip((R - m_k) / sqrt(v_k + 1e-8), -clip, clip)     (m_k, v_k running mean / variance of R(z_k))
-    L_reg    = sum_k mean_pixels || z_k - z_k^ref ||^2              (z_k^ref: the frozen initial generator on the
-                                                                   same noise, a distillation loss to the teacher)
+    L_reg    = sum_k w_k mean_pixels || z_k - z_k^ref ||^2          (z_k^ref: the frozen initial generator on the
+                                                                   same noise, a distillation loss to the teacher;
+                                                                   w_2 = 1, w_1 = reg_1step)
 Online alternation per trainer epoch: fresh rollouts scored by r -> (log the surrogate's ranking accuracy on
 them BEFORE it sees them) -> buffer -> N_sur surrogate steps -> N_gen generator steps. ``freeze_surrogate``:
 the surrogate is trained only on the first epoch's (initial) buffer and then frozen (the reward-hacking ablation).
@@ -37,11 +38,13 @@ from .base import Algorithm, RolloutBatch, register_algorithm
 
 
 class LaSROConfig(Strict):
-    c0: float = Field(1.0, ge=0, description="weight of L_reg (distillation to the frozen initial generator)")
-    c1: float = Field(0.1, ge=0, description="weight of the normalised surrogate reward of the 1-step output (small: "
+    c0: float = Field(3.0, ge=0, description="weight of L_reg (distillation to the frozen initial generator)")
+    c1: float = Field(0.02, ge=0, description="weight of the normalised surrogate reward of the 1-step output (small: "
                       "an eps-model's 1-step output from t = 1 moves ~1/alpha_1 times as much as eps, so this term "
                       "dominates the update otherwise)")
     c2: float = Field(1.0, ge=0, description="weight of the normalised surrogate reward of the 2-step output")
+    reg_1step: float = Field(0.01, ge=0, description="relative weight of the 1-step output in L_reg (its output "
+                             "is ~1/alpha_1 times as sensitive to the network as the 2-step one)")
     gen_steps: int = Field(4, ge=1, le=100, description="N_gen: generator steps per epoch (paper: 1-10)")
     gen_batch: int = Field(32, ge=1, description="initial noises per generator step (no true-reward queries)")
     surrogate_steps: int = Field(10, ge=0, description="N_sur: surrogate steps per epoch (paper: 1-50)")
@@ -336,7 +339,7 @@ class LaSRO(Algorithm):
         with torch.no_grad():
             z_ref = self.outputs(tr.ref, x_T, cond, grad=False, generator=g_ref)
         regs = {k: (z[k] - z_ref[k]).flatten(1).pow(2).mean(1).mean() for k in self.out_steps}
-        reg = sum(regs.values())
+        reg = sum(regs[k] * (a.reg_1step if k == 1 and len(self.out_steps) == 2 else 1.0) for k in regs)
         loss, info = a.c0 * reg, {"lasro/reg": float(reg.detach())}
         info.update({f"lasro/reg_z{k}": float(v.detach()) for k, v in regs.items()})
         c = cond if tr.task.num_classes else None
