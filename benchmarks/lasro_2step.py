@@ -90,7 +90,8 @@ def run_one(name: str, reward: str, args, seed: int) -> dict:
             "lasro/reg_z1", "lasro/reg_z2", "lasro/surrogate_z2", "lasro/reward_1step", "train/clipfrac",
             "train/ratio_mean")
     return {"algo": name, "reward": reward, "seed": seed, "config_algo": cfg.algo, "sampler": cfg.sampler.model_dump(),
-            "batch_size": cfg.batch_size, "final": final, "curve": curve,
+            "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "final": final, "curve": curve,
+            **({"lasro_config": cfg.lasro.model_dump()} if cfg.algo == "lasro" else {}),
             "train_log": [{k: r[k] for k in keep if k in r} for r in records],
             "wall_s": round(time.perf_counter() - t0, 1), "reward_queries": tr.reward_queries}
 

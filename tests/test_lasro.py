@@ -152,3 +152,13 @@ def test_frozen_surrogate_trains_only_on_the_initial_buffer():
     recs = tr.train()
     assert tr.algo.surrogate_updates == 40 and "lasro/bt_loss" not in recs[-1]
     assert len(tr.algo.buffer) == 3 * 64 and all("lasro/surrogate_acc_fresh" in r for r in recs)
+
+
+def test_cli_rejects_lasro_on_a_many_step_sampler(tmp_path):
+    from click.testing import CliRunner
+
+    from ctrldiff.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--algo", "lasro", "--model", "digits-2step", "--solver", "ddim",
+                                  "--steps", "10", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and "sampler.steps" in r.output and "1 or 2" in r.output
