@@ -127,6 +127,33 @@ def train_classifier(epochs, batch_size, lr, shift, noise_std, out, seed, thread
     click.echo(f"model: {res.model_path}")
 
 
+@main.command()
+@click.option("--teacher", default="digits", show_default=True, help="'digits' (shipped) or a saved model path")
+@click.option("--teacher-steps", type=int, default=8, show_default=True, help="DDIM steps of the first teacher")
+@click.option("--target-steps", type=int, default=2, show_default=True, help="steps of the final generator")
+@click.option("--guidance", type=float, default=None, help="CFG scale of the first teacher, distilled into the "
+              "student (default: the shipped digits model's recommended scale for 'digits', else none)")
+@click.option("--steps-per-halving", type=int, default=1500, show_default=True, help="optimizer steps per halving")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/distill", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log-every", type=int, default=100, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def distill(teacher, teacher_steps, target_steps, guidance, steps_per_halving, batch_size, lr, out, seed, log_every,
+            threads) -> None:
+    """Progressive distillation of a pretrained model into a TARGET-STEPS (1-2) step DDIM generator (OUT/model.*)."""
+    from .train.distill import DistillConfig
+    from .train.distill import distill as run
+
+    _threads(threads)
+    cfg = DistillConfig(teacher=teacher, teacher_steps=teacher_steps, target_steps=target_steps, guidance=guidance,
+                        steps_per_halving=steps_per_halving, batch_size=batch_size, lr=lr, out=out, seed=seed,
+                        log_every=log_every, command=_command_line())
+    res = run(cfg, log=click.echo)
+    click.echo(f"model: {res.model_path}")
+
+
 def run_sample(model_path: str | None, solver: str, eta: float | None, steps: int, guidance: float | None, seed: int,
                label: str, n: int, out: Path, fmt: str = "safetensors") -> dict[str, Path]:
     """Sample ``n`` states from a saved model and write a picture and a tensor file; returns their paths."""

@@ -31,7 +31,7 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 
 @click.command("train")
 @click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop",
-                                          "diffusion-dpo"]), default=None,
+                                          "diffusion-dpo", "lasro"]), default=None,
               help="Algorithm (default: ctrl, or the config file's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
