@@ -110,14 +110,23 @@ class Algorithm:
             perm = torch.randperm(n_pairs, generator=tr.cpu_gen).to(traj.states.device)
             for start in range(0, n_pairs - mb_size + 1, mb_size):
                 idx = perm[start:start + mb_size]
-                mb = self.make_minibatch(batch, idx // K, idx % K)
-                loss, info = self.loss(mb)
-                if not torch.isfinite(loss):
-                    raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was "
-                                        "applied from this minibatch and the last checkpoint is intact. Lower "
-                                        "optim.lr or raise beta")
                 tr.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                micro = ocfg.microbatch or mb_size  # gradient accumulation: same update, less memory
+                total, infos = 0.0, {}
+                for ms in range(0, mb_size, micro):
+                    sub = idx[ms:ms + micro]
+                    mb = self.make_minibatch(batch, sub // K, sub % K)
+                    loss, info = self.loss(mb)
+                    if not torch.isfinite(loss):
+                        raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing "
+                                            "was applied from this minibatch and the last checkpoint is intact. Lower "
+                                            "optim.lr or raise beta")
+                    frac = len(sub) / mb_size  # every loss is a mean over its pairs
+                    (loss * frac).backward()
+                    total += float(loss.detach()) * frac
+                    for key, v in info.items():
+                        infos[key] = infos.get(key, 0.0) + float(v) * frac
+                loss, info = torch.tensor(total), infos
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()
                 info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}

@@ -11,6 +11,7 @@ from ..algorithms.ddpo import DDPOConfig
 from ..algorithms.dpok import DPOKConfig
 from ..algorithms.qlearning import QLearningConfig
 from ..config import Strict
+from ..models.diffusers_backend import DiffusersConfig
 
 ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning")
 
@@ -31,6 +32,9 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
     minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    microbatch: int | None = Field(None, ge=1, description="pairs per forward/backward pass: a minibatch is split "
+                                   "into microbatches whose gradients are accumulated (same update, less memory); "
+                                   "also the chunk size of the reference model's evaluation. None: the whole minibatch")
 
 
 class LogConfig(Strict):
@@ -48,7 +52,8 @@ class TrainConfig(Strict):
     algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
                        "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
-                       "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), or a saved model path")
+                       "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), a saved model path, or a "
+                       "diffusers pipeline: a directory with model_index.json or a hub id (section 'diffusers')")
     process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact and scratch-* models")
     reward: str = Field("digit-alignment", description="built-in name, module:function, or weighted sum")
     reward_errors: Literal["raise", "skip"] = Field(
@@ -67,6 +72,7 @@ class TrainConfig(Strict):
     ddpo: DDPOConfig = DDPOConfig()
     dpok: DPOKConfig = DPOKConfig()
     qlearning: QLearningConfig = QLearningConfig()
+    diffusers: DiffusersConfig = DiffusersConfig()
 
     @model_validator(mode="after")
     def _compatible(self):
