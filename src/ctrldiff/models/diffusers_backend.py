@@ -64,19 +64,30 @@ class DiffusersConfig(Strict):
 
 
 # ---- dependencies and locating a pipeline --------------------------------------------------------------
-def require_diffusers():
-    """Import diffusers (and check transformers / peft); a one-line CtrlDiffError if any is missing."""
+def check_diffusers_installed() -> None:
+    """A one-line CtrlDiffError unless diffusers, transformers and peft are installed (imports nothing)."""
+    import importlib.util
+
     missing = []
     for mod in ("diffusers", "transformers", "peft"):
         try:
-            __import__(mod)
-        except ImportError:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):  # ValueError: sys.modules[mod] is None (import blocked)
+            found = False
+        if not found:
             missing.append(mod)
     if missing:
         raise CtrlDiffError(f"the diffusers backend needs {', '.join(missing)} (not installed): "
                             "pip install 'ctrldiff[diffusers]'")
-    import diffusers
 
+
+def require_diffusers():
+    """Import diffusers (after :func:`check_diffusers_installed`)."""
+    check_diffusers_installed()
+    try:
+        import diffusers
+    except ImportError as e:
+        raise CtrlDiffError(f"cannot import diffusers ({_first_line(e)}): pip install 'ctrldiff[diffusers]'") from None
     return diffusers
 
 
@@ -161,7 +172,7 @@ def resolve_pipeline(spec: str) -> tuple[str, dict, bool]:
 
     A hub id is looked up in the local HF cache only when HF_HUB_OFFLINE is set or the hub is unreachable,
     so that no call ever waits on a dead network; failing that, one line says what is missing."""
-    require_diffusers()
+    check_diffusers_installed()
     p = Path(spec).expanduser()
     if p.is_dir():
         if not is_diffusers_dir(p):
@@ -194,8 +205,8 @@ def resolve_pipeline(spec: str) -> tuple[str, dict, bool]:
 
 def load_pipeline(spec: str, dtype: torch.dtype = torch.float32, variant: str | None = None):
     """Load a supported pipeline (SD 1.5 / SDXL / SDXL-Turbo / LCM) -> (pipeline, kind 'sd' | 'sdxl')."""
+    source, index, local_only = resolve_pipeline(spec)  # before importing diffusers: a missing model fails fast
     diffusers = require_diffusers()
-    source, index, local_only = resolve_pipeline(spec)
     cls_name = index.get("_class_name")
     if cls_name not in SUPPORTED_PIPELINES:
         raise CtrlDiffError(f"{spec}: pipeline type {cls_name!r} is not supported; ctrldiff fine-tunes "
