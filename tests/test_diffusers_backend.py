@@ -61,6 +61,8 @@ def test_discrete_vp_matches_alphas_cumprod(schedule):
     fd = (proc.log_alpha(u + h) - proc.log_alpha(u - h)) / (2 * h)
     torch.testing.assert_close(fd, proc.f(u), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(proc.g2(u), -2 * proc.f(u))
+    dense = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    assert bool((proc.g2(dense) > 0).all())  # the interpolant keeps alpha strictly decreasing
     lam = proc.log_snr(torch.linspace(proc.t_min, 1, 500, dtype=torch.float64))
     assert bool((lam[1:] < lam[:-1]).all())
     # the time grid is diffusers' "trailing" spacing, ending at timestep 0
@@ -283,3 +285,15 @@ def test_importing_ctrldiff_does_not_import_diffusers():
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["False", "False"], r.stderr
     assert "needs diffusers (not installed): pip install 'ctrldiff[diffusers]'" in lines[1], r.stdout + r.stderr
+
+
+def test_kl_path_logging_can_be_skipped_only_where_the_update_does_not_need_it():
+    import math
+
+    def cfg(algo):
+        return TrainConfig(algo=algo, model="gmm2-exact", reward="toy2d-mode-switch", beta=0.5, epochs=1, batch_size=16,
+                           sampler=dict(solver="em", steps=4), log=dict(progress=False, tensorboard=False, kl_path=False))
+
+    assert math.isnan(Trainer(cfg("ddpo")).step()["kl_path"])
+    rec = Trainer(cfg("dpok")).step()  # DPOK's loss uses eps_ref: always evaluated
+    assert math.isfinite(rec["kl_path"])

@@ -218,12 +218,14 @@ class DiscreteVP(NoiseProcess):
 
     Training timestep n = 0..N-1 of the scheduler sits at continuous time t_n = (n + 1) / N, and t = 0 is the
     clean data (alpha_bar = 1): the model's timestep argument is ``timestep(t) = N t - 1``. Between the nodes
-    log alpha_bar is linear in t, i.e. beta(t) = -N log(1 - beta_n) is constant on (t_{n-1}, t_n]:
+    log alpha_bar(t) is the C^1 cubic Hermite interpolant of the node values (slopes by central differences, so
+    beta(t) = -d log alpha_bar / dt ~ -N log(1 - beta_n) near t_n, and continuous):
         alpha_t^2 = alpha_bar(t),  sigma_t^2 = 1 - alpha_bar(t),  f = (1/2) d log alpha_bar / dt,  g^2 = -2 f.
-    So alpha_t^2 equals the scheduler's alphas_cumprod[n] exactly at t_n, and every solver / the Girsanov KL
-    work unchanged. ``time_grid(K)`` is diffusers' "trailing" spacing, t_k = (n_k + 1) / N with
-    n_k = round(N - k N / K) - 1, ending at t_min = 1 / N (timestep 0, alphas_cumprod[0]): DDIM(eta = 0) on it
-    is diffusers' DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False) step for step.
+    So alpha_t^2 equals the scheduler's alphas_cumprod[n] exactly at t_n, and every solver (2nd-order ones
+    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` is diffusers'
+    "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1, ending at t_min = 1 / N
+    (timestep 0, alphas_cumprod[0]): DDIM(eta = 0) on it is diffusers' DDIMScheduler(timestep_spacing=
+    "trailing", set_alpha_to_one=False) step for step.
     """
 
     num_train_timesteps: int = 1000
@@ -241,6 +243,8 @@ class DiscreteVP(NoiseProcess):
         self.N = int(self.num_train_timesteps)
         # log alpha_bar at t = 0, 1/N, ..., 1 (the node t = 0 is the data: alpha_bar = 1)
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        lab = self._log_ab
+        self._slope = torch.cat([lab[1:2] - lab[:1], 0.5 * (lab[2:] - lab[:-2]), lab[-1:] - lab[-2:-1]])
         self.t_min = 1.0 / self.N
 
     @classmethod
@@ -267,24 +271,31 @@ class DiscreteVP(NoiseProcess):
         """Continuous time of training timestep n: (n + 1) / N."""
         return (torch.as_tensor(n, dtype=torch.float64) + 1.0) / self.N
 
-    def _locate(self, t):
+    def _hermite(self, t, deriv: bool):
+        """The C^1 cubic Hermite interpolant of log alpha_bar through the nodes (slopes by central differences):
+        exact at every node, and f is continuous, so 2nd-order solvers keep their order."""
         t = torch.as_tensor(t)
+        out_dtype = t.dtype if t.dtype.is_floating_point else torch.float32
         u = t.double() * self.N
-        i = torch.clamp(torch.floor(u), 0, self.N - 1).long()
-        lab = self._log_ab.to(u.device)
-        return t, u, i, lab
+        i = torch.clamp(torch.floor(u.detach()), 0, self.N - 1).long()
+        s = u - i
+        L, D = self._log_ab.to(u.device), self._slope.to(u.device)  # D: d log alpha_bar / du at the nodes
+        l0, l1, d0, d1 = L[i], L[i + 1], D[i], D[i + 1]
+        if deriv:  # d/du of the Hermite cubic, times du/dt = N
+            val = ((6 * s * s - 6 * s) * (l0 - l1) + (3 * s * s - 4 * s + 1) * d0 + (3 * s * s - 2 * s) * d1) * self.N
+        else:
+            val = ((2 * s**3 - 3 * s * s + 1) * l0 + (s**3 - 2 * s * s + s) * d0 + (-2 * s**3 + 3 * s * s) * l1
+                   + (s**3 - s * s) * d1)
+        return val.to(out_dtype)
 
     def log_alpha(self, t):
-        t, u, i, lab = self._locate(t)
-        la = lab[i] + (u - i) * (lab[i + 1] - lab[i])
-        return (0.5 * la).to(t.dtype if t.dtype.is_floating_point else torch.float32)
+        return 0.5 * self._hermite(t, deriv=False)
 
     def sigma(self, t):
         return torch.sqrt(torch.clamp(-torch.expm1(2.0 * self.log_alpha(t)), min=0.0))
 
     def f(self, t):
-        t, u, i, lab = self._locate(t)
-        return (0.5 * self.N * (lab[i + 1] - lab[i])).to(t.dtype if t.dtype.is_floating_point else torch.float32)
+        return 0.5 * self._hermite(t, deriv=True)
 
     def g2(self, t):
         return -2.0 * self.f(t)

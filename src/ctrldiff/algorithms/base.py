@@ -74,6 +74,7 @@ class Algorithm:
 
     name = "base"
     needs_log_prob = True  # the update needs stochastic transitions (EM, DDIM eta > 0 or policy noise)
+    needs_reference = True  # the update uses eps_ref / kl_rate (else the trainer may skip them: log.kl_path=false)
 
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer

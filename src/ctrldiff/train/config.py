@@ -44,6 +44,9 @@ class LogConfig(Strict):
     tensorboard: bool = True
     progress: bool = True
     num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
+    kl_path: bool = Field(True, description="evaluate the reference model along every rollout to log KL_path; "
+                          "false skips that for algorithms whose update does not use it (ddpo, ddpo-sf): "
+                          "kl_path and objective are then logged as NaN")
     num_final_eval: int = Field(500, ge=0, description="fixed-noise samples scored before/after at the end "
                                 "(final_eval.json); 0 = skip")
 

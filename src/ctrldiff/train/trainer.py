@@ -185,8 +185,12 @@ class Trainer:
                               "nothing to train on")
         traj = cat_trajectories([trajs[i] for i in keep])
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
-        eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
-        kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
+        if self.cfg.log.kl_path or self.algo.needs_reference:
+            eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
+            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
+        else:  # not used by the update, not logged: KL_path is NaN in the metrics
+            eps_ref = traj.outputs
+            kl_rate = torch.full(traj.outputs.shape[:2], float("nan"), device=traj.outputs.device)
         return RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
 
     # ---- one epoch ---------------------------------------------------------------------------------
