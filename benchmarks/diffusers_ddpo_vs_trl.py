@@ -7,7 +7,9 @@ JPEG-compressibility reward, one inner epoch with ONE optimizer step over all B 
 optim.microbatch = B), and the same number of CPU threads. Epoch 0 warms up; epochs 1.. are timed.
 
 ctrldiff additionally evaluates the frozen reference along every trajectory to log KL_path (Girsanov);
-``--no-kl`` sets log.kl_path=false for the same work as TRL. TRL runs in its own virtual environment (it
+``--no-kl`` sets log.kl_path=false for the same work as TRL, and ``--reuse-graph`` sets
+optim.reuse_rollout_graph=true (the single policy step goes through the rollout's own autograd graph, one UNet
+forward per (sample, step) fewer). The three ctrldiff variants and TRL run interleaved, ``--rounds`` times. TRL runs in its own virtual environment (it
 is the last release line that ships DDPOTrainer, with the diffusers / transformers of its time):
 
     python -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 && \\
@@ -71,7 +73,8 @@ def run_ctrldiff(args, pipe_dir: str) -> dict:
     cfg = TrainConfig(
         algo="ddpo", model=pipe_dir, beta=0.0, epochs=args.epochs, batch_size=args.batch, rollout_chunk=args.batch,
         reward_async=False, sampler=dict(solver="ddim", eta=1.0, steps=args.steps, guidance=args.guidance),
-        optim=dict(lr=3e-4, minibatch=args.batch * args.steps, microbatch=args.batch, inner_epochs=1, grad_clip=1.0),
+        optim=dict(lr=3e-4, minibatch=args.batch * args.steps, microbatch=args.batch, inner_epochs=1, grad_clip=1.0,
+                   reuse_rollout_graph=args.reuse_graph),
         ddpo=dict(clip=1e-4, adv_clip=5.0, stat_buffer=16, stat_min_count=16),
         diffusers=dict(prompts=str(prompt_file), lora_rank=4, lora_alpha=4, dtype="fp32"),
         log=dict(progress=False, tensorboard=False, num_final_eval=0, num_eval_samples=1, kl_path=not args.no_kl))
@@ -105,6 +108,9 @@ def run_trl(args, pipe_dir: str) -> dict:
             per_prompt_stat_tracking_min_count=16, save_freq=10**6, async_reward_computation=False,
             train_use_8bit_adam=False, allow_tf32=False, project_kwargs={"logging_dir": logdir, "project_dir": logdir},
             tracker_project_name="bench", train_max_grad_norm=1.0)
+        from accelerate import PartialState
+
+        PartialState()  # TRL's pipeline logs through accelerate's logger, which needs a state first
         pipe = DefaultDDPOStableDiffusionPipeline(pipe_dir, use_lora=True)
         trainer = DDPOTrainer(cfg, reward_fn, prompt_fn, pipe)
         times, step = [], 0
@@ -126,7 +132,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--epochs", type=int, default=3, help="epoch 0 is warm-up; the rest are timed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2, help="the three runs are repeated, interleaved, this many times")
     ap.add_argument("--no-kl", action="store_true", help="ctrldiff: skip the reference evaluation for KL_path")
+    ap.add_argument("--reuse-graph", action="store_true", help="ctrldiff: optim.reuse_rollout_graph=true")
     ap.add_argument("--sample-size", type=int, default=16, help="tiny UNet latent size (image = 2x)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,30 +154,39 @@ def main() -> None:
         pipe_dir = save_tiny_pipeline(Path(tmp) / "tiny-sd15", "sd15", sample_size=args.sample_size)
         write_slow_tokenizer_files(pipe_dir / "tokenizer")
         (pipe_dir / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        common = [f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items() if k != "no_kl"]
+        common = [f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items() if k not in ("no_kl", "rounds", "reuse_graph")]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         runs = [("ctrldiff", sys.executable, []), ("ctrldiff_no_kl", sys.executable, ["--no-kl"]),
+                ("ctrldiff_no_kl_reuse_graph", sys.executable, ["--no-kl", "--reuse-graph"]),
                 ("trl", args.trl_python, [])]
-        for name, python, extra in runs:
-            side = "trl" if name == "trl" else "ctrldiff"
-            r = subprocess.run([python, __file__, f"--side={side}", f"--pipeline={pipe_dir}", *common, *extra],
-                               capture_output=True, text=True, env=env)
-            if r.returncode:
-                tail = r.stderr.strip().splitlines()[-15:]
-                results[name] = {"error": "\n".join(tail)}
-                print(f"{name}: FAILED\n" + "\n".join(tail), flush=True)
-                continue
-            results[name] = json.loads(r.stdout.strip().splitlines()[-1])
-            timed = results[name]["epoch_s"][1:] or results[name]["epoch_s"]
-            results[name]["timed_epoch_s"] = sum(timed) / len(timed)
-            print(f"{name}: {results[name]['timed_epoch_s']:.3f} s/epoch  (all epochs: "
-                  f"{', '.join(f'{t:.2f}' for t in results[name]['epoch_s'])})", flush=True)
-    if "timed_epoch_s" in results.get("trl", {}):
-        for name in ("ctrldiff", "ctrldiff_no_kl"):
-            if "timed_epoch_s" in results.get(name, {}):
-                results[f"speedup_{name}_vs_trl"] = results["trl"]["timed_epoch_s"] / results[name]["timed_epoch_s"]
-                print(f"speed-up {name} vs TRL: {results[f'speedup_{name}_vs_trl']:.2f}x")
+        for rnd in range(args.rounds):  # interleaved, so that load from other jobs hits every side alike
+            for name, python, extra in runs:
+                side = "trl" if name == "trl" else "ctrldiff"
+                r = subprocess.run([python, __file__, f"--side={side}", f"--pipeline={pipe_dir}", *common, *extra],
+                                   capture_output=True, text=True, env=env)
+                if r.returncode:
+                    tail = r.stderr.strip().splitlines()[-15:]
+                    results[name] = {"error": "\n".join(tail)}
+                    print(f"{name}: FAILED\n" + "\n".join(tail), flush=True)
+                    continue
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                entry = results.setdefault(name, {"rounds": []})
+                entry["rounds"].append(res)
+                print(f"round {rnd} {name}: epochs " + ", ".join(f"{t:.2f}" for t in res["epoch_s"]) + " s", flush=True)
+    for name, _, _ in runs:
+        entry = results.get(name, {})
+        if "rounds" in entry:
+            timed = sorted(t for res in entry["rounds"] for t in (res["epoch_s"][1:] or res["epoch_s"]))
+            entry.update(timed_min_s=timed[0], timed_median_s=timed[len(timed) // 2], n_timed=len(timed))
+            print(f"{name}: min {entry['timed_min_s']:.3f} s/epoch, median {entry['timed_median_s']:.3f} s/epoch "
+                  f"({len(timed)} timed epochs)")
+    if "timed_min_s" in results.get("trl", {}):
+        for name in ("ctrldiff", "ctrldiff_no_kl", "ctrldiff_no_kl_reuse_graph"):
+            if "timed_min_s" in results.get(name, {}):
+                sp = {k: results["trl"][f"timed_{k}_s"] / results[name][f"timed_{k}_s"] for k in ("min", "median")}
+                results[f"speedup_{name}_vs_trl"] = sp
+                print(f"speed-up {name} vs TRL: {sp['min']:.2f}x (min), {sp['median']:.2f}x (median)")
     out = ROOT / "benchmarks" / "results" / "diffusers_ddpo_vs_trl.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")

@@ -107,16 +107,23 @@ class Algorithm:
         mb_size = min(ocfg.minibatch, n_pairs)
         info_sums: dict[str, float] = {}
         n_updates = 0
+        graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
+        if graph is not None and (self.inner_epochs() != 1 or mb_size != n_pairs):
+            raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
+                                f"optim.minibatch >= batch_size * steps ({n_pairs})")
         for _ in range(self.inner_epochs()):
             perm = torch.randperm(n_pairs, generator=tr.cpu_gen).to(traj.states.device)
             for start in range(0, n_pairs - mb_size + 1, mb_size):
                 idx = perm[start:start + mb_size]
                 tr.optimizer.zero_grad(set_to_none=True)
                 micro = ocfg.microbatch or mb_size  # gradient accumulation: same update, less memory
+                if graph is not None:
+                    micro = mb_size  # the graph is in memory already: one backward pass through it
                 total, infos = 0.0, {}
                 for ms in range(0, mb_size, micro):
                     sub = idx[ms:ms + micro]
-                    mb = self.make_minibatch(batch, sub // K, sub % K)
+                    mb = self.make_minibatch(batch, sub // K, sub % K,
+                                             eps=None if graph is None else graph[sub // K, sub % K])
                     loss, info = self.loss(mb)
                     if not torch.isfinite(loss):
                         raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing "
@@ -141,12 +148,15 @@ class Algorithm:
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs
 
-    def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor) -> Minibatch:
+    def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor, eps: Tensor | None = None) -> Minibatch:
+        """Pairs (b, k) with the policy's eps at them (``eps``: already evaluated, with its graph, by a rollout
+        with optim.reuse_rollout_graph; the policy is unchanged since, so it is the same function of theta)."""
         tr, traj = self.trainer, batch.traj
         x, x_next = traj.states[b, k], traj.states[b, k + 1]
         t = traj.times[k]
         cond = traj.cond[b] if isinstance(traj.cond, Tensor) else traj.cond
-        eps = model_eps(tr.policy, tr.process, x, t, cond)
+        if eps is None:
+            eps = model_eps(tr.policy, tr.process, x, t, cond)
         log_prob = log_prob_old = None
         if self.needs_log_prob:
             mean = traj.step_mean(k, eps, x)

@@ -32,6 +32,10 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
     minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    reuse_rollout_graph: bool = Field(
+        False, description="keep the rollout's autograd graph and take the (single) policy step through it, "
+        "instead of evaluating the policy again: saves one model forward per (sample, step). Needs memory for every "
+        "step's activations, inner_epochs=1 and minibatch >= batch_size * steps")
     microbatch: int | None = Field(None, ge=1, description="pairs per forward/backward pass: a minibatch is split "
                                    "into microbatches whose gradients are accumulated (same update, less memory); "
                                    "also the chunk size of the reference model's evaluation. None: the whole minibatch")

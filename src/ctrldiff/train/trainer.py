@@ -101,6 +101,16 @@ class Trainer:
         self.optimizer = self.make_optimizer(self.trainable_parameters, lr=cfg.optim.lr,
                                              weight_decay=cfg.optim.weight_decay)
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
+        if cfg.optim.reuse_rollout_graph:
+            from ..algorithms.base import Algorithm
+
+            if type(self.algo).update is not Algorithm.update:
+                raise CtrlDiffError(f"optim.reuse_rollout_graph works with the shared policy-update loop; {cfg.algo!r} "
+                                    "has its own update")
+            n_pairs = cfg.batch_size * cfg.sampler.steps
+            if self.algo.inner_epochs() != 1 or cfg.optim.minibatch < n_pairs:
+                raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
+                                    f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
         solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
         self.solver = get_solver(s.solver, **solver_kw)
@@ -169,8 +179,11 @@ class Trainer:
                 n = min(cfg.rollout_chunk, cfg.batch_size - start)
                 cond = None if conds is None else conds[start:start + n].to(self.device)
                 x = torch.randn((n, *self.task.sample_shape), generator=self.gen, device=self.device)
+                kw = self.algo.rollout_kwargs()
+                if cfg.optim.reuse_rollout_graph:  # keep eps_theta's graph; the states stay plain samples
+                    kw.update(grad=True, detach_states=True)
                 traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
-                                   generator=self.gen, **self.algo.rollout_kwargs())
+                                   generator=self.gen, **kw)
                 trajs.append(traj)
                 args = (traj.final, cond, f"{i} of epoch {self.epoch}")
                 futures.append(pool.submit(self._score, *args) if pool else args)
@@ -184,6 +197,9 @@ class Trainer:
             raise RewardError(f"reward {self.reward.name!r} failed on every batch of epoch {self.epoch}; "
                               "nothing to train on")
         traj = cat_trajectories([trajs[i] for i in keep])
+        graph = None
+        if cfg.optim.reuse_rollout_graph:
+            graph, traj = traj.outputs, traj.detach()
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
         if self.cfg.log.kl_path or self.algo.needs_reference:
             eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
@@ -191,7 +207,10 @@ class Trainer:
         else:  # not used by the update, not logged: KL_path is NaN in the metrics
             eps_ref = traj.outputs
             kl_rate = torch.full(traj.outputs.shape[:2], float("nan"), device=traj.outputs.device)
-        return RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
+        batch = RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
+        if graph is not None:
+            batch.extras["outputs_graph"] = graph
+        return batch
 
     # ---- one epoch ---------------------------------------------------------------------------------
     def step(self) -> dict:
