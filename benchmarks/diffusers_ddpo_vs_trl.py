@@ -9,7 +9,8 @@ optim.microbatch = B), and the same number of CPU threads. Epoch 0 warms up; epo
 ctrldiff additionally evaluates the frozen reference along every trajectory to log KL_path (Girsanov);
 ``--no-kl`` sets log.kl_path=false for the same work as TRL, and ``--reuse-graph`` sets
 optim.reuse_rollout_graph=true (the single policy step goes through the rollout's own autograd graph, one UNet
-forward per (sample, step) fewer). The three ctrldiff variants and TRL run interleaved, ``--rounds`` times. TRL runs in its own virtual environment (it
+forward per (sample, step) fewer). The three ctrldiff variants and TRL run interleaved, ``--rounds`` times.
+TRL runs in its own virtual environment (it
 is the last release line that ships DDPOTrainer, with the diffusers / transformers of its time):
 
     python -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 && \\
@@ -154,7 +155,8 @@ def main() -> None:
         pipe_dir = save_tiny_pipeline(Path(tmp) / "tiny-sd15", "sd15", sample_size=args.sample_size)
         write_slow_tokenizer_files(pipe_dir / "tokenizer")
         (pipe_dir / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-        common = [f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items() if k not in ("no_kl", "rounds", "reuse_graph")]
+        skip = ("no_kl", "rounds", "reuse_graph")
+        common = [f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items() if k not in skip]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads),
                "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         runs = [("ctrldiff", sys.executable, []), ("ctrldiff_no_kl", sys.executable, ["--no-kl"]),
