@@ -10,8 +10,8 @@ ctrldiff additionally evaluates the frozen reference along every trajectory to l
 ``--no-kl`` sets log.kl_path=false for the same work as TRL, and ``--reuse-graph`` sets
 optim.reuse_rollout_graph=true (the single policy step goes through the rollout's own autograd graph, one UNet
 forward per (sample, step) fewer). The three ctrldiff variants and TRL run interleaved, ``--rounds`` times.
-TRL runs in its own virtual environment (it
-is the last release line that ships DDPOTrainer, with the diffusers / transformers of its time):
+TRL runs in its own virtual environment: trl 0.23.1 is the last release with DDPOTrainer (0.24.0 ships no
+DDPO), installed with the diffusers / transformers of its time:
 
     python -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0 && \\
       /work/venvs/trl/bin/pip install trl==0.23.1 diffusers==0.35.2 'transformers>=4.56,<5' 'peft>=0.17,<0.18' \\

@@ -196,8 +196,8 @@ def resolve_pipeline(spec: str) -> tuple[str, dict, bool]:
         if local_only:
             why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
             raise CtrlDiffError(f"cannot load hub model {spec!r}: {why} and it is not in the local HF cache "
-                                f"({constants.HF_HUB_CACHE}); download it where there is network, or pass a local "
-                                "pipeline directory") from None
+                                f"({constants.HF_HUB_CACHE}), nor is it a local path; download it where there is "
+                                "network, or pass a local pipeline directory") from None
         raise CtrlDiffError(f"cannot load hub model {spec!r}: {_first_line(e)}") from None
     index = json.loads(Path(path).read_text())
     return spec, index, local_only
