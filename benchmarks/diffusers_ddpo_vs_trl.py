@@ -4,7 +4,8 @@ Both sides load the same saved tiny pipeline, use the same batch (B samples, one
 K DDIM(eta=1) steps, CFG scale, fp32, LoRA rank 4 (alpha 4, the same four attention projections), the same
 JPEG-compressibility reward, one inner epoch with ONE optimizer step over all B x K (sample, step) pairs
 (TRL: train_batch_size = B, gradient accumulation over the K timesteps; ctrldiff: optim.minibatch = B K,
-optim.microbatch = B), and the same number of CPU threads. Epoch 0 warms up; epochs 1.. are timed.
+optim.microbatch = B), and the same number of CPU threads. Epoch 0 warms up; epochs 1.. are timed, by wall
+clock and by the process's CPU time (with one thread, CPU time is the steadier measure on a shared machine).
 
 ctrldiff additionally evaluates the frozen reference along every trajectory to log KL_path (Girsanov);
 ``--no-kl`` sets log.kl_path=false for the same work as TRL, and ``--reuse-graph`` sets
@@ -52,13 +53,25 @@ def jpeg_kb(images01: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def write_slow_tokenizer_files(tok_dir: Path) -> None:
-    """Older transformers load CLIPTokenizer from vocab.json + merges.txt; transformers 5 saves tokenizer.json."""
+def legacy_copy(pipe_dir: Path, out: Path) -> Path:
+    """The same pipeline in the layout older transformers (TRL's) read: CLIPTokenizer from vocab.json +
+    merges.txt (transformers 5 saves tokenizer.json), CLIPTextModel weights under 'text_model.' keys."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(pipe_dir, out)
+    tok_dir = out / "tokenizer"
     spec = json.loads((tok_dir / "tokenizer.json").read_text())
     (tok_dir / "vocab.json").write_text(json.dumps(spec["model"]["vocab"]))
     merges = spec["model"].get("merges") or []
     (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(
         (" ".join(m) if isinstance(m, list) else m) + "\n" for m in merges))
+    wfile = out / "text_encoder" / "model.safetensors"
+    state = load_file(str(wfile))
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}, str(wfile),
+              metadata={"format": "pt"})
+    return out
 
 
 # ---- the ctrldiff side ---------------------------------------------------------------------------------
@@ -80,12 +93,14 @@ def run_ctrldiff(args, pipe_dir: str) -> dict:
         diffusers=dict(prompts=str(prompt_file), lora_rank=4, lora_alpha=4, dtype="fp32"),
         log=dict(progress=False, tensorboard=False, num_final_eval=0, num_eval_samples=1, kl_path=not args.no_kl))
     tr = Trainer(cfg, reward=reward)
-    times = []
+    times, cpu = [], []
     for _ in range(args.epochs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rec = tr.step()
         times.append(time.perf_counter() - t0)
-    return {"epoch_s": times, "updates_per_epoch": rec["train/updates"], "reward_mean": rec["reward_mean"]}
+        cpu.append(time.process_time() - c0)
+    return {"epoch_s": times, "epoch_cpu_s": cpu, "updates_per_epoch": rec["train/updates"],
+            "reward_mean": rec["reward_mean"]}
 
 
 # ---- the TRL side (runs inside the TRL venv) -------------------------------------------------------------
@@ -113,14 +128,16 @@ def run_trl(args, pipe_dir: str) -> dict:
 
         PartialState()  # TRL's pipeline logs through accelerate's logger, which needs a state first
         pipe = DefaultDDPOStableDiffusionPipeline(pipe_dir, use_lora=True)
+        assert len(pipe.sd_pipeline.tokenizer) > 3, "TRL's pipeline did not read the tokenizer"
         trainer = DDPOTrainer(cfg, reward_fn, prompt_fn, pipe)
-        times, step = [], 0
+        times, cpu, step = [], [], 0
         for epoch in range(args.epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step = trainer.step(epoch, step)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         n_lora = sum(p.numel() for p in pipe.sd_pipeline.unet.parameters() if p.requires_grad)
-    return {"epoch_s": times, "trl_version": trl.__version__, "trainable_params": n_lora}
+    return {"epoch_s": times, "epoch_cpu_s": cpu, "trl_version": trl.__version__, "trainable_params": n_lora}
 
 
 def main() -> None:
@@ -153,8 +170,8 @@ def main() -> None:
     results = {"settings": {k: v for k, v in vars(args).items() if k not in ("side", "pipeline", "trl_python")}}
     with tempfile.TemporaryDirectory() as tmp:
         pipe_dir = save_tiny_pipeline(Path(tmp) / "tiny-sd15", "sd15", sample_size=args.sample_size)
-        write_slow_tokenizer_files(pipe_dir / "tokenizer")
         (pipe_dir / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+        trl_dir = legacy_copy(pipe_dir, Path(tmp) / "tiny-sd15-legacy")
         skip = ("no_kl", "rounds", "reuse_graph")
         common = [f"--{k.replace('_', '-')}={v}" for k, v in results["settings"].items() if k not in skip]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads),
@@ -165,7 +182,8 @@ def main() -> None:
         for rnd in range(args.rounds):  # interleaved, so that load from other jobs hits every side alike
             for name, python, extra in runs:
                 side = "trl" if name == "trl" else "ctrldiff"
-                r = subprocess.run([python, __file__, f"--side={side}", f"--pipeline={pipe_dir}", *common, *extra],
+                where = trl_dir if side == "trl" else pipe_dir
+                r = subprocess.run([python, __file__, f"--side={side}", f"--pipeline={where}", *common, *extra],
                                    capture_output=True, text=True, env=env)
                 if r.returncode:
                     tail = r.stderr.strip().splitlines()[-15:]
@@ -175,20 +193,25 @@ def main() -> None:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 entry = results.setdefault(name, {"rounds": []})
                 entry["rounds"].append(res)
-                print(f"round {rnd} {name}: epochs " + ", ".join(f"{t:.2f}" for t in res["epoch_s"]) + " s", flush=True)
+                print(f"round {rnd} {name}: epochs " + ", ".join(f"{t:.2f}" for t in res["epoch_s"]) + " s wall, "
+                      + ", ".join(f"{t:.2f}" for t in res["epoch_cpu_s"]) + " s CPU", flush=True)
     for name, _, _ in runs:
         entry = results.get(name, {})
         if "rounds" in entry:
             timed = sorted(t for res in entry["rounds"] for t in (res["epoch_s"][1:] or res["epoch_s"]))
-            entry.update(timed_min_s=timed[0], timed_median_s=timed[len(timed) // 2], n_timed=len(timed))
-            print(f"{name}: min {entry['timed_min_s']:.3f} s/epoch, median {entry['timed_median_s']:.3f} s/epoch "
-                  f"({len(timed)} timed epochs)")
+            cpu = sorted(t for res in entry["rounds"] for t in (res["epoch_cpu_s"][1:] or res["epoch_cpu_s"]))
+            entry.update(timed_min_s=timed[0], timed_median_s=timed[len(timed) // 2], n_timed=len(timed),
+                         timed_cpu_median_s=cpu[len(cpu) // 2])
+            print(f"{name}: wall min {entry['timed_min_s']:.3f} s/epoch, median {entry['timed_median_s']:.3f}; CPU time "
+                  f"median {entry['timed_cpu_median_s']:.3f} s/epoch ({len(timed)} timed epochs)")
     if "timed_min_s" in results.get("trl", {}):
         for name in ("ctrldiff", "ctrldiff_no_kl", "ctrldiff_no_kl_reuse_graph"):
             if "timed_min_s" in results.get(name, {}):
-                sp = {k: results["trl"][f"timed_{k}_s"] / results[name][f"timed_{k}_s"] for k in ("min", "median")}
+                sp = {k: results["trl"][f"timed_{k}_s"] / results[name][f"timed_{k}_s"]
+                      for k in ("min", "median", "cpu_median")}
                 results[f"speedup_{name}_vs_trl"] = sp
-                print(f"speed-up {name} vs TRL: {sp['min']:.2f}x (min), {sp['median']:.2f}x (median)")
+                print(f"speed-up {name} vs TRL: wall {sp['min']:.2f}x (min), {sp['median']:.2f}x (median); "
+                      f"CPU time {sp['cpu_median']:.2f}x (median)")
     out = ROOT / "benchmarks" / "results" / "diffusers_ddpo_vs_trl.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
