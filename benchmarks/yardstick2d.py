@@ -1,4 +1,5 @@
-"""Exact 2-D yardstick (METHODS section 7): CTRL(a), CTRL(b), DDPO and DPOK against the exact optimum.
+"""Exact 2-D yardstick (METHODS section 7): CTRL(a), CTRL(b), DDPO and DPOK (and, with --algos, reward
+backprop and Diffusion-DPO) against the exact optimum.
 
 The pretrained model is the exact score of the 'gmm2' mixture plus a zero-initialised residual MLP, so
 p_ref is known, and p* = p_ref exp(r / beta) / Z and J* = beta log E_ref exp(r / beta) follow by
@@ -9,6 +10,8 @@ improvement J* - J_ref.
 
     python benchmarks/yardstick2d.py                 # full: 2 rewards x 4 algorithms x 2 seeds
     python benchmarks/yardstick2d.py --quick         # 1 seed, budgets 5k and 20k
+    python benchmarks/yardstick2d.py --algos reward-backprop diffusion-dpo diffusion-dpo-bt --budgets 5000 20000 \
+        --out benchmarks/results/yardstick2d_baselines.json       # the two baselines (METHODS section 2)
 Writes benchmarks/results/yardstick2d.json and prints a markdown table.
 """
 
@@ -40,18 +43,31 @@ ALGOS = {
     "ctrl-b": dict(algo="ctrl", ctrl=dict(estimator="b", value=dict(reward_term="surrogate", epochs=4))),
     "ddpo": dict(algo="ddpo"),
     "dpok": dict(algo="dpok"),
+    # not in the default set (--algos reward-backprop diffusion-dpo diffusion-dpo-bt). Diffusion-DPO's learning
+    # rates are the best of {1e-3, 1e-4, 1e-5} on seed 0 (hard labels drift without bound at 1e-3 and 1e-4)
+    "reward-backprop": dict(algo="reward-backprop"),
+    "diffusion-dpo": dict(algo="diffusion-dpo", optim=dict(lr=1e-5)),
+    "diffusion-dpo-bt": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry"), optim=dict(lr=1e-4)),
+    "diffusion-dpo-bt-d8": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry", draws=8),
+                                optim=dict(lr=1e-4)),
 }
+DEFAULT_ALGOS = ["ctrl-a", "ctrl-b", "ddpo", "dpok"]
 BATCH = 256
 
 
-def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int) -> dict:
+def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int,
+            return_trainer: bool = False) -> dict:
+    """Train ``algo`` until the largest budget, evaluating at each budget; ``return_trainer`` adds the trained
+    Trainer under "trainer" (for further evaluation, e.g. with other solvers)."""
     make, beta = REWARDS[reward_name]
     reward = make()
     target = TiltedTarget(gmm_preset("gmm2"), reward, beta)
     j_ref = target.mean_reward_ref
+    spec = dict(ALGOS[algo])
+    optim = {"lr": 1e-3, "minibatch": 512, **spec.pop("optim", {})}  # an entry may override the optimiser
     cfg = TrainConfig(model="gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1, batch_size=BATCH, seed=seed,
-                      sampler=dict(solver="em", steps=20), optim=dict(lr=1e-3, minibatch=512),
-                      log=dict(progress=False, tensorboard=False), **ALGOS[algo])
+                      sampler=dict(solver="em", steps=20), optim=optim, log=dict(progress=False, tensorboard=False),
+                      **spec)
     tr = Trainer(cfg, reward=reward)
     curve, at_budget = [], {}
     todo = sorted(budgets)
@@ -77,8 +93,11 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
             ev = evaluate()
             curve.append({k: ev[k] for k in ("queries", "objective", "improvement_frac")})
     hit = next((c["queries"] for c in curve if c["improvement_frac"] >= 0.9), None)
-    return {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
-            "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
+    res = {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
+           "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
+    if return_trainer:
+        res["trainer"] = tr
+    return res
 
 
 def _ms(vals):
@@ -124,7 +143,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--budgets", type=int, nargs="+", default=None)
     ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS))
-    ap.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    ap.add_argument("--algos", nargs="+", default=DEFAULT_ALGOS, choices=list(ALGOS))
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/yardstick2d.json")
@@ -139,7 +158,7 @@ def main() -> None:
             for seed in seeds:
                 res = run_one(rname, algo, seed, budgets, eval_every=5, n_eval=args.n_eval)
                 last = res["at_budget"][max(budgets)]
-                print(f"{rname:12s} {algo:7s} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
+                print(f"{rname:12s} {algo:16s} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
                       f"(J* {res['J_star']:.4f}), 90% at {res['queries_to_90pct']} queries, {res['wall_s']:.0f} s",
                       flush=True)
                 results.append(res)

@@ -243,7 +243,8 @@ KILL_POINTS = {"start": None, "mid-epoch:2": 2, "metrics-write:2": 2, "ckpt-writ
 
 
 @pytest.mark.parametrize("algo,fault", [("ctrl", f) for f in KILL_POINTS]
-                         + [("ddpo", "mid-epoch:2")])
+                         + [("ddpo", "mid-epoch:2"), ("reward-backprop", "mid-epoch:2"),
+                            ("diffusion-dpo", "mid-epoch:2")])
 def test_kill_point_then_resume_matches_uninterrupted(algo, fault, tmp_path, tmp_path_factory, monkeypatch):
     ref_metrics, ref_state = _reference(algo, tmp_path_factory)
     out = tmp_path / "run"

@@ -105,3 +105,24 @@ def test_call_reward_accepts_column_vectors_and_ints():
     assert r.shape == (3,)
     r = call_reward(make_reward(lambda x, c=None: torch.ones(len(x), dtype=torch.int64)), torch.zeros(3, 2), None)
     assert r.dtype == torch.float32
+
+
+def test_reward_arguments_in_spec_strings():
+    from ctrldiff.rewards.base import parse_reward_args
+
+    assert parse_reward_args("r", "http://h:1/x?a=b;timeout=2.5;retries=3;flag=true;name=abc") == (
+        ["http://h:1/x?a=b"], {"timeout": 2.5, "retries": 3, "flag": True, "name": "abc"})
+    assert parse_reward_args("r", "path=/w/a=b") == ([], {"path": "/w/a=b"})
+    with pytest.raises(CtrlDiffError, match="argument 'retries' is given twice"):
+        parse_reward_args("r", "u;retries=1;retries=2")
+    with pytest.raises(CtrlDiffError, match="argument 'oops' must look like key=value"):
+        parse_reward_args("r", "u;oops")
+    assert make_reward("jpeg-compressibility:quality=50").quality == 50
+    w = make_reward("2*toy2d-quadratic + 0.5*remote:http://127.0.0.1:9;timeout=3")
+    assert isinstance(w, WeightedSum) and not w.differentiable and w.terms[1][1].timeout == 3.0
+    with pytest.raises(CtrlDiffError, match=r"reward 'toy2d-ring': bad arguments 'x=1' \(unknown argument\(s\) x\); "
+                                            "it takes: radius, width, center"):
+        make_reward("toy2d-ring:x=1")
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(make_reward("toy2d-mode-switch:strength=3")(x),
+                               make_reward("toy2d-mode-switch", strength=3.0)(x))

@@ -41,7 +41,7 @@ class _Group(click.Group):
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except CtrlDiffError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_process_tag()}{e}", err=True)
             sys.exit(1)
         except ValidationError as e:
             click.echo(f"error: {_validation_message(e)}", err=True)
@@ -49,6 +49,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+
+
+def _process_tag() -> str:
+    """'(process R) ' in the workers R > 0 of a multi-process run (each process reports its own errors)."""
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    return f"(process {rank}) " if rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") != "1" else ""
 
 
 def _command_line() -> str:
@@ -115,6 +123,33 @@ def train_classifier(epochs, batch_size, lr, shift, noise_std, out, seed, thread
     _threads(threads)
     cfg = ClassifierConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, noise_std=noise_std, out=out,
                            seed=seed, command=_command_line())
+    res = run(cfg, log=click.echo)
+    click.echo(f"model: {res.model_path}")
+
+
+@main.command()
+@click.option("--teacher", default="digits", show_default=True, help="'digits' (shipped) or a saved model path")
+@click.option("--teacher-steps", type=int, default=8, show_default=True, help="DDIM steps of the first teacher")
+@click.option("--target-steps", type=int, default=2, show_default=True, help="steps of the final generator")
+@click.option("--guidance", type=float, default=None, help="CFG scale of the first teacher, distilled into the "
+              "student (default: the shipped digits model's recommended scale for 'digits', else none)")
+@click.option("--steps-per-halving", type=int, default=1500, show_default=True, help="optimizer steps per halving")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/distill", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--log-every", type=int, default=100, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads")
+def distill(teacher, teacher_steps, target_steps, guidance, steps_per_halving, batch_size, lr, out, seed, log_every,
+            threads) -> None:
+    """Progressive distillation of a pretrained model into a TARGET-STEPS (1-2) step DDIM generator (OUT/model.*)."""
+    from .train.distill import DistillConfig
+    from .train.distill import distill as run
+
+    _threads(threads)
+    cfg = DistillConfig(teacher=teacher, teacher_steps=teacher_steps, target_steps=target_steps, guidance=guidance,
+                        steps_per_halving=steps_per_halving, batch_size=batch_size, lr=lr, out=out, seed=seed,
+                        log_every=log_every, command=_command_line())
     res = run(cfg, log=click.echo)
     click.echo(f"model: {res.model_path}")
 
@@ -236,11 +271,13 @@ def verify_assets() -> None:
 
 def _register_subcommands() -> None:
     from .cli_eval import eval_cmd, report_cmd
+    from .cli_serve import serve_reward_cmd
     from .cli_train import train_cmd
 
     main.add_command(train_cmd)
     main.add_command(eval_cmd)
     main.add_command(report_cmd)
+    main.add_command(serve_reward_cmd)
 
 
 _register_subcommands()

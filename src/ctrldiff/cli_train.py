@@ -30,7 +30,8 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 
 
 @click.command("train")
-@click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning"]), default=None,
+@click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop",
+                                          "diffusion-dpo", "lasro"]), default=None,
               help="Algorithm (default: ctrl, or the config file's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -65,10 +66,22 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
     With no options it fine-tunes the shipped digits model with CTRL on the download-free digit
     alignment reward (log p(c | x) under the shipped classifier), then writes a before/after grid and
     a reward curve into the run directory.
+
+    Several processes: `accelerate launch [--cpu | --multi_gpu] --num_processes N -m ctrldiff train ...` or
+    `torchrun --nproc_per_node N -m ctrldiff train ...` (docs/DISTRIBUTED.md).
     """
+    import sys
+
     import torch
 
+    from .launcher import accelerate_cpu_processes, launch_env, spawn_workers
     from .train.trainer import Trainer, load_run_config
+
+    n_workers = accelerate_cpu_processes()
+    if n_workers:  # `accelerate launch --cpu --num_processes N` started this one process: start the N workers
+        sys.exit(spawn_workers(n_workers))
+    main = launch_env()[0] == 0
+    echo = click.echo if main else (lambda *a, **k: None)  # process 0 speaks for the run
 
     if threads is not None:
         if threads < 1:
@@ -85,18 +98,23 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
             cfg.log.progress = False
         model_tag = Path(cfg.model).stem if cfg.model not in ("digits",) else cfg.model
         out_dir = Path(out) if out else Path("runs") / f"{cfg.algo}-{model_tag}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not out and launch_env()[1] > 1:  # every process uses process 0's time-stamped directory
+            from .train.distributed import get_dist
+
+            out_dir = Path(get_dist(cfg.device)[0].all_gather_object(str(out_dir))[0])
     t0 = time.perf_counter()
     trainer = Trainer(cfg, out_dir, resume=bool(resume_dir), overwrite=overwrite)
-    click.echo(f"run directory: {out_dir}  (algo {cfg.algo}, model {trainer.task.name}, reward "
-               f"{trainer.reward.name}, {cfg.epochs} epochs x {cfg.batch_size} samples x {cfg.sampler.steps} steps)")
+    procs = f", {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    echo(f"run directory: {out_dir}  (algo {cfg.algo}, model {trainer.task.name}, reward "
+         f"{trainer.reward.name}, {cfg.epochs} epochs x {cfg.batch_size} samples x {cfg.sampler.steps} steps{procs})")
     records = trainer.train()
     if records:
         first, last = records[0], records[-1]
-        click.echo(f"reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, KL_path {last['kl_path']:.4f}, "
-                   f"J {first['objective']:.4f} -> {last['objective']:.4f}, reward queries {last['reward_queries']}, "
-                   f"{time.perf_counter() - t0:.1f} s")
+        echo(f"reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, KL_path {last['kl_path']:.4f}, "
+             f"J {first['objective']:.4f} -> {last['objective']:.4f}, reward queries {last['reward_queries']}, "
+             f"{time.perf_counter() - t0:.1f} s")
     fe = out_dir / "final_eval.json"
-    if fe.exists():
+    if fe.exists() and main:
         import json
 
         ev = json.loads(fe.read_text())
@@ -106,4 +124,4 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
                    f"J {b['objective']:.4f} -> {a['objective']:.4f}")
     names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors",
              "lora/pytorch_lora_weights.safetensors", "pipeline/model_index.json"]
-    click.echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))
+    echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))

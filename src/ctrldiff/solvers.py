@@ -245,6 +245,67 @@ def sample(model, process: NoiseProcess, shape, steps: int, solver: str = "em", 
                                            policy_std=policy_std)
 
 
+def select_cond(cond, index: Tensor | None):
+    """The conditions of samples ``index`` [N]: a label / embedding tensor, a list of prompts, or None."""
+    if cond is None or index is None:
+        return cond
+    if isinstance(cond, Tensor):
+        return cond[index.to(cond.device)]
+    return [cond[i] for i in index.tolist()]
+
+
+def repeat_cond(cond, n: int):
+    """Each sample's condition repeated ``n`` times in a row (for [B * n] flattened (sample, step) pairs)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond.repeat_interleave(n, 0)
+    return [c for c in cond for _ in range(n)]
+
+
+# ---- differentiable replay of recorded affine steps ---------------------------------------------
+def replay_steps(model, process: NoiseProcess, traj: Trajectory, start: int, index: Tensor | None = None, *,
+                 checkpoint: bool = False) -> tuple[Tensor, Tensor]:
+    """Re-run steps ``start .. K-1`` of an affine-solver trajectory (em, ddim, ode-euler) under grad, with the
+    noise it recorded:  x_{k+1} = A_k x_k + B_k eps_model(t_k, x_k) + std_k xi_k,  from x_start = traj.states
+    [:, start] (detached: no gradient flows into the steps before ``start``). With the model that sampled
+    ``traj`` this reproduces its states; with another it is the reparameterised sample of that model's last
+    K - start steps given x_start (the pathwise / reward-backprop gradient). ``index`` [N] selects samples;
+    ``checkpoint`` recomputes each step's activations in the backward pass (memory O(1) in the steps).
+    Returns (states [N, K - start + 1, D] including x_start, eps [N, K - start, D])."""
+    if traj.coef_a is None or traj.actions is not None:
+        raise CtrlDiffError(f"solver {traj.solver!r}: only single-stage solvers without recorded actions "
+                            "(em, ddim, ode-euler) can be replayed differentiably")
+    K = traj.num_steps
+    if traj.noise is None and bool((traj.std > 0).any()):
+        raise CtrlDiffError(f"trajectory of solver {traj.solver!r} has stochastic steps but no recorded noise: "
+                            "it cannot be replayed")
+    if not 0 <= start < K:
+        raise CtrlDiffError(f"replay start must lie in [0, {K - 1}], got {start}")
+    sel = slice(None) if index is None else index
+    x = traj.states[sel, start].detach()
+    cond = select_cond(traj.cond, index)
+    states, outs = [x], []
+    for k in range(start, K):
+        noise = None if traj.noise is None else traj.noise[sel, k]
+        a, b, std, t = float(traj.coef_a[k]), float(traj.coef_b[k]), float(traj.std[k]), traj.times[k]
+
+        def step(x_k, a=a, b=b, std=std, t=t, noise=noise):
+            eps = model_eps(model, process, x_k, t, cond)
+            x_next = a * x_k + b * eps
+            return (x_next + std * noise if noise is not None and std > 0 else x_next), eps
+
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as ckpt
+
+            x, eps = ckpt(step, x, use_reentrant=False)
+        else:
+            x, eps = step(x)
+        states.append(x)
+        outs.append(eps)
+    return torch.stack(states, 1), torch.stack(outs, 1)
+
+
 # ---- Girsanov helpers (METHODS section 0) ---------------------------------------------------
 def evaluate_along(model, process: NoiseProcess, traj: Trajectory, chunk: int = 4096,
                    grad: bool = False) -> Tensor:

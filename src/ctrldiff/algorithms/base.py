@@ -103,24 +103,23 @@ class Algorithm:
         ocfg = tr.cfg.optim
         traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
-        n_pairs = B * K
-        mb_size = min(ocfg.minibatch, n_pairs)
         info_sums: dict[str, float] = {}
         n_updates = 0
         graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
-        if graph is not None and (self.inner_epochs() != 1 or mb_size != n_pairs):
-            raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
-                                f"optim.minibatch >= batch_size * steps ({n_pairs})")
+        mbs = None
+        if graph is not None:
+            mbs = list(tr.minibatches(B * K, ocfg.minibatch, traj.states.device))
+            if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
+                raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
+                                    f"optim.minibatch >= batch_size * steps ({B * K})")
         for _ in range(self.inner_epochs()):
-            perm = torch.randperm(n_pairs, generator=tr.cpu_gen).to(traj.states.device)
-            for start in range(0, n_pairs - mb_size + 1, mb_size):
-                idx = perm[start:start + mb_size]
+            for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
                 tr.optimizer.zero_grad(set_to_none=True)
-                micro = ocfg.microbatch or mb_size  # gradient accumulation: same update, less memory
+                micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
                 if graph is not None:
-                    micro = mb_size  # the graph is in memory already: one backward pass through it
+                    micro = len(idx)  # the graph is in memory already: one backward pass through it
                 total, infos = 0.0, {}
-                for ms in range(0, mb_size, micro):
+                for ms in range(0, len(idx), micro):
                     sub = idx[ms:ms + micro]
                     mb = self.make_minibatch(batch, sub // K, sub % K,
                                              eps=None if graph is None else graph[sub // K, sub % K])
@@ -129,12 +128,13 @@ class Algorithm:
                         raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing "
                                             "was applied from this minibatch and the last checkpoint is intact. Lower "
                                             "optim.lr or raise beta")
-                    frac = len(sub) / mb_size  # every loss is a mean over its pairs
+                    frac = len(sub) / len(idx)  # every loss is a mean over its pairs
                     (loss * frac).backward()
                     total += float(loss.detach()) * frac
                     for key, v in info.items():
                         infos[key] = infos.get(key, 0.0) + float(v) * frac
                 loss, info = torch.tensor(total), infos
+                tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()
                 info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}
@@ -183,7 +183,8 @@ class TerminalRewardAlgorithm(Algorithm):
         from ..rewards.stats import PerConditionStats
 
         self.acfg = acfg
-        self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count)
+        # several processes: the buffers see every process's rewards, so every process has the same baseline
+        self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count, gather=trainer.dist.all_gather_any)
 
     def state_dict(self) -> dict:
         return {"stats": self.stats.state_dict()}
@@ -195,3 +196,34 @@ class TerminalRewardAlgorithm(Algorithm):
 def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
     """-mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (per pair, [N] -> scalar)."""
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+
+
+def gradient_step(algo: Algorithm, loss_fn, idx: Tensor) -> dict:
+    """One optimizer step on the mean loss over the items ``idx`` [N] (for algorithms that override ``update``).
+
+    ``loss_fn(sub) -> (loss, info)`` is a mean over the items ``sub``; with ``optim.microbatch`` (where the
+    config has it) the items are processed in chunks whose gradients are accumulated (same step, less memory).
+    A non-finite loss stops before anything is applied. Several processes: ``idx`` is this process's share of the
+    global minibatch (from ``trainer.minibatches``), the gradient is averaged across processes before it is
+    clipped, so the step is that of one process on the global minibatch. Returns {"loss", "grad_norm", **info}
+    (this process's means; ``grad_norm`` is the averaged gradient's)."""
+    tr = algo.trainer
+    micro = getattr(tr.cfg.optim, "microbatch", None) or len(idx)
+    tr.optimizer.zero_grad(set_to_none=True)
+    out: dict[str, float] = {"loss": 0.0}
+    for s in range(0, len(idx), micro):
+        sub = idx[s:s + micro]
+        loss, info = loss_fn(sub)
+        if not torch.isfinite(loss):
+            tr.optimizer.zero_grad(set_to_none=True)
+            raise CtrlDiffError(f"{algo.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was applied "
+                                "from this minibatch and the last checkpoint is intact. Lower optim.lr or raise beta")
+        frac = len(sub) / len(idx)
+        (loss * frac).backward()
+        out["loss"] += float(loss.detach()) * frac
+        for key, v in info.items():
+            out[key] = out.get(key, 0.0) + float(v) * frac
+    tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient (as the shared update loop)
+    out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, tr.cfg.optim.grad_clip))
+    tr.optimizer.step()
+    return out

@@ -103,14 +103,16 @@ class CTRL(Algorithm):
         vcfg = self.acfg.value
         tr = self.trainer
         self.replay.append((batch.traj.final, batch.traj.cond, batch.rewards))
-        while sum(len(r) for _, _, r in self.replay) - len(self.replay[0][2]) >= vcfg.replay_size:
+        keep = tr.dist.local_size(vcfg.replay_size)  # each process keeps its share of the replay
+        while sum(len(r) for _, _, r in self.replay) - len(self.replay[0][2]) >= keep:
             self.replay.pop(0)
         xs = torch.cat([x for x, _, _ in self.replay])
         cs = torch.cat([c for _, c, _ in self.replay]) if self.replay[0][1] is not None else None
         rs = torch.cat([r for _, _, r in self.replay])
         loss = torch.zeros(())
         for _ in range(vcfg.surrogate_steps):
-            i = torch.randint(0, len(rs), (min(vcfg.minibatch, len(rs)),), generator=tr.cpu_gen).to(rs.device)
+            n_mb = min(tr.dist.local_size(vcfg.minibatch), len(rs))
+            i = torch.randint(0, len(rs), (n_mb,), generator=tr.cpu_gen).to(rs.device)
             loss = (self.surrogate(xs[i], None if cs is None else cs[i]) - rs[i]).pow(2).mean()
             self.surrogate_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,21 +144,17 @@ class CTRL(Algorithm):
         B, K = batch.traj.batch_size, batch.traj.num_steps
         kl_to_go = batch.kl_rate.flip(1).cumsum(1).flip(1)  # sum_{j >= k}
         G = (batch.rewards[:, None] - self.cfg.beta * kl_to_go).reshape(B * K)
-        n = B * K
-        mb = min(vcfg.minibatch, n)
         loss = torch.zeros(())
         w = value_weight(t)
         for _ in range(vcfg.epochs):
-            perm = torch.randperm(n, generator=tr.cpu_gen).to(x.device)
-            for s in range(0, n, mb):
-                i = perm[s:s + mb]
+            for i in tr.minibatches(B * K, vcfg.minibatch, x.device, drop_last=False):
                 u = self.value.u(x[i], t[i], None if cond is None else cond[i], x0[i])
                 v = u if r_term is None else w[i] * r_term[i] + (1 - w[i]) * u
                 loss = (v - G[i]).pow(2).mean()
                 self.value_opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.value_opt.step()
-        return {"value/mse": float(loss.detach()), "value/return_var": float(G.var())}
+        return {"value/mse": float(loss.detach()), "value/return_var": float(tr.dist.var(G, None))}
 
     def _value(self, t, x, x0, cond) -> Tensor:
         return self.value(t, x, x0, cond, self._reward_fn)
@@ -179,9 +177,10 @@ class CTRL(Algorithm):
                 v = (u if r_term is None else w * r_term + (1 - w) * u).reshape(B, K)
             v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
             adv = v_next - v - self.cfg.beta * batch.kl_rate
-            adv = adv - adv.mean(0)
-            batch.advantages = adv / (adv.std(0) + 1e-6) if self.acfg.advantage_norm == "std" else adv
-            metrics["ctrl/td_adv_std"] = float(adv.std())
+            dist = self.trainer.dist  # several processes: the statistics of the global batch
+            adv = adv - dist.mean(adv, 0)
+            batch.advantages = adv / (dist.std(adv, 0) + 1e-6) if self.acfg.advantage_norm == "std" else adv
+            metrics["ctrl/td_adv_std"] = float(dist.std(adv, None))
         else:
             gm = min(mb, self.trainer.cfg.optim.microbatch or mb)  # backprop through the model: its memory bound
             grads = [self._grad_value(t[i:i + gm], x[i:i + gm], None if cond is None else cond[i:i + gm],

@@ -147,7 +147,7 @@ class QLearning(Algorithm):
             self.running_reward = "square" if a.m == 0 else "cross"
         self.estimator = None
         if source == "ratio":
-            self.ratio_gen = torch.Generator().manual_seed(cfg.seed + 2)
+            self.ratio_gen = torch.Generator().manual_seed(trainer.process_seed(cfg.seed + 2))
             self.estimator = RatioScoreEstimator(task.data, trainer.process, a.m or None, task.data_labels,
                                                  a.ratio_floor, self.ratio_gen)
         proc = trainer.process
@@ -235,7 +235,6 @@ class QLearning(Algorithm):
         tr, ccfg = self.trainer, self.acfg.critic
         B, K = run.shape
         src = (torch.arange(B)[:, None] * (K + 1) + torch.arange(K)[None]).reshape(-1).to(y.device)
-        n, mb = B * K, min(ccfg.minibatch, B * K)
         loss = torch.zeros(())
         for _ in range(ccfg.epochs):
             J = self._critic_values(t, y, cond, h).reshape(B, K + 1)
@@ -244,9 +243,7 @@ class QLearning(Algorithm):
                 nxt = run[:, k] + (1 - ccfg.lam) * J[:, k + 1] + ccfg.lam * nxt
                 G[:, k] = nxt
             G = G.reshape(-1)
-            perm = torch.randperm(n, generator=tr.cpu_gen).to(y.device)
-            for s in range(0, n - mb + 1, mb):
-                i = perm[s:s + mb]
+            for i in tr.minibatches(B * K, ccfg.minibatch, y.device):
                 j = src[i]
                 loss = (G[i] - self.critic(t[j], y[j], None if cond is None else cond[j], h[j])).pow(2).mean()
                 self.critic_opt.zero_grad(set_to_none=True)

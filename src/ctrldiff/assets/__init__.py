@@ -1,4 +1,5 @@
-"""Shipped, pretrained assets: the class-conditional digits UNet and the digits classifier.
+"""Shipped, pretrained assets: the class-conditional digits UNet, its 2-step distilled generator and the digits
+classifier.
 
 ``manifest.json`` records, per asset, its files (name, sha256, size), the exact command that made
 it, its training time and its measured quality. :func:`verify_manifest` (CLI: ``ctrldiff
@@ -19,6 +20,7 @@ ASSETS_DIR = Path(__file__).resolve().parent
 MANIFEST = ASSETS_DIR / "manifest.json"
 DIGITS_MODEL = "digits_unet"
 DIGIT_CLASSIFIER = "digit_classifier"
+DIGITS_2STEP = "digits_2step"
 # CFG scale and sampler at which the shipped digits model was measured (see manifest.json)
 DEFAULT_GUIDANCE = 2.0
 
@@ -47,6 +49,17 @@ def _load(path: Path, what: str) -> nn.Module:
 def load_digits_model(device: str = "cpu") -> nn.Module:
     """The shipped class-conditional digits UNet (eps prediction, VP process; eval mode, frozen)."""
     return _load(default_digits_model_path(), "digits model").to(device).requires_grad_(False)
+
+
+def default_digits_2step_path() -> Path:
+    """Path of the shipped 2-step digits generator's weights (progressive distillation of the digits UNet)."""
+    return ASSETS_DIR / f"{DIGITS_2STEP}.safetensors"
+
+
+def load_digits_2step_model(device: str = "cpu") -> nn.Module:
+    """The shipped 2-step class-conditional digits generator (eps prediction, VP; CFG scale 2 distilled in:
+    sample it with deterministic DDIM at 2 (or 1) steps and no guidance; eval mode, frozen)."""
+    return _load(default_digits_2step_path(), "2-step digits generator").to(device).requires_grad_(False)
 
 
 def load_digit_classifier(device: str = "cpu") -> nn.Module:

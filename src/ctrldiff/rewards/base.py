@@ -3,7 +3,9 @@
 A reward is a batched callable ``reward(x, cond) -> Tensor[B]`` with two attributes:
 ``name`` (str) and ``differentiable`` (bool: gradients w.r.t. x are meaningful).
 Rewards are built from a spec string:
-  * a built-in name (``ctrldiff.rewards.available()``),
+  * a built-in name (``ctrldiff.rewards.available()``), optionally with arguments
+    ``NAME:key=value;key=value`` (``aesthetic:path=/weights/aesthetic``, ``pickscore:model=/w/pickscore``);
+    a first item without ``=`` is the factory's main argument (``remote:http://127.0.0.1:8000;timeout=30``),
   * ``module:function`` — an import path to the user's own callable, or a factory returning one,
   * a weighted sum ``"1.0*digit-alignment + 0.1*jpeg-compressibility"``.
 """
@@ -78,7 +80,8 @@ def register_reward(name: str):
 
 def _load_builtins() -> None:
     # importing these modules registers their rewards; none of them needs a GPU or a download
-    from . import builtin  # noqa: F401
+    from . import builtin, remote  # noqa: F401
+    from . import models as _models  # noqa: F401  (model rewards: registering them imports no transformers)
 
 
 def available() -> list[str]:
@@ -86,7 +89,38 @@ def available() -> list[str]:
     return sorted(_BUILTINS)
 
 
-_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<name>[\w.\-:]+)\s*$")
+_TERM = re.compile(r"^\s*(?:(?P<w>[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<name>[\w.\-]+(?::[^\s*]*)?)\s*$")
+_KEY = re.compile(r"^[A-Za-z_]\w*$")
+
+
+def parse_reward_args(name: str, text: str) -> tuple[list[str], dict[str, object]]:
+    """``"a;k=v;k2=3"`` -> (["a"], {"k": "v", "k2": 3}): items split at ``;``; a first item that is not
+    ``key=value`` is positional; values that read as int / float / true / false become those."""
+    args: list[str] = []
+    kwargs: dict[str, object] = {}
+    for i, item in enumerate(p for p in text.split(";") if p.strip()):
+        key, eq, val = item.partition("=")
+        if not eq or not _KEY.match(key.strip()):
+            if i == 0:
+                args.append(item.strip())
+                continue
+            raise CtrlDiffError(f"reward {name!r}: argument {item!r} must look like key=value")
+        key = key.strip()
+        if key in kwargs:
+            raise CtrlDiffError(f"reward {name!r}: argument {key!r} is given twice")
+        kwargs[key] = _arg_value(val.strip())
+    return args, kwargs
+
+
+def _arg_value(v: str) -> object:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
 
 
 def make_reward(spec: str | Reward | Callable, **kwargs) -> Reward:
@@ -110,7 +144,24 @@ def make_reward(spec: str | Reward | Callable, **kwargs) -> Reward:
     _load_builtins()
     if name in _BUILTINS:
         return _BUILTINS[name](**kwargs)
-    if ":" in name:
+    head, sep, rest = name.partition(":")
+    if sep and head in _BUILTINS:
+        import inspect
+
+        args, kw = parse_reward_args(head, rest)
+        factory = _BUILTINS[head]
+        sig = inspect.signature(factory)
+        takes = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = [k for k in kw if k not in takes]
+        try:
+            if unknown:
+                raise TypeError(f"unknown argument(s) {', '.join(unknown)}")
+            sig.bind(*args, **kw, **kwargs)
+        except TypeError as e:
+            raise CtrlDiffError(f"reward {head!r}: bad arguments {rest!r} ({e}); it takes: "
+                                f"{', '.join(takes) or 'no arguments'}") from None
+        return factory(*args, **kw, **kwargs)
+    if sep:
         return _import_reward(name)
     raise CtrlDiffError(f"unknown reward {name!r}; use one of: {', '.join(available())}, "
                         "or 'module:function' for your own callable")
@@ -162,8 +213,12 @@ def call_reward(reward: Reward, x: Tensor, cond: Tensor | None, batch_index: int
     try:
         with torch.set_grad_enabled(grad):
             out = reward(x, cond)
-    except CtrlDiffError:
-        raise
+    except CtrlDiffError as e:
+        if batch_index is None:
+            raise
+        # e.g. a remote reward that gave up after its retries: say which reward and which batch
+        where = f"reward {reward.name!r} on batch {batch_index}"
+        raise (RewardError if isinstance(e, RewardError) else CtrlDiffError)(f"{where}: {e}") from e
     except Exception as e:  # noqa: BLE001 - the user's reward raised: name it
         where = f"reward {reward.name!r}" + (f" on batch {batch_index}" if batch_index is not None else "")
         raise RewardError(f"{where} raised {type(e).__name__}: {e}") from e

@@ -103,7 +103,7 @@ def _register_toy2d() -> None:
     from .toy2d import TOY2D_REWARDS
 
     for name, factory in TOY2D_REWARDS.items():
-        register_reward("toy2d-" + name.replace("_", "-"))(lambda _f=factory, **kw: _f(**kw))
+        register_reward("toy2d-" + name.replace("_", "-"))(factory)
 
 
 _register_toy2d()

@@ -14,11 +14,16 @@ class PerConditionStats:
     With fewer than ``min_count`` rewards buffered for a condition, the whole batch's statistics are
     used instead. ``cond=None`` (unconditional models) uses one global buffer. ``cond`` may be a Tensor
     of labels [B] (or condition vectors [B, ...]) or a list of B prompt strings (DDPO's per-prompt tracker).
+
+    ``gather`` (multi-process training: the trainer's ``dist.all_gather_any``) maps this process's rewards /
+    conditions to every process's, so that the buffers and the whole-batch statistics are those of the global
+    batch and every process computes the same baselines.
     """
 
-    def __init__(self, buffer_size: int = 64, min_count: int = 16):
+    def __init__(self, buffer_size: int = 64, min_count: int = 16, gather=None):
         self.buffer_size, self.min_count = buffer_size, min_count
         self.buffers: dict[object, deque] = {}
+        self.gather = gather
 
     @staticmethod
     def _keys(cond: Tensor | list[str] | None, n: int) -> list:
@@ -32,10 +37,13 @@ class PerConditionStats:
         for key, r in zip(self._keys(cond, len(rewards)), rewards.detach().cpu().tolist(), strict=True):
             self.buffers.setdefault(key, deque(maxlen=self.buffer_size)).append(r)
 
-    def baseline(self, rewards: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(mean, std) per sample from its condition's buffer (call ``update`` first) -> [B], [B]."""
+    def baseline(self, rewards: Tensor, cond: Tensor | None,
+                 batch_rewards: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, std) per sample from its condition's buffer (call ``update`` first) -> [B], [B]; a condition
+        with too few buffered rewards gets the mean / std of ``batch_rewards`` (default: ``rewards``)."""
         keys = self._keys(cond, len(rewards))
-        g_mean, g_std = rewards.mean(), rewards.std(unbiased=False) if len(rewards) > 1 else rewards.new_tensor(1.0)
+        br = rewards if batch_rewards is None else batch_rewards
+        g_mean, g_std = br.mean(), br.std(unbiased=False) if len(br) > 1 else br.new_tensor(1.0)
         means, stds = [], []
         for key in keys:
             buf = self.buffers.get(key, ())
@@ -49,9 +57,14 @@ class PerConditionStats:
         return torch.stack(means).to(rewards), torch.stack(stds).to(rewards)
 
     def advantages(self, rewards: Tensor, cond: Tensor | None, normalize: bool = True) -> Tensor:
-        """Update the buffers with ``rewards`` and return (r - mean_c) [/ (std_c + 1e-6)]  [B]."""
-        self.update(rewards, cond)
-        mean, std = self.baseline(rewards, cond)
+        """Update the buffers with ``rewards`` (every process's, with ``gather``) and return
+        (r - mean_c) [/ (std_c + 1e-6)] for this process's rewards  [B]."""
+        if self.gather is None:
+            all_r, all_c = rewards, cond
+        else:
+            all_r, all_c = self.gather(rewards), self.gather(cond)
+        self.update(all_r, all_c)
+        mean, std = self.baseline(rewards, cond, all_r)
         adv = rewards - mean
         return adv / (std + 1e-6) if normalize else adv
 

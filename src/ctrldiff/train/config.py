@@ -8,12 +8,15 @@ from pydantic import Field, model_validator
 
 from ..algorithms.ctrl import CTRLConfig
 from ..algorithms.ddpo import DDPOConfig
+from ..algorithms.diffusion_dpo import DiffusionDPOConfig
 from ..algorithms.dpok import DPOKConfig
+from ..algorithms.lasro import LaSROConfig
 from ..algorithms.qlearning import QLearningConfig
+from ..algorithms.reward_backprop import RewardBackpropConfig
 from ..config import Strict
 from ..models.diffusers_backend import DiffusersConfig
 
-ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning")
+ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro")
 
 
 class SamplerConfig(Strict):
@@ -56,7 +59,7 @@ class LogConfig(Strict):
 
 
 class TrainConfig(Strict):
-    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning"] = "ctrl"
+    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
                        "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
                        "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), a saved model path, or a "
@@ -79,6 +82,9 @@ class TrainConfig(Strict):
     ddpo: DDPOConfig = DDPOConfig()
     dpok: DPOKConfig = DPOKConfig()
     qlearning: QLearningConfig = QLearningConfig()
+    reward_backprop: RewardBackpropConfig = RewardBackpropConfig()
+    diffusion_dpo: DiffusionDPOConfig = DiffusionDPOConfig()
+    lasro: LaSROConfig = LaSROConfig()
     diffusers: DiffusersConfig = DiffusersConfig()
 
     @model_validator(mode="after")
@@ -93,8 +99,15 @@ class TrainConfig(Strict):
             raise ValueError(f"algo {self.algo!r} needs stochastic rollouts, but sampler.solver={s.solver!r} "
                              f"(eta={s.eta}) with policy_std=0 is deterministic: use em, ddim with eta > 0, "
                              "or set sampler.policy_std > 0")
+        if self.algo == "lasro" and s.steps > 2:
+            raise ValueError(f"algo 'lasro' fine-tunes 1-2-step generators: sampler.steps must be 1 or 2, got "
+                             f"{s.steps} (use e.g. --model digits-2step --solver ddim --steps 2 --set sampler.eta=0)")
         if self.algo == "ctrl" and self.ctrl.estimator == "b" and self.beta <= 0:
             raise ValueError("ctrl.estimator=b needs beta > 0")
+        if self.algo == "diffusion-dpo":
+            if self.batch_size < 2:
+                raise ValueError(f"diffusion-dpo compares samples of one condition: batch_size must be >= 2 per "
+                                 f"condition, got {self.batch_size}")
         return self
 
 

@@ -138,10 +138,11 @@ def _is_diffusers_spec(model: str) -> bool:
 
 
 def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=None) -> Task:
-    """'digits' (the shipped model), '<preset>-exact' (2-D yardstick), 'scratch-<data set>' (a fresh model
-    and a data set, see :func:`scratch_task`), a path to a saved model, or a diffusers pipeline (a directory
-    with model_index.json, or a hub id 'owner/name'; ``diffusers`` is its DiffusersConfig section)."""
-    if model not in ("digits",) and not model.startswith("scratch-") and not model.endswith("-exact") \
+    """'digits' (the shipped model), 'digits-2step' (the shipped 2-step generator distilled from it: sample it with
+    deterministic DDIM at 1 or 2 steps, no guidance), '<preset>-exact' (2-D yardstick), 'scratch-<data set>' (a fresh model
+    and a data set, see :func:`scratch_task`), a path to a saved model, or a diffusers pipeline (a directory with
+    model_index.json, or a hub id 'owner/name'; ``diffusers`` is its DiffusersConfig section)."""
+    if model not in ("digits", "digits-2step") and not model.startswith("scratch-") and not model.endswith("-exact") \
             and _is_diffusers_spec(model):
         from .text_task import text_to_image_task
 
@@ -164,11 +165,17 @@ def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=N
 
         net = load_digits_model(device=device)
         name = "digits"
+    elif model == "digits-2step":
+        from ..assets import load_digits_2step_model
+
+        net = load_digits_2step_model(device=device)
+        name = "digits-2step"
     else:
         from ..models.base import load_model
 
         if not Path(model).with_suffix(".json").exists() and not Path(model).exists():
-            raise CtrlDiffError(f"model {model!r} is neither 'digits', a '<gmm>-exact' preset nor a model file")
+            raise CtrlDiffError(f"model {model!r} is neither 'digits', 'digits-2step', a '<gmm>-exact' preset nor a "
+                                "model file")
         net = load_model(model, device=device)
         name = str(model)
     net.requires_grad_(True).train()

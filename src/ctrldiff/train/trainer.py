@@ -1,7 +1,10 @@
 """The one RL trainer: rollout -> reward -> KL_path -> algorithm.prepare -> algorithm.update -> log.
 
 Every algorithm (CTRL, DDPO, DDPO-SF, DPOK, ...) runs through this loop; an algorithm only supplies its
-update rule (``ctrldiff.algorithms``). A run directory holds:
+update rule (``ctrldiff.algorithms``). Launched as several processes (``accelerate launch``, ``torchrun``; see
+``train/distributed.py`` and docs/DISTRIBUTED.md), each samples batch_size / W trajectories and the optimizers
+average their gradients, so the run is one process's run with the same global batch; process 0 writes the outputs.
+A run directory holds:
     config.yaml, metrics.jsonl, samples/, checkpoints/, final_model.{safetensors,json},
     reward_curve.png, samples/before_after.png, tensorboard/ (if tensorboard is installed)
 """
@@ -34,13 +37,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .distributed import SyncedAdamW, get_dist, launch_env, rank_seed, sync_grads
 from .task import Task, build_task
 
 
-def check_runtime_config(cfg: TrainConfig) -> torch.device:
+def check_runtime_config(cfg: TrainConfig, device: str | None = None) -> torch.device:
     """Check the config values only the runtime can judge (device, seed range) before any file or compute."""
     try:
-        dev = torch.device(cfg.device)
+        dev = torch.device(device or cfg.device)
         torch.Generator(device=dev)
         torch.empty(0, device=dev)
     except Exception as e:  # noqa: BLE001 - unknown device string, CUDA not built/available, ...
@@ -53,14 +57,17 @@ def check_runtime_config(cfg: TrainConfig) -> torch.device:
     return dev
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing run; check the directory is writable before any compute."""
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, create: bool = True) -> None:
+    """Refuse to clobber an existing run; check the directory is writable before any compute (``create=False``:
+    the checks that only read, for the processes other than process 0)."""
     existing = out.exists() and any(out.iterdir())
     if existing and not (resume or overwrite):
         raise CtrlDiffError(f"output directory {out} already holds files; pass --resume to continue that run "
                             "or --overwrite to replace it")
     if resume and not (out / "config.yaml").exists():
         raise CtrlDiffError(f"cannot resume: {out} has no config.yaml (not a ctrldiff run directory)")
+    if not create:
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -85,11 +92,21 @@ class Trainer:
                  reward=None, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out) if out is not None else None
-        self.device = check_runtime_config(cfg)
+        world = launch_env()[1]
+        if cfg.batch_size % world:
+            raise CtrlDiffError(f"invalid config: batch_size: {cfg.batch_size} trajectories cannot be split evenly "
+                                f"over {world} processes (use a multiple of {world})")
+        self.dist, device = get_dist(cfg.device)  # one process: Dist(world_size=1), no process group
+        self.device = check_runtime_config(cfg, device)
         if self.out is not None:
-            prepare_run_dir(self.out, resume, overwrite)
+            prepare_run_dir(self.out, resume, overwrite, create=False)
+            self.dist.barrier()  # every process has checked the directory before process 0 writes into it
+            if self.dist.is_main:
+                prepare_run_dir(self.out, resume, overwrite)
+            self.dist.barrier()
+        self.optimizers: list[torch.optim.Optimizer] = []
         self._seed_everything(cfg.seed)
-        self.task = task or build_task(cfg.model, cfg.process, cfg.device, diffusers=cfg.diffusers)
+        self.task = task or build_task(cfg.model, cfg.process, str(self.device), diffusers=cfg.diffusers)
         apply_config_defaults(cfg, self.task.config_defaults)
         self.process = self.task.process
         self.reward = make_reward(reward if reward is not None else cfg.reward)
@@ -124,15 +141,17 @@ class Trainer:
         if self.out is not None:
             if resume:
                 self._resume()
-            else:
+            elif self.dist.is_main:
                 dump_yaml(cfg, self.out / "config.yaml")
+            self.dist.barrier()
 
     # ---- randomness -------------------------------------------------------------------------------
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        # the rollout noise is each process's own; cpu_gen (conditions, minibatch order) is shared by all processes
+        self.gen = torch.Generator(device=self.device).manual_seed(rank_seed(seed, self.dist.rank))
         self.cpu_gen = torch.Generator().manual_seed(seed + 1)
 
     def _rng_state(self) -> dict:
@@ -148,8 +167,31 @@ class Trainer:
 
     def make_optimizer(self, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
         """Every optimizer of a run (policy, value networks, critics, surrogates) is made here, so that the
-        trainer owns how their gradients are applied (e.g. averaged across processes)."""
-        return torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+        trainer owns how their gradients are applied: with several processes, the optimizer starts every process
+        from process 0's parameters and averages the gradients across processes in ``step()``."""
+        if self.dist.enabled:
+            opt = SyncedAdamW(list(params), self.dist, lr=lr, weight_decay=weight_decay)
+        else:
+            opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+        self.optimizers.append(opt)
+        return opt
+
+    def sync_grads(self, opt: torch.optim.Optimizer) -> None:
+        """Average ``opt``'s gradients across processes now, e.g. before clipping them (``step()`` does it
+        otherwise); nothing with one process."""
+        sync_grads(opt)
+
+    def minibatches(self, n: int, size: int, device=None, drop_last: bool = True,
+                    generator: torch.Generator | None = None):
+        """Shuffled index minibatches (``cpu_gen``, or ``generator``) over ``n`` local items for a global minibatch
+        of ``size``: every loop that steps an optimizer iterates these, so every process takes the same number of
+        steps (:meth:`ctrldiff.train.distributed.Dist.minibatches`). Pass a per-process ``generator`` when ``n``
+        differs between processes, so that the shared ``cpu_gen`` stays in step on every process."""
+        return self.dist.minibatches(n, size, self.cpu_gen if generator is None else generator, device, drop_last)
+
+    def process_seed(self, seed: int) -> int:
+        """A seed for a generator of this process's own (``seed`` on process 0, distinct on the others)."""
+        return rank_seed(seed, self.dist.rank)
 
     def count_queries(self, n: int, kind: str = "terminal") -> None:
         self.reward_queries += n
@@ -167,16 +209,21 @@ class Trainer:
             raise
 
     def collect(self):
-        """Sample ``batch_size`` trajectories with the current policy and score them -> RolloutBatch."""
+        """Sample ``batch_size`` trajectories (this process's batch_size / W of them) with the current policy and
+        score them -> RolloutBatch. Conditions are drawn for the global batch and each process takes its slice."""
         from ..algorithms.base import RolloutBatch
 
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
+        n_local = cfg.batch_size // dist.world_size
         conds = self.task.sample_conditions(cfg.batch_size, self.cpu_gen)
+        if conds is not None and dist.enabled:
+            conds = conds[dist.rank * n_local:(dist.rank + 1) * n_local]
+        where = f" (process {dist.rank})" if dist.enabled else ""
         trajs, futures = [], []
         pool = ThreadPoolExecutor(max_workers=1) if cfg.reward_async else None
         try:
-            for i, start in enumerate(range(0, cfg.batch_size, cfg.rollout_chunk)):
-                n = min(cfg.rollout_chunk, cfg.batch_size - start)
+            for i, start in enumerate(range(0, n_local, cfg.rollout_chunk)):
+                n = min(cfg.rollout_chunk, n_local - start)
                 cond = None if conds is None else conds[start:start + n].to(self.device)
                 x = torch.randn((n, *self.task.sample_shape), generator=self.gen, device=self.device)
                 kw = self.algo.rollout_kwargs()
@@ -185,7 +232,7 @@ class Trainer:
                 traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
                                    generator=self.gen, **kw)
                 trajs.append(traj)
-                args = (traj.final, cond, f"{i} of epoch {self.epoch}")
+                args = (traj.final, cond, f"{i}{where} of epoch {self.epoch}")
                 futures.append(pool.submit(self._score, *args) if pool else args)
             rewards = [f.result() if pool else self._score(*f) for f in futures]
         finally:
@@ -214,27 +261,48 @@ class Trainer:
 
     # ---- one epoch ---------------------------------------------------------------------------------
     def step(self) -> dict:
+        """One epoch; the record holds the statistics of the global batch (all processes' trajectories)."""
+        dist = self.dist
+        counts0 = (self.reward_queries, self.value_reward_queries, self.reward_skipped)
         t0 = time.perf_counter()
         batch = self.collect()
         t_roll = time.perf_counter() - t0
         metrics = self.algo.prepare(batch)
         metrics.update(self.algo.update(batch))
         self.wall_s += time.perf_counter() - t0
-        kl = float(batch.kl_path.mean())
-        r_mean = float(batch.rewards.mean())
-        rec = {"epoch": self.epoch, "reward_mean": r_mean, "reward_std": float(batch.rewards.std()),
+        rewards, kl_path = dist.all_gather_cat(batch.rewards), dist.all_gather_cat(batch.kl_path)
+        cond = dist.all_gather_any(batch.traj.cond)
+        if dist.enabled:
+            local = (self.reward_queries, self.value_reward_queries, self.reward_skipped)
+            total = dist.all_reduce_int([a - b for a, b in zip(local, counts0, strict=True)])
+            self.reward_queries, self.value_reward_queries, self.reward_skipped = (
+                b + d for b, d in zip(counts0, total, strict=True))
+            metrics = self._merge_metrics(metrics)
+        kl = float(kl_path.mean())
+        r_mean = float(rewards.mean())
+        rec = {"epoch": self.epoch, "reward_mean": r_mean, "reward_std": float(rewards.std()),
                "kl_path": kl, "objective": r_mean - self.cfg.beta * kl, "reward_queries": self.reward_queries,
                "value_reward_queries": self.value_reward_queries, "reward_skipped": self.reward_skipped,
                "wall_s": round(self.wall_s, 3), "rollout_s": round(t_roll, 3), **metrics}
-        if batch.traj.cond is not None and self.task.num_classes:
-            c = batch.traj.cond.to(batch.rewards.device)
+        if isinstance(cond, torch.Tensor) and self.task.num_classes:
+            c = cond.to(rewards.device)
             names = self.task.condition_names()
             for k in range(self.task.num_classes):
                 m = c == k
                 if m.any():
-                    rec[f"reward_by_cond/{k if names is None else names[k]}"] = float(batch.rewards[m].mean())
+                    rec[f"reward_by_cond/{k if names is None else names[k]}"] = float(rewards[m].mean())
         self.epoch += 1
         return rec
+
+    def _merge_metrics(self, metrics: dict) -> dict:
+        """An algorithm's diagnostics over the processes: a value every process agrees on is kept, others are
+        averaged over the processes that report them."""
+        allm = self.dist.all_gather_object(metrics)
+        out = {}
+        for k in dict.fromkeys(k for m in allm for k in m):
+            vals = [m[k] for m in allm if k in m]
+            out[k] = vals[0] if all(v == vals[0] for v in vals) else sum(float(v) for v in vals) / len(vals)
+        return out
 
     def train(self, epochs: int | None = None) -> list[dict]:
         """Run until ``cfg.epochs`` (or ``epochs`` more); returns this call's metric records."""
@@ -243,22 +311,31 @@ class Trainer:
         cfg = self.cfg
         end = cfg.epochs if epochs is None else self.epoch + epochs
         records = []
-        if self.out is not None and self.epoch == 0:
+        main = self.dist.is_main  # with several processes, process 0 writes every output
+        if self.out is not None and self.epoch == 0 and main:
             with self._writing("the start-of-run samples"):
                 self.save_samples("epoch_00000")
-        bar = tqdm(total=end - self.epoch, disable=not cfg.log.progress, desc=f"{cfg.algo}", dynamic_ncols=True)
+        bar = tqdm(total=end - self.epoch, disable=not (cfg.log.progress and main), desc=f"{cfg.algo}",
+                   dynamic_ncols=True)
         while self.epoch < end:
             rec = self.step()
             records.append(rec)
             bar.update(1)
             bar.set_postfix(r=f"{rec['reward_mean']:.3f}", kl=f"{rec['kl_path']:.3f}", J=f"{rec['objective']:.3f}")
             if self.out is not None:
-                with self._writing(f"the outputs of epoch {rec['epoch']}"):
-                    self._write_epoch(rec, end)
+                ckpt = self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end
+                rank_states = self._gather_rank_states() if ckpt and self.dist.enabled else None
+                if main:
+                    with self._writing(f"the outputs of epoch {rec['epoch']}"):
+                        self._write_epoch(rec, end, rank_states)
+                if ckpt:
+                    self.dist.barrier()  # no process runs ahead of a checkpoint being written
         bar.close()
         if self.out is not None and self.epoch >= cfg.epochs:
-            with self._writing("the final outputs"):
-                self.finish()
+            if main:
+                with self._writing("the final outputs"):
+                    self.finish()
+            self.dist.barrier()
         return records
 
     @contextmanager
@@ -272,14 +349,14 @@ class Trainer:
             raise CtrlDiffError(f"could not write {what} into {self.out}: {e.strerror or e}; last good checkpoint: "
                                 f"{last.name if last else 'none'} (fix that, then --resume)") from None
 
-    def _write_epoch(self, rec: dict, end: int) -> None:
+    def _write_epoch(self, rec: dict, end: int, rank_states: list | None = None) -> None:
         cfg = self.cfg
         append_jsonl(self.out / "metrics.jsonl", rec)
         self._tensorboard(rec)
         if cfg.log.sample_every and self.epoch % cfg.log.sample_every == 0:
             self.save_samples(f"epoch_{self.epoch:05d}")
         if self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end:
-            self.save_checkpoint()
+            self.save_checkpoint(rank_states)
 
     # ---- outputs -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,16 +437,48 @@ class Trainer:
                              "reward_skipped": self.reward_skipped, "wall_s": self.wall_s}}
 
     def load_state_dict(self, st: dict) -> None:
+        world = st.get("world_size", 1)
+        if world != self.dist.world_size:
+            raise CtrlDiffError(f"cannot resume: the checkpoint was written by a run of {world} process(es), this "
+                                f"one has {self.dist.world_size}; resume with the same number of processes")
         self.epoch = st["epoch"]
         self.task.load_model_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
-        self.algo.load_state_dict(st["algo"])
-        self._set_rng_state(st["rng"])
+        mine = st["rank_states"][self.dist.rank] if self.dist.rank > 0 else None
+        self.algo.load_state_dict(st["algo"] if mine is None else mine["algo"])
+        self._set_rng_state(st["rng"] if mine is None else mine["rng"])
         for k, v in st["counters"].items():
             setattr(self, k, v)
 
-    def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.out / "checkpoints", self.epoch, self.cfg.log.keep_checkpoints)
+    def _sync_tensors(self) -> list[torch.Tensor]:
+        """What every process must hold identically: every optimizer's parameters and state (the trainable
+        weights of the policy and of every network an algorithm trains; frozen weights are the same file)."""
+        ts = []
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    ts.append(p)
+                    ts.extend(v for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor))
+        return ts
+
+    def _gather_rank_states(self) -> list:
+        """Every process's own state for the checkpoint (its RNGs and its algorithm state, e.g. a replay buffer
+        of its own samples), after checking that every process holds the same weights (a collective)."""
+        mine = {"rng": self._rng_state(), "algo": self.algo.state_dict(),
+                "weights_sha256": self.dist.fingerprint(self._sync_tensors())}
+        states = self.dist.all_gather_object(mine if self.dist.rank > 0 else {"weights_sha256":
+                                                                               mine["weights_sha256"]})
+        digests = [s["weights_sha256"] for s in states]
+        if len(set(digests)) > 1:
+            raise CtrlDiffError(f"processes hold different weights at epoch {self.epoch} (sha256 "
+                                f"{', '.join(d[:12] for d in digests)}): multi-process training lost its sync")
+        return states
+
+    def save_checkpoint(self, rank_states: list | None = None) -> Path:
+        st = self.state_dict()
+        if rank_states is not None:  # several processes: process r > 0 resumes from rank_states[r]
+            st.update(world_size=len(rank_states), rank_states=rank_states)
+        return save_checkpoint(st, self.out / "checkpoints", self.epoch, self.cfg.log.keep_checkpoints)
 
     def _resume(self) -> None:
         ckpts = self.out / "checkpoints"
@@ -384,6 +493,8 @@ class Trainer:
         # else: the run stopped before its first checkpoint. This trainer is in exactly the state of a fresh one
         # (same config, same seed), so resuming replays the run from epoch 0.
         # metrics logged after the checkpoint are replayed by the resumed run: drop them
+        if not self.dist.is_main:
+            return
         recs = [r for r in read_jsonl(self.out / "metrics.jsonl") if r.get("epoch", -1) < self.epoch]
         import json
 

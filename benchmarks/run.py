@@ -1,0 +1,472 @@
+"""The benchmark suite: one command reproduces, in miniature, the comparisons of the source documents at matched
+reward-query budgets, with several seeds, and writes docs/BENCHMARKS.md (tables and plots).
+
+    python benchmarks/run.py --quick            # under 15 min on 2 CPU cores
+    python benchmarks/run.py                    # full mode (its time is stated in the page it writes)
+    python benchmarks/run.py --quick --check benchmarks/results/suite_quick.json   # rerun and compare
+
+Sections (each one reuses the benchmark script that owns it, so a number here is the same computation as there):
+  finetune2d  CTRL(a), CTRL(b) vs DDPO, DPOK (and reward backprop / Diffusion-DPO where registered) on the exact
+              2-D yardstick (benchmarks/yardstick2d.py): sample efficiency (E r, KL_path, J, gap to J*, MMD to p*
+              at each budget) and robustness: each fine-tuned score evaluated with other solvers / step counts
+              (benchmarks/robustness.py's list).
+  qlearning2d q-learning from data and a reward (no pretrained score) vs "pretrain by denoising score matching,
+              then fine-tune with DPOK / CTRL / DDPO" at matched terminal reward queries and data passes
+              (benchmarks/qlearning_2d.py).
+  lasro2step  LaSRO vs DDPO / Diffusion-DPO (and reward backprop) on the shipped 2-step digits generator
+              (benchmarks/lasro_2step.py), where that benchmark is available.
+Training and evaluation are seeded and run with a fixed thread count, so a rerun on the same machine reproduces
+every non-timing number; ``--check OLD.json`` reruns and reports, cell by cell, whether each number lies within
+the spread (seed std) that the old page states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+MODES = {
+    # finetune2d: rewards, budgets (reward queries), seeds, eval samples, robustness solvers
+    # qlearning2d: q-learning epochs (128 trajectories each), seeds, fine-tuning baselines
+    "smoke": dict(rewards=["mode_switch"], budgets=[256, 512], seeds=[0, 1], n_eval=200,
+                  robust=[("em", 5), ("em", 20), ("ddim", 10)], ql_epochs=2, ql_seeds=[0], ql_algos=["dpok"],
+                  lasro=False, algos=["ctrl-a", "ddpo"]),
+    "quick": dict(rewards=["mode_switch"], budgets=[2560, 5120], seeds=[0, 1], n_eval=1000,
+                  robust=[("em", 5), ("em", 20), ("em", 100), ("ddim", 50), ("heun", 25), ("dpmpp-2m", 20)],
+                  ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True,
+                  algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"]),
+    "full": dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000, 50000], seeds=[0, 1, 2], n_eval=2000,
+                 robust=None, ql_epochs=150, ql_seeds=[0, 1, 2], ql_algos=["ddpo", "dpok", "ctrl-a", "ctrl-b"],
+                 lasro=True, algos=None),
+}
+
+
+# ---- small helpers ------------------------------------------------------------------------------------------
+def mean_sd(vals: list[float]) -> tuple[float, float | None]:
+    vals = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def cell(vals: list[float], fmt: str = "{:.3f}") -> str:
+    m, sd = mean_sd(vals)
+    if math.isnan(m):
+        return "—"
+    return fmt.format(m) + (f" ± {fmt.format(sd)}" if sd is not None else "")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem, "gpu": torch.cuda.is_available(),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "commit": commit}
+
+
+# ---- section: CTRL vs baselines on the exact 2-D yardstick -------------------------------------------------
+def _algos_2d(mode: dict) -> list[str]:
+    """The yardstick's algorithms whose update rule is registered (baselines that landed later included)."""
+    import yardstick2d
+
+    from ctrldiff.algorithms import ALGORITHMS
+
+    names = [a for a, spec in yardstick2d.ALGOS.items() if spec["algo"] in ALGORITHMS]
+    return [a for a in names if a in mode["algos"]] if mode["algos"] else names
+
+
+def section_finetune2d(mode: dict) -> dict:
+    import robustness
+    import yardstick2d
+
+    from ctrldiff.eval.evaluate import evaluate_policy
+
+    solvers = mode["robust"] or [(s, n) for s, n, _ in robustness.EVALS]
+    runs = []
+    for rname in mode["rewards"]:
+        for algo in _algos_2d(mode):
+            for seed in mode["seeds"]:
+                res = yardstick2d.run_one(rname, algo, seed, mode["budgets"], eval_every=5, n_eval=mode["n_eval"],
+                                          return_trainer=True)
+                tr = res.pop("trainer")
+                res["robust"] = {}
+                for solver, steps in solvers:
+                    ev = evaluate_policy(tr.policy, tr.ref, tr.process, tr.reward, sample_shape=(2,),
+                                         n=mode["n_eval"], solver=solver, steps=steps, beta=res["beta"],
+                                         seed=777 + seed)
+                    res["robust"][f"{solver}:{steps}"] = ev["objective"]
+                last = res["at_budget"][max(mode["budgets"])]
+                print(f"  finetune2d {rname} {algo} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
+                      f"({res['wall_s']:.0f} s)", flush=True)
+                runs.append(res)
+    # the reference model under each solver (the same for every algorithm)
+    ref = {}
+    for rname in mode["rewards"]:
+        make, beta = yardstick2d.REWARDS[rname]
+        reward = make()
+        ref[rname] = {}
+        for solver, steps in solvers:
+            ev = evaluate_policy(tr.ref, tr.ref, tr.process, reward, sample_shape=(2,), n=mode["n_eval"],
+                                 solver=solver, steps=steps, beta=beta, seed=777)
+            ref[rname][f"{solver}:{steps}"] = ev["objective"]
+    return {"runs": runs, "reference": ref, "solvers": [f"{s}:{n}" for s, n in solvers]}
+
+
+def render_finetune2d(data: dict, mode: dict, fig_dir: Path) -> str:
+    runs = data["runs"]
+    out = []
+    budgets = mode["budgets"]
+    for rname in mode["rewards"]:
+        rs = [r for r in runs if r["reward"] == rname]
+        if not rs:
+            continue
+        algos = list(dict.fromkeys(r["algo"] for r in rs))
+        out.append(f"\n### reward `{rname}` (beta = {rs[0]['beta']}, J* = {rs[0]['J_star']:.4f}, "
+                   f"J_ref = {rs[0]['J_ref']:.4f})\n")
+        out.append("Sample efficiency: evaluated at each reward-query budget on fresh samples (EM 20 steps, the "
+                   "training solver); mean ± std over seeds.\n")
+        rows = []
+        for algo in algos:
+            ra = [r for r in rs if r["algo"] == algo]
+            for b in budgets:
+                evs = [r["at_budget"][str(b)] if str(b) in r["at_budget"] else r["at_budget"][b] for r in ra]
+                rows.append([algo, b] + [cell([e[k] for e in evs]) for k in
+                                         ("reward_mean", "kl_path", "objective", "gap", "mmd")])
+        out.append(md_table(["algo", "queries", "E r", "KL_path", "J", "gap (J*−J)/|J*|", "MMD² to p*"], rows))
+        out.append("\nRobustness: J of the score fine-tuned with EM-20 (at the last budget), evaluated with other "
+                   "solvers / step counts (KL_path by Girsanov along each solver's paths; with deterministic solvers "
+                   "J can exceed J*, see `ctrldiff eval --help`).\n")
+        sol = data["solvers"]
+        rows = [["reference"] + [f"{data['reference'][rname][s]:.3f}" for s in sol]]
+        for algo in algos:
+            ra = [r for r in rs if r["algo"] == algo]
+            rows.append([algo] + [cell([r["robust"][s] for r in ra]) for s in sol])
+        out.append(md_table(["algo"] + [s.replace(":", " ") for s in sol], rows))
+        fig = _plot_curves(rs, algos, fig_dir / f"finetune2d_{rname}.png",
+                           f"exact 2-D yardstick, reward {rname}: J vs reward queries (J* dashed)")
+        if fig:
+            out.append(f"\n![J vs reward queries, {rname}](benchmarks/{fig.name})")
+    return "\n".join(out)
+
+
+def _plot_curves(rs: list[dict], algos: list[str], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for algo in algos:
+        ra = [r for r in rs if r["algo"] == algo]
+        n = min(len(r["curve"]) for r in ra)
+        q = [ra[0]["curve"][i]["queries"] for i in range(n)]
+        js = [[r["curve"][i]["objective"] for r in ra] for i in range(n)]
+        m = [statistics.mean(j) for j in js]
+        ax.plot(q, m, label=algo)
+        if len(ra) > 1:
+            sd = [statistics.stdev(j) for j in js]
+            ax.fill_between(q, [a - b for a, b in zip(m, sd, strict=True)], [a + b for a, b in zip(m, sd, strict=True)],
+                            alpha=0.2)
+    ax.axhline(rs[0]["J_star"], ls="--", c="k", lw=1)
+    lo = min(rs[0]["J_ref"], rs[0]["J_star"]) - abs(rs[0]["J_star"]) * 0.6
+    ax.set_ylim(lo, rs[0]["J_star"] + abs(rs[0]["J_star"]) * 0.15)
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("J = E r − β KL_path")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- section: q-learning from data vs pretrain + fine-tune -------------------------------------------------
+def section_qlearning2d(mode: dict) -> dict:
+    import qlearning_2d as Q
+
+    from ctrldiff.models.base import save_model
+
+    ctx = Q.Ctx(mode["n_eval"])
+    rows = []
+    epochs = mode["ql_epochs"]
+    for seed in mode["ql_seeds"]:
+        pol, info = Q.qlearning(ctx, seed, epochs)
+        rows.append({"method": "q-learning (from data, no pretrained score)", "seed": seed, **info,
+                     **Q.keep(ctx.evaluate(pol, seed=seed))})
+        budget = info["terminal_queries"]
+        dsm_steps = max(1, int(info["data_passes"] * len(ctx.data) / 256))  # the same data passes
+        pre, pinfo = Q.dsm(ctx, seed, steps=dsm_steps)
+        rows.append({"method": "DSM pretrain only", "seed": seed, "terminal_queries": 0, "value_queries": 0, **pinfo,
+                     **Q.keep(ctx.evaluate(pre, seed=seed))})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(Path(tmp) / "dsm")
+            save_model(pre, path, metadata={"process": ctx.proc.config()})
+            for algo in mode["ql_algos"]:
+                pol, finfo = Q.finetune(ctx, path, algo, seed, budget)
+                finfo["wall_s"] = round(finfo["wall_s"] + pinfo["wall_s"], 1)
+                rows.append({"method": f"DSM + {algo}", "seed": seed, "data_passes": pinfo["data_passes"], **finfo,
+                             **Q.keep(ctx.evaluate(pol, seed=seed))})
+        print(f"  qlearning2d seed {seed}: " + ", ".join(f"{r['method']} gap {r['gap']:.3f}" for r in rows
+                                                          if r["seed"] == seed), flush=True)
+    return {"rows": rows, "target": ctx.target.summary(), "epochs": epochs}
+
+
+def render_qlearning2d(data: dict, mode: dict, fig_dir: Path) -> str:
+    t = data["target"]
+    rows = data["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    head = (f"\nData: the 10,000 fixed `scratch-gmm2` points; reward h = mode_switch(2), beta = 0.5 "
+            f"(J* = {t['J_star']:.4f}). q-learning runs {data['epochs']} epochs x 128 trajectories (EM 20 steps); "
+            "DSM pretraining reads the same number of data points (data passes); each fine-tuning baseline then "
+            "gets the same terminal reward queries. Evaluated on fresh samples against the exact target "
+            "p* ∝ p_data exp(h/β). KL_path is to the exact data process (the score error); mean ± std over seeds.\n")
+    cols = [("terminal_queries", "{:.0f}"), ("data_passes", "{:.1f}"), ("wall_s", "{:.0f}"),
+            ("reward_mean", "{:.3f}"), ("kl_path", "{:.3f}"), ("objective", "{:.3f}"), ("gap", "{:.3f}"),
+            ("mmd", "{:.4f}")]
+    table = [[m] + [cell([r.get(k) for r in rows if r["method"] == m], f) for k, f in cols] for m in methods]
+    return head + "\n" + md_table(["method", "reward queries", "data passes", "wall s", "E h", "KL_path", "J",
+                                   "gap", "MMD² to p*"], table)
+
+
+# ---- section: LaSRO on the 2-step generator ------------------------------------------------------------------
+LASRO_MODES = {  # benchmarks/lasro_2step.py settings per suite mode
+    "quick": dict(rewards="jpeg-compressibility,digit-correct", algos="lasro,ddpo,diffusion-dpo", epochs=12),
+    "full": dict(rewards="jpeg-compressibility,digit-correct,digit-alignment",
+                 algos="lasro,lasro-frozen,ddpo,diffusion-dpo,reward-backprop", epochs=24),
+}
+
+
+def section_lasro2step(mode: dict) -> dict | None:
+    try:
+        import lasro_2step
+    except ImportError:
+        return None
+    name = "quick" if mode is MODES["quick"] else "full"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = argparse.Namespace(model="digits-2step", queries=64, lr=3e-5, lasro=None, eval_every=4,
+                                  eval_n_curve=200, eval_n=500, seeds=",".join(map(str, mode["seeds"])),
+                                  out=str(Path(tmp) / "lasro.json"), **LASRO_MODES[name])
+        return lasro_2step.benchmark(args)
+
+
+def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
+    tol = data["tolerance"]
+    out = [f"\nThe shipped 2-step generator `{data['model']}` (progressive distillation of the digits model; "
+           f"deterministic DDIM at 2 steps), {data['epochs']} epochs x {data['queries_per_epoch']} true-reward "
+           "queries per epoch for every algorithm (LaSRO spends half of them on the 1-step outputs), policy lr 3e-5, "
+           "beta = 0. Final evaluation on 500 fixed noises with the 2-step generator: the true reward, and sample "
+           "quality by the shipped classifier — accuracy, Fréchet distance (FD) in its feature space to the held-out "
+           f"digits (real train-vs-held-out {data['real_vs_real']['frechet_train_vs_test']:.2f}) and diversity. "
+           "Tolerance for 'quality kept': accuracy "
+           f"drop <= {tol['accuracy_drop']}, FD <= {tol['frechet_ratio']}x base, diversity >= "
+           f"{tol['diversity_ratio']}x base. Mean ± std over seeds {data['seeds']}.\n"]
+    for reward, base in data["base"].items():
+        runs = [r for r in data["runs"] if r["reward"] == reward]
+        if not runs:
+            continue
+        out.append(f"\n**reward `{reward}`**\n")
+        rows = [["base generator", f"{base['reward_2step']:.4f}", f"{base['reward_1step']:.4f}",
+                 f"{base['accuracy_2step']:.3f}", f"{base['frechet_2step']:.2f}", f"{base['diversity_2step']:.2f}", "—"]]
+        for algo in dict.fromkeys(r["algo"] for r in runs):
+            ra = [r for r in runs if r["algo"] == algo]
+            ok = sum(all(r["quality_within_tolerance"].values()) for r in ra)
+            rows.append([algo] + [cell([r["final"][k] for r in ra], f) for k, f in
+                                  (("reward_2step", "{:.4f}"), ("reward_1step", "{:.4f}"), ("accuracy_2step", "{:.3f}"),
+                                   ("frechet_2step", "{:.2f}"), ("diversity_2step", "{:.2f}"))] + [f"{ok} of {len(ra)}"])
+        out.append(md_table(["algo", "reward (2-step)", "reward (1-step)", "accuracy", "FD", "diversity",
+                             "seeds within tolerance"], rows))
+        acc = {a: [r["train_log"][-1].get("lasro/surrogate_acc_fresh") for r in runs if r["algo"] == a]
+               for a in ("lasro", "lasro-frozen")}
+        acc = {a: v for a, v in acc.items() if v and None not in v}
+        if acc:
+            out.append("\nSurrogate ranking accuracy on the last epoch's fresh samples (before it trains on them): "
+                       + "; ".join(f"{a} {cell(v)}" for a, v in acc.items()) + ".")
+    return "\n".join(out)
+
+
+SECTIONS = {
+    "finetune2d": ("CTRL vs DDPO / DPOK / reward backprop / Diffusion-DPO on the exact 2-D yardstick",
+                   section_finetune2d, render_finetune2d),
+    "qlearning2d": ("q-learning from data vs pretrain + fine-tune (2-D)", section_qlearning2d, render_qlearning2d),
+    "lasro2step": ("LaSRO vs DDPO / Diffusion-DPO on the 2-step digits generator", section_lasro2step,
+                   render_lasro2step),
+}
+
+
+# ---- the page and the reproducibility check ----------------------------------------------------------------
+def numbers(obj, prefix: str = "") -> dict[str, float]:
+    """Flatten every non-timing number of a results tree -> {path: value} (for --check)."""
+    out: dict[str, float] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            k = str(k)
+            if k.endswith("_s") or k in ("wall_s", "seconds", "machine", "started"):
+                continue
+            out.update(numbers(v, f"{prefix}/{k}"))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.update(numbers(v, f"{prefix}[{i}]"))
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        out[prefix] = float(obj)
+    return out
+
+
+def check_against(old: dict, new: dict) -> tuple[int, int, list[str]]:
+    """Compare two suite results: returns (n_compared, n_equal, lines describing differences)."""
+    a, b = numbers(old["sections"]), numbers(new["sections"])
+    keys = sorted(set(a) & set(b))
+    diffs = [k for k in keys if not (a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])))]
+    lines = [f"{k}: {a[k]:.6g} -> {b[k]:.6g}" for k in diffs[:50]]
+    return len(keys), len(keys) - len(diffs), lines
+
+
+def render_page(result: dict, mode_name: str, fig_dir: Path) -> str:
+    m = result["machine"]
+    mode = MODES[mode_name]
+    secs = result["seconds"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"This page is written by one command, `{result['command']}`, run on "
+        f"{result['started'][:16].replace('T', ' ')} UTC at commit `{m['commit']}`.",
+        "",
+        f"- **Machine**: {m['cpu']}, {m['cores']} CPU cores, {m['memory']} RAM, "
+        f"{'a GPU' if m['gpu'] else 'no GPU'}; torch {m['torch']}, Python {m['python']}, {m['threads']} torch thread(s).",
+        f"- **Seeds**: {', '.join(map(str, mode['seeds']))} (2-D fine-tuning and LaSRO); "
+        f"{', '.join(map(str, mode['ql_seeds']))} (q-learning). Cells are mean ± standard deviation over the seeds: "
+        "that is the spread within which a rerun reproduces them (on this machine with the same thread count a rerun "
+        "reproduces every non-timing number exactly: `--check` verifies it).",
+        f"- **Time**: {secs['total'] / 60:.1f} min in all ("
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in secs.items() if k != "total") + ").",
+        f"- **Mode**: `{mode_name}`" + (" (the full mode, `python benchmarks/run.py`, uses 3 seeds, both 2-D rewards, "
+                                          "budgets 5k / 20k / 50k and 2,000 evaluation samples)" if mode_name != "full"
+                                          else "") + ".",
+        "",
+        "Longer benchmarks that run on their own (the full yardstick, the digits main job, q-learning on digits, "
+        "sampling speed, trainer overhead, ratio-estimator accuracy) and their numbers are in "
+        "[RESULTS.md](RESULTS.md).",
+    ]
+    for i, (key, (title, _, render)) in enumerate(SECTIONS.items(), 1):
+        data = result["sections"].get(key)
+        lines += ["", f"## {i}. {title}", ""]
+        if data is None:
+            lines.append("Not run: " + result["skipped"].get(key, "not selected (--sections)") + ".")
+            continue
+        lines.append(render(data, mode, fig_dir))
+    if result.get("check"):
+        c = result["check"]
+        lines += ["", "## Reproducibility check", "",
+                  f"Rerun compared with `{c['against']}`: {c['equal']} of {c['compared']} non-timing numbers identical."]
+        lines += [f"- {d}" for d in c["diffs"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="the quick mode (< 15 min on 2 CPU cores)")
+    g.add_argument("--smoke", action="store_true", help="a seconds-long run of the machinery (tests)")
+    ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fastest on a "
+                    "shared machine; a rerun must use the same count to reproduce the numbers exactly)")
+    ap.add_argument("--doc", default=None, help="page to write (default docs/BENCHMARKS.md; none for --smoke)")
+    ap.add_argument("--json", default=None, help="results file (default benchmarks/results/suite_<mode>.json)")
+    ap.add_argument("--check", default=None, metavar="OLD_JSON", help="compare the rerun with an earlier results file")
+    args = ap.parse_args(argv)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    old = None
+    if args.check:
+        try:
+            old = json.loads(Path(args.check).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"--check {args.check}: cannot read an earlier results file ({e})")
+    json_path = Path(args.json or HERE / "results" / f"suite_{mode_name}.json")
+    doc = Path(args.doc) if args.doc else (None if args.smoke else ROOT / "docs" / "BENCHMARKS.md")
+    fig_dir = (doc.parent if doc else json_path.parent) / "benchmarks"
+    cmd = "python benchmarks/run.py" + {"quick": " --quick", "smoke": " --smoke", "full": ""}[mode_name]
+    if args.threads != 1:
+        cmd += f" --threads {args.threads}"
+    result = {"command": cmd, "mode": mode_name, "machine": machine(),
+              "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "sections": {}, "skipped": {},
+              "seconds": {}}
+    t_all = time.perf_counter()
+    for key in SECTIONS:
+        if key == "lasro2step" and not mode["lasro"]:
+            result["skipped"][key] = f"not part of the {mode_name} mode"
+            continue
+        if key not in args.sections:
+            result["skipped"][key] = "not selected (--sections)"
+            continue
+        print(f"[{key}] ...", flush=True)
+        t0 = time.perf_counter()
+        data = SECTIONS[key][1](mode)
+        if data is None:
+            result["skipped"][key] = "its benchmark (benchmarks/lasro_2step.py) is not available in this checkout"
+            continue
+        result["sections"][key] = data
+        result["seconds"][key] = round(time.perf_counter() - t0, 1)
+    result["seconds"]["total"] = round(time.perf_counter() - t_all, 1)
+    if old is not None:
+        n, eq, diffs = check_against(old, result)
+        result["check"] = {"against": str(args.check), "compared": n, "equal": eq, "diffs": diffs}
+        print(f"check: {eq} of {n} non-timing numbers identical to {args.check}")
+        for d in diffs:
+            print("  " + d)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    if doc is not None:
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(render_page(result, mode_name, fig_dir))
+        print(f"wrote {doc}")
+    print(f"wrote {json_path} ({result['seconds']['total'] / 60:.1f} min)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
