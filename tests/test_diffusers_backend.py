@@ -135,14 +135,17 @@ def brightness(x, cond):
 brightness.differentiable = True
 
 
-@pytest.mark.parametrize("kind,algo,extra", [("sd15", "ctrl", {}), ("sd15", "ddpo", {}), ("sdxl", "ctrl", {}),
-                                             ("sdxl", "ddpo", {}), ("sd15", "dpok", {}),
-                                             ("sd15", "ctrl", {"estimator": "b"})])
+@pytest.mark.parametrize("kind,algo,extra", [("sd15", "ctrl", ""), ("sd15", "ddpo", ""), ("sdxl", "ctrl", ""),
+                                             ("sdxl", "ddpo", ""), ("sd15", "dpok", ""), ("sd15", "ctrl", "b"),
+                                             ("sd15", "reward-backprop", "diff"), ("sd15", "diffusion-dpo", "")])
 def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, extra):
-    kw = {}
-    if extra:
-        kw = dict(reward=brightness, ctrl=dict(estimator="b", value=dict(epochs=1, reward_term="true")))
-    reward = kw.pop("reward", None)
+    kw, reward = {}, None
+    if extra == "b":  # CTRL(b) with the true, differentiable reward on the decoded Tweedie prediction
+        kw, reward = dict(ctrl=dict(estimator="b", value=dict(epochs=1, reward_term="true"))), brightness
+    elif extra == "diff":
+        reward = brightness
+    if algo == "diffusion-dpo":
+        kw["batch_size"] = 8  # pairs of samples of one prompt: >= 2 per prompt
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), **kw), reward=reward)
     assert tr.cfg.log.num_eval_samples == 8 and tr.cfg.optim.microbatch == 3  # family default / explicit value
     before = _weights(tr.task)
