@@ -137,7 +137,8 @@ brightness.differentiable = True
 
 @pytest.mark.parametrize("kind,algo,extra", [("sd15", "ctrl", ""), ("sd15", "ddpo", ""), ("sdxl", "ctrl", ""),
                                              ("sdxl", "ddpo", ""), ("sd15", "dpok", ""), ("sd15", "ctrl", "b"),
-                                             ("sd15", "reward-backprop", "diff"), ("sd15", "diffusion-dpo", "")])
+                                             ("sd15", "reward-backprop", "diff"), ("sd15", "diffusion-dpo", ""),
+                                             ("sdxl", "lasro", "")])
 def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, extra):
     kw, reward = {}, None
     if extra == "b":  # CTRL(b) with the true, differentiable reward on the decoded Tweedie prediction
@@ -146,6 +147,9 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
         reward = brightness
     if algo == "diffusion-dpo":
         kw["batch_size"] = 8  # pairs of samples of one prompt: >= 2 per prompt
+    if algo == "lasro":  # a <= 2-step generator; the surrogate reads the UNet's encoder features
+        kw.update(batch_size=8, sampler=dict(solver="ddim", eta=0.0, steps=2),
+                  lasro=dict(initial_surrogate_steps=2, surrogate_steps=2))
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), **kw), reward=reward)
     assert tr.cfg.log.num_eval_samples == 8 and tr.cfg.optim.microbatch == 3  # family default / explicit value
     before = _weights(tr.task)

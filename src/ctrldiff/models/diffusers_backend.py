@@ -348,6 +348,45 @@ class DiffusersDenoiser(nn.Module):
         return out.to(x.dtype)
 
 
+    def encoder_features(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> list[Tensor]:
+        """The UNet's down path and middle block at (t, x): [h_block_1, ..., h_block_n, h_mid], each
+        [B, C_l, H_l, W_l] (the backbone of LaSRO's latent surrogate, METHODS section 4)."""
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
+        if t.ndim == 0:
+            t = t.expand(B)
+        emb_text, pooled = self.prompts.lookup(cond, B)
+        unet = self.unet
+        run_dtype = self.autocast_dtype or next(unet.parameters()).dtype
+        ac = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+              else nullcontext())
+        ctx = nullcontext() if self.adapters or not getattr(unet, "_hf_peft_config_loaded", False) \
+            else _adapters_off(unet)
+        with ctx, ac:
+            h = x.to(run_dtype)
+            timestep = self.process.timestep(t).to(torch.float32)
+            enc = emb_text.to(x.device, run_dtype)
+            emb = unet.time_embedding(unet.get_time_embed(sample=h, timestep=timestep),
+                                      self._timestep_cond(B, x.device, run_dtype))
+            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=enc,
+                                     added_cond_kwargs=self._added_cond(pooled, B, x.device, run_dtype) or {})
+            emb = emb + aug if aug is not None else emb
+            if unet.time_embed_act is not None:
+                emb = unet.time_embed_act(emb)
+            h, feats = unet.conv_in(h), []
+            for block in unet.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=enc)
+                else:
+                    h, _ = block(hidden_states=h, temb=emb)
+                feats.append(h)
+            if unet.mid_block is not None:
+                mid = unet.mid_block
+                h = mid(h, emb, encoder_hidden_states=enc) if getattr(mid, "has_cross_attention", False) else mid(h, emb)
+                feats.append(h)
+        return [f.float() for f in feats]
+
+
 class _adapters_off:
     """Context manager: the UNet's LoRA adapters disabled inside (the reference model)."""
 
