@@ -13,7 +13,7 @@ from .errors import CtrlDiffError
 _FLAG_FIELDS = {
     "model": "model", "reward": "reward", "beta": "beta", "epochs": "epochs", "batch_size": "batch_size",
     "solver": "sampler.solver", "steps": "sampler.steps", "guidance": "sampler.guidance", "seed": "seed",
-    "lr": "optim.lr", "device": "device", "estimator": "ctrl.estimator",
+    "lr": "optim.lr", "device": "device", "estimator": "ctrl.estimator", "prompts": "diffusers.prompts",
 }
 
 
@@ -37,7 +37,10 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run directory (default: runs/<algo>-<model>-<time>).")
 @click.option("--model", default=None, help="'digits' (shipped), 'gmm2-exact', 'scratch-gmm2' / 'scratch-digits' "
-              "(a fresh model and a data set, for q-learning), or a saved model path.")
+              "(a fresh model and a data set, for q-learning), a saved model path, or a diffusers pipeline (a "
+              "directory with model_index.json, or a hub id such as stabilityai/sdxl-turbo).")
+@click.option("--prompts", default=None, help="Diffusers models: prompt set (simple-animals, imagenet-animals, or a "
+              "text file with one prompt per line).")
 @click.option("--reward", default=None, help="Built-in name, module:function, or '1.0*a + 0.1*b'.")
 @click.option("--beta", type=float, default=None, help="KL_path weight in J = E r - beta KL_path.")
 @click.option("--epochs", type=int, default=None)
@@ -119,5 +122,6 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
         click.echo(f"held-out evaluation ({b['n']} fixed-noise samples, {b['solver']} {b['steps']} steps): reward "
                    f"{b['reward_mean']:.4f} -> {a['reward_mean']:.4f}, KL_path {a['kl_path']:.4f}, "
                    f"J {b['objective']:.4f} -> {a['objective']:.4f}")
-    names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors"]
+    names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors",
+             "lora/pytorch_lora_weights.safetensors", "pipeline/model_index.json"]
     echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))

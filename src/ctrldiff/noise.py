@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import choice
+from .errors import CtrlDiffError, choice
 
 PREDICTIONS = ("eps", "score", "x0", "v")
 
@@ -194,11 +194,130 @@ class RectifiedFlow(NoiseProcess):
         return 2.0 * t + 2.0 * t * t / (1.0 - t)
 
 
-PROCESSES = {"vp": VPLinear, "vp-cosine": VPCosine, "rf": RectifiedFlow}
+def discrete_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                   beta_schedule: str = "scaled_linear") -> Tensor:
+    """The discrete training betas beta_1..beta_N of DDPM / Stable Diffusion schedulers (float64 [N]).
+
+    linear: linspace(beta_start, beta_end, N); scaled_linear (SD 1.5 / SDXL): linspace(sqrt(beta_start),
+    sqrt(beta_end), N)^2; squaredcos_cap_v2: the cosine schedule's betas capped at 0.999."""
+    choice("beta schedule", beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+    n = int(num_train_timesteps)
+    if n < 2:
+        raise CtrlDiffError(f"a discrete schedule needs num_train_timesteps >= 2, got {n}")
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    ab = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+
+
+@dataclass
+class DiscreteVP(NoiseProcess):
+    r"""A discrete-time DDPM schedule (Stable Diffusion's ``alphas_cumprod``) as a continuous-time VP SDE.
+
+    Training timestep n = 0..N-1 of the scheduler sits at continuous time t_n = (n + 1) / N, and t = 0 is the
+    clean data (alpha_bar = 1): the model's timestep argument is ``timestep(t) = N t - 1``. Between the nodes
+    log alpha_bar(t) is the C^1 cubic Hermite interpolant of the node values (slopes by central differences, so
+    beta(t) = -d log alpha_bar / dt ~ -N log(1 - beta_n) near t_n, and continuous):
+        alpha_t^2 = alpha_bar(t),  sigma_t^2 = 1 - alpha_bar(t),  f = (1/2) d log alpha_bar / dt,  g^2 = -2 f.
+    So alpha_t^2 equals the scheduler's alphas_cumprod[n] exactly at t_n, and every solver (2nd-order ones
+    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` is diffusers'
+    "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1, ending at t_min = 1 / N
+    (timestep 0, alphas_cumprod[0]): DDIM(eta = 0) on it is diffusers' DDIMScheduler(timestep_spacing=
+    "trailing", set_alpha_to_one=False) step for step.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    name: str = "vp-discrete"
+    t_max: float = 1.0
+
+    def __post_init__(self):
+        betas = discrete_betas(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise CtrlDiffError("discrete betas must lie in (0, 1) (a zero-terminal-SNR schedule has no Gaussian "
+                                "prior to start sampling from)")
+        self.N = int(self.num_train_timesteps)
+        # log alpha_bar at t = 0, 1/N, ..., 1 (the node t = 0 is the data: alpha_bar = 1)
+        self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        lab = self._log_ab
+        self._slope = torch.cat([lab[1:2] - lab[:1], 0.5 * (lab[2:] - lab[:-2]), lab[-1:] - lab[-2:-1]])
+        self.t_min = 1.0 / self.N
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> DiscreteVP:
+        """From a diffusers scheduler config (``scheduler.config``: num_train_timesteps, beta_start, ...)."""
+        get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+        if get("trained_betas", None) is not None:
+            raise CtrlDiffError("schedulers with explicit trained_betas are not supported; use beta_schedule")
+        if get("rescale_betas_zero_snr", False):
+            raise CtrlDiffError("zero-terminal-SNR schedules (rescale_betas_zero_snr) are not supported")
+        return cls(int(get("num_train_timesteps", 1000)), float(get("beta_start", 0.00085)),
+                   float(get("beta_end", 0.012)), str(get("beta_schedule", "scaled_linear")))
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """alpha_bar_n for n = 0..N-1 (float64), as the diffusers scheduler has it."""
+        return torch.exp(self._log_ab[1:])
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The model's (continuous) timestep argument  N t - 1  for t in [0, 1]."""
+        return torch.as_tensor(t) * self.N - 1.0
+
+    def time_of_timestep(self, n) -> Tensor:
+        """Continuous time of training timestep n: (n + 1) / N."""
+        return (torch.as_tensor(n, dtype=torch.float64) + 1.0) / self.N
+
+    def _hermite(self, t, deriv: bool):
+        """The C^1 cubic Hermite interpolant of log alpha_bar through the nodes (slopes by central differences):
+        exact at every node, and f is continuous, so 2nd-order solvers keep their order."""
+        t = torch.as_tensor(t)
+        out_dtype = t.dtype if t.dtype.is_floating_point else torch.float32
+        u = t.double() * self.N
+        i = torch.clamp(torch.floor(u.detach()), 0, self.N - 1).long()
+        s = u - i
+        L, D = self._log_ab.to(u.device), self._slope.to(u.device)  # D: d log alpha_bar / du at the nodes
+        l0, l1, d0, d1 = L[i], L[i + 1], D[i], D[i + 1]
+        if deriv:  # d/du of the Hermite cubic, times du/dt = N
+            val = ((6 * s * s - 6 * s) * (l0 - l1) + (3 * s * s - 4 * s + 1) * d0 + (3 * s * s - 2 * s) * d1) * self.N
+        else:
+            val = ((2 * s**3 - 3 * s * s + 1) * l0 + (s**3 - 2 * s * s + s) * d0 + (-2 * s**3 + 3 * s * s) * l1
+                   + (s**3 - s * s) * d1)
+        return val.to(out_dtype)
+
+    def log_alpha(self, t):
+        return 0.5 * self._hermite(t, deriv=False)
+
+    def sigma(self, t):
+        return torch.sqrt(torch.clamp(-torch.expm1(2.0 * self.log_alpha(t)), min=0.0))
+
+    def f(self, t):
+        return 0.5 * self._hermite(t, deriv=True)
+
+    def g2(self, t):
+        return -2.0 * self.f(t)
+
+    def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
+        if not 1 <= steps < self.N:
+            raise CtrlDiffError(f"a discrete schedule with {self.N} training timesteps takes 1..{self.N - 1} "
+                                f"sampling steps, got {steps}")
+        n = torch.round(torch.arange(self.N, 0, -self.N / steps, dtype=torch.float64))[:steps] - 1
+        times = torch.cat([self.time_of_timestep(n), torch.tensor([self.t_min], dtype=torch.float64)])
+        return times.to(device=device, dtype=dtype)
+
+    def config(self):
+        return {"name": self.name, "num_train_timesteps": self.N, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "beta_schedule": self.beta_schedule}
+
+
+PROCESSES = {"vp": VPLinear, "vp-cosine": VPCosine, "rf": RectifiedFlow, "vp-discrete": DiscreteVP}
 
 
 def make_process(name: str = "vp", **kwargs) -> NoiseProcess:
-    """Build a noise process by name ('vp', 'vp-cosine', 'rf')."""
+    """Build a noise process by name ('vp', 'vp-cosine', 'rf', 'vp-discrete')."""
     return PROCESSES[choice("noise process", name, PROCESSES)](**kwargs)
 
 

@@ -98,7 +98,7 @@ def _step_policy_std(policy_std, k: int, K: int) -> float:
 
 def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor, process: NoiseProcess,
                    cond=None, *, generator: torch.Generator | None = None, grad: bool = False,
-                   policy_std=0.0, record_actions: bool = False) -> Trajectory:
+                   policy_std=0.0, record_actions: bool = False, detach_states: bool = False) -> Trajectory:
     _check_inputs(x, times, cond)
     K = times.numel() - 1
     states, outputs, noises, log_probs, actions = [x], [], [], [], []
@@ -124,6 +124,8 @@ def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor,
                 log_probs.append(-0.5 * xi.flatten(1).pow(2).sum(1) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi))
             else:
                 x = mean
+            if detach_states:  # grad=True, detach_states=True: the outputs keep their graph, the states are samples
+                x = x.detach()
             states.append(x)
             outputs.append(eps)
             ca.append(a)

@@ -74,6 +74,7 @@ class Algorithm:
 
     name = "base"
     needs_log_prob = True  # the update needs stochastic transitions (EM, DDIM eta > 0 or policy noise)
+    needs_reference = True  # the update uses eps_ref / kl_rate (else the trainer may skip them: log.kl_path=false)
 
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
@@ -104,16 +105,35 @@ class Algorithm:
         B, K = traj.batch_size, traj.num_steps
         info_sums: dict[str, float] = {}
         n_updates = 0
+        graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
+        mbs = None
+        if graph is not None:
+            mbs = list(tr.minibatches(B * K, ocfg.minibatch, traj.states.device))
+            if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
+                raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
+                                    f"optim.minibatch >= batch_size * steps ({B * K})")
         for _ in range(self.inner_epochs()):
-            for idx in tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
-                mb = self.make_minibatch(batch, idx // K, idx % K)
-                loss, info = self.loss(mb)
-                if not torch.isfinite(loss):
-                    raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing was "
-                                        "applied from this minibatch and the last checkpoint is intact. Lower "
-                                        "optim.lr or raise beta")
+            for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
                 tr.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
+                if graph is not None:
+                    micro = len(idx)  # the graph is in memory already: one backward pass through it
+                total, infos = 0.0, {}
+                for ms in range(0, len(idx), micro):
+                    sub = idx[ms:ms + micro]
+                    mb = self.make_minibatch(batch, sub // K, sub % K,
+                                             eps=None if graph is None else graph[sub // K, sub % K])
+                    loss, info = self.loss(mb)
+                    if not torch.isfinite(loss):
+                        raise CtrlDiffError(f"{self.name}: non-finite loss at epoch {tr.epoch} (diverged); nothing "
+                                            "was applied from this minibatch and the last checkpoint is intact. Lower "
+                                            "optim.lr or raise beta")
+                    frac = len(sub) / len(idx)  # every loss is a mean over its pairs
+                    (loss * frac).backward()
+                    total += float(loss.detach()) * frac
+                    for key, v in info.items():
+                        infos[key] = infos.get(key, 0.0) + float(v) * frac
+                loss, info = torch.tensor(total), infos
                 tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()
@@ -128,12 +148,15 @@ class Algorithm:
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs
 
-    def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor) -> Minibatch:
+    def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor, eps: Tensor | None = None) -> Minibatch:
+        """Pairs (b, k) with the policy's eps at them (``eps``: already evaluated, with its graph, by a rollout
+        with optim.reuse_rollout_graph; the policy is unchanged since, so it is the same function of theta)."""
         tr, traj = self.trainer, batch.traj
         x, x_next = traj.states[b, k], traj.states[b, k + 1]
         t = traj.times[k]
         cond = traj.cond[b] if isinstance(traj.cond, Tensor) else traj.cond
-        eps = model_eps(tr.policy, tr.process, x, t, cond)
+        if eps is None:
+            eps = model_eps(tr.policy, tr.process, x, t, cond)
         log_prob = log_prob_old = None
         if self.needs_log_prob:
             mean = traj.step_mean(k, eps, x)

@@ -96,7 +96,8 @@ class CTRL(Algorithm):
         if self.reward_term == "surrogate":
             return self.surrogate(x, cond)
         self.trainer.count_queries(x.shape[0], kind="value")
-        return call_reward(self.trainer.reward, x, cond, grad=torch.is_grad_enabled())
+        task, grad = self.trainer.task, torch.is_grad_enabled()  # latent models: R sees the decoded x0_hat
+        return call_reward(self.trainer.reward, task.decode(x, grad=grad), task.reward_cond(cond), grad=grad)
 
     def _fit_surrogate(self, batch: RolloutBatch) -> dict:
         vcfg = self.acfg.value
@@ -181,8 +182,9 @@ class CTRL(Algorithm):
             batch.advantages = adv / (dist.std(adv, 0) + 1e-6) if self.acfg.advantage_norm == "std" else adv
             metrics["ctrl/td_adv_std"] = float(dist.std(adv, None))
         else:
-            grads = [self._grad_value(t[i:i + mb], x[i:i + mb], None if cond is None else cond[i:i + mb],
-                                      x0[i:i + mb]) for i in chunks]
+            gm = min(mb, self.trainer.cfg.optim.microbatch or mb)  # backprop through the model: its memory bound
+            grads = [self._grad_value(t[i:i + gm], x[i:i + gm], None if cond is None else cond[i:i + gm],
+                                      x0[i:i + gm]) for i in range(0, B * K, gm)]
             batch.extras["grad_v"] = torch.cat(grads).reshape(traj.outputs.shape)
             metrics["ctrl/grad_v_norm"] = float(batch.extras["grad_v"].flatten(2).norm(dim=-1).mean())
         return metrics

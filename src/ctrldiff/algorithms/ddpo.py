@@ -25,6 +25,7 @@ class DDPOConfig(Strict):
 
 @register_algorithm("ddpo")
 class DDPO(TerminalRewardAlgorithm):
+    needs_reference = False  # no KL term: the reference is only evaluated to log KL_path
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer, cfg.ddpo)
 

@@ -280,7 +280,8 @@ class LaSRO(Algorithm):
             with torch.no_grad():
                 z1 = tr.solver(tr.policy, traj.states[:, 0], self.grids[1], tr.process, traj.cond).final
             tr.count_queries(z1.shape[0])
-            fresh.append((z1, cond, call_reward(tr.reward, z1, traj.cond).to(z1.device)))
+            r1 = call_reward(tr.reward, tr.task.decode(z1), tr.task.reward_cond(traj.cond))  # latents: decoded
+            fresh.append((z1, cond, r1.to(z1.device)))
         metrics = {}
         self.surrogate.eval()
         with torch.no_grad():  # accuracy on the fresh samples BEFORE the surrogate trains on them

@@ -11,12 +11,15 @@ from ..solvers import evaluate_along, get_solver, kl_path
 @torch.no_grad()
 def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000, solver: str = "em",
                     steps: int = 50, eta: float = 0.0, cond=None, seed: int = 0, chunk: int = 1000,
-                    beta: float | None = None, return_samples: bool = False) -> dict:
+                    beta: float | None = None, return_samples: bool = False, decode=None, reward_cond=None) -> dict:
     """Sample ``n`` points with ``solver``/``steps`` and report E r, std r, KL_path(model || ref) by Girsanov
-    along the sampled paths, and J = E r - beta KL_path (if beta is given). ``cond``: [n] or None."""
+    along the sampled paths, and J = E r - beta KL_path (if beta is given). ``cond``: [n] or None.
+    ``decode`` / ``reward_cond`` map the final state / the condition to what the reward takes (latent
+    text-to-image models: VAE decoding and the prompt strings; default: identity)."""
     g = torch.Generator().manual_seed(seed)
     fn = get_solver(solver, **({"eta": eta} if solver == "ddim" else {}))
     times = process.time_grid(steps)
+    chunk = max(int(chunk), 1)
     rs, kls, finals = [], [], []
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
@@ -25,7 +28,8 @@ def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000,
         traj = fn(model, x, times, process, c, generator=g)
         eps_ref = evaluate_along(ref, process, traj)
         kls.append(kl_path(process, traj, traj.outputs, eps_ref))
-        rs.append(call_reward(reward, traj.final, c))
+        xr = traj.final if decode is None else decode(traj.final)
+        rs.append(call_reward(reward, xr, c if reward_cond is None else reward_cond(c)))
         finals.append(traj.final)
     r, kl = torch.cat(rs), torch.cat(kls)
     out = {"solver": solver, "steps": steps, "n": n, "reward_mean": float(r.mean()), "reward_std": float(r.std()),

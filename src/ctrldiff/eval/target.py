@@ -110,6 +110,11 @@ def load_setup(spec: str, *, reward: str | None = None, beta: float | None = Non
     run_dir = Path(spec) if is_run_dir(spec) else None
     if run_dir is not None:
         cfg = load_run_config(run_dir)
+        from ..train.task import _is_diffusers_spec
+
+        check(not _is_diffusers_spec(cfg.model), f"run {run_dir} fine-tuned the diffusers pipeline {cfg.model}: "
+              "ctrldiff eval does not evaluate latent text-to-image runs yet; see the run's final_eval.json, or load "
+              f"{run_dir / 'lora'} with diffusers' pipe.load_lora_weights")
         task = _build(cfg.model, cfg.process, device)
         policy, source = _run_weights(run_dir, task)
         ref_model, ref_name = task.ref, cfg.model

@@ -12,7 +12,8 @@ class PerConditionStats:
     """Running reward buffers per condition; standardises rewards within their condition.
 
     With fewer than ``min_count`` rewards buffered for a condition, the whole batch's statistics are
-    used instead. ``cond=None`` (unconditional models) uses one global buffer.
+    used instead. ``cond=None`` (unconditional models) uses one global buffer. ``cond`` may be a Tensor
+    of labels [B] (or condition vectors [B, ...]) or a list of B prompt strings (DDPO's per-prompt tracker).
 
     ``gather`` (multi-process training: the trainer's ``dist.all_gather_any``) maps this process's rewards /
     conditions to every process's, so that the buffers and the whole-batch statistics are those of the global
@@ -25,12 +26,14 @@ class PerConditionStats:
         self.gather = gather
 
     @staticmethod
-    def _keys(cond: Tensor | None, n: int) -> list:
+    def _keys(cond: Tensor | list[str] | None, n: int) -> list:
         if cond is None:
             return [None] * n
+        if isinstance(cond, list | tuple):
+            return [str(c) for c in cond]
         return [int(c) if c.ndim == 0 else tuple(c.flatten().tolist()) for c in cond.detach().cpu()]
 
-    def update(self, rewards: Tensor, cond: Tensor | None) -> None:
+    def update(self, rewards: Tensor, cond: Tensor | list[str] | None) -> None:
         for key, r in zip(self._keys(cond, len(rewards)), rewards.detach().cpu().tolist(), strict=True):
             self.buffers.setdefault(key, deque(maxlen=self.buffer_size)).append(r)
 

@@ -14,6 +14,7 @@ from ..algorithms.lasro import LaSROConfig
 from ..algorithms.qlearning import QLearningConfig
 from ..algorithms.reward_backprop import RewardBackpropConfig
 from ..config import Strict
+from ..models.diffusers_backend import DiffusersConfig
 
 ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro")
 
@@ -34,6 +35,13 @@ class OptimConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
     minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    reuse_rollout_graph: bool = Field(
+        False, description="keep the rollout's autograd graph and take the (single) policy step through it, "
+        "instead of evaluating the policy again: saves one model forward per (sample, step). Needs memory for every "
+        "step's activations, inner_epochs=1 and minibatch >= batch_size * steps")
+    microbatch: int | None = Field(None, ge=1, description="pairs per forward/backward pass: a minibatch is split "
+                                   "into microbatches whose gradients are accumulated (same update, less memory); "
+                                   "also the chunk size of the reference model's evaluation. None: the whole minibatch")
 
 
 class LogConfig(Strict):
@@ -43,6 +51,9 @@ class LogConfig(Strict):
     tensorboard: bool = True
     progress: bool = True
     num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
+    kl_path: bool = Field(True, description="evaluate the reference model along every rollout to log KL_path; "
+                          "false skips that for algorithms whose update does not use it (ddpo, ddpo-sf): "
+                          "kl_path and objective are then logged as NaN")
     num_final_eval: int = Field(500, ge=0, description="fixed-noise samples scored before/after at the end "
                                 "(final_eval.json); 0 = skip")
 
@@ -51,7 +62,8 @@ class TrainConfig(Strict):
     algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
                        "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
-                       "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), or a saved model path")
+                       "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), a saved model path, or a "
+                       "diffusers pipeline: a directory with model_index.json or a hub id (section 'diffusers')")
     process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact and scratch-* models")
     reward: str = Field("digit-alignment", description="built-in name, module:function, or weighted sum")
     reward_errors: Literal["raise", "skip"] = Field(
@@ -73,6 +85,7 @@ class TrainConfig(Strict):
     reward_backprop: RewardBackpropConfig = RewardBackpropConfig()
     diffusion_dpo: DiffusionDPOConfig = DiffusionDPOConfig()
     lasro: LaSROConfig = LaSROConfig()
+    diffusers: DiffusersConfig = DiffusersConfig()
 
     @model_validator(mode="after")
     def _compatible(self):

@@ -36,6 +36,36 @@ class Task:
     def eval_conditions(self, n: int) -> Tensor | None:
         return None if not self.num_classes else torch.arange(n) % self.num_classes
 
+    # ---- hooks the trainer calls (identity / defaults for the built-in models; see TextToImageTask) ------
+    config_defaults: dict = field(default_factory=dict)  # dotted config keys -> values, for fields left unset
+
+    def decode(self, x: Tensor, grad: bool = False) -> Tensor:
+        """Model state -> what the reward sees (latent models: the decoded images)."""
+        return x
+
+    def reward_cond(self, cond):
+        """The model's condition -> the reward's (text-to-image: prompt indices -> list[str] of prompts)."""
+        return cond
+
+    def condition_names(self) -> list[str] | None:
+        """Names of conditions 0..num_classes-1 for per-condition metrics (None: the label numbers)."""
+        return None
+
+    def model_state_dict(self) -> dict:
+        """The trained weights that go into a checkpoint."""
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def save_final(self, out: Path, metadata: dict) -> Path | None:
+        """Write the fine-tuned model into the run directory ``out`` (final_model.{safetensors,json})."""
+        if not hasattr(self.model, "config"):
+            return None
+        from ..models.base import save_model
+
+        return save_model(self.model, out / "final_model", metadata=metadata)
+
 
 def _freeze(m: nn.Module) -> nn.Module:
     m = copy.deepcopy(m).eval()
@@ -98,10 +128,25 @@ def scratch_task(model: str, process: str = "vp", device: str = "cpu") -> Task:
                 data=data.to(device), data_labels=None if labels is None else labels.to(device))
 
 
-def build_task(model: str, process: str = "vp", device: str = "cpu") -> Task:
+def _is_diffusers_spec(model: str) -> bool:
+    from ..models.diffusers_backend import is_diffusers_dir, looks_like_hub_id
+
+    p = Path(model).expanduser()
+    if p.with_suffix(".json").is_file() and not p.is_dir():
+        return False
+    return is_diffusers_dir(p) or (p.is_dir() and not p.with_suffix(".json").exists()) or looks_like_hub_id(model)
+
+
+def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=None) -> Task:
     """'digits' (the shipped model), 'digits-2step' (the shipped 2-step generator distilled from it: sample it with
     deterministic DDIM at 1 or 2 steps, no guidance), '<preset>-exact' (2-D yardstick), 'scratch-<data set>' (a fresh model
-    and a data set, see :func:`scratch_task`), or a path to a saved model."""
+    and a data set, see :func:`scratch_task`), a path to a saved model, or a diffusers pipeline (a directory with
+    model_index.json, or a hub id 'owner/name'; ``diffusers`` is its DiffusersConfig section)."""
+    if model not in ("digits", "digits-2step") and not model.startswith("scratch-") and not model.endswith("-exact") \
+            and _is_diffusers_spec(model):
+        from .text_task import text_to_image_task
+
+        return text_to_image_task(model, diffusers, device)
     if model.startswith("scratch-"):
         return scratch_task(model, process, device)
     if model.endswith("-exact"):

@@ -79,7 +79,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, create: bool = Tru
         import shutil
 
         for name in ("metrics.jsonl", "checkpoints", "samples", "tensorboard", "final_eval.json", "reward_curve.png",
-                     "final_model.safetensors", "final_model.json"):
+                     "final_model.safetensors", "final_model.json", "lora", "pipeline"):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -106,7 +106,8 @@ class Trainer:
             self.dist.barrier()
         self.optimizers: list[torch.optim.Optimizer] = []
         self._seed_everything(cfg.seed)
-        self.task = task or build_task(cfg.model, cfg.process, str(self.device))
+        self.task = task or build_task(cfg.model, cfg.process, str(self.device), diffusers=cfg.diffusers)
+        apply_config_defaults(cfg, self.task.config_defaults)
         self.process = self.task.process
         self.reward = make_reward(reward if reward is not None else cfg.reward)
         self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
@@ -117,6 +118,16 @@ class Trainer:
         self.optimizer = self.make_optimizer(self.trainable_parameters, lr=cfg.optim.lr,
                                              weight_decay=cfg.optim.weight_decay)
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
+        if cfg.optim.reuse_rollout_graph:
+            from ..algorithms.base import Algorithm
+
+            if type(self.algo).update is not Algorithm.update:
+                raise CtrlDiffError(f"optim.reuse_rollout_graph works with the shared policy-update loop; {cfg.algo!r} "
+                                    "has its own update")
+            n_pairs = cfg.batch_size * cfg.sampler.steps
+            if self.algo.inner_epochs() != 1 or cfg.optim.minibatch < n_pairs:
+                raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
+                                    f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
         solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
         self.solver = get_solver(s.solver, **solver_kw)
@@ -191,7 +202,7 @@ class Trainer:
     def _score(self, x, cond, batch_index: str):
         self.count_queries(x.shape[0])
         try:
-            return call_reward(self.reward, x, cond, batch_index)
+            return call_reward(self.reward, self.task.decode(x), self.task.reward_cond(cond), batch_index)
         except RewardError:
             if self.cfg.reward_errors == "skip":
                 return None
@@ -215,8 +226,11 @@ class Trainer:
                 n = min(cfg.rollout_chunk, n_local - start)
                 cond = None if conds is None else conds[start:start + n].to(self.device)
                 x = torch.randn((n, *self.task.sample_shape), generator=self.gen, device=self.device)
+                kw = self.algo.rollout_kwargs()
+                if cfg.optim.reuse_rollout_graph:  # keep eps_theta's graph; the states stay plain samples
+                    kw.update(grad=True, detach_states=True)
                 traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
-                                   generator=self.gen, **self.algo.rollout_kwargs())
+                                   generator=self.gen, **kw)
                 trajs.append(traj)
                 args = (traj.final, cond, f"{i}{where} of epoch {self.epoch}")
                 futures.append(pool.submit(self._score, *args) if pool else args)
@@ -230,10 +244,20 @@ class Trainer:
             raise RewardError(f"reward {self.reward.name!r} failed on every batch of epoch {self.epoch}; "
                               "nothing to train on")
         traj = cat_trajectories([trajs[i] for i in keep])
+        graph = None
+        if cfg.optim.reuse_rollout_graph:
+            graph, traj = traj.outputs, traj.detach()
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
-        eps_ref = evaluate_along(self.ref, self.process, traj)
-        kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
-        return RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
+        if self.cfg.log.kl_path or self.algo.needs_reference:
+            eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
+            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
+        else:  # not used by the update, not logged: KL_path is NaN in the metrics
+            eps_ref = traj.outputs
+            kl_rate = torch.full(traj.outputs.shape[:2], float("nan"), device=traj.outputs.device)
+        batch = RolloutBatch(traj=traj, rewards=r, eps_ref=eps_ref, kl_rate=kl_rate)
+        if graph is not None:
+            batch.extras["outputs_graph"] = graph
+        return batch
 
     # ---- one epoch ---------------------------------------------------------------------------------
     def step(self) -> dict:
@@ -262,10 +286,11 @@ class Trainer:
                "wall_s": round(self.wall_s, 3), "rollout_s": round(t_roll, 3), **metrics}
         if isinstance(cond, torch.Tensor) and self.task.num_classes:
             c = cond.to(rewards.device)
+            names = self.task.condition_names()
             for k in range(self.task.num_classes):
                 m = c == k
                 if m.any():
-                    rec[f"reward_by_cond/{k}"] = float(rewards[m].mean())
+                    rec[f"reward_by_cond/{k if names is None else names[k]}"] = float(rewards[m].mean())
         self.epoch += 1
         return rec
 
@@ -349,25 +374,24 @@ class Trainer:
         from ..viz import save_samples_figure
 
         (self.out / "samples").mkdir(exist_ok=True)
-        x = self.eval_samples()
-        nrow = self.task.num_classes or None
+        x = self.task.decode(self.eval_samples())
+        nrow = min(self.task.num_classes, 10) or None
         save_samples_figure(x, self.out / "samples" / f"{name}.png", nrow=nrow)
 
     def finish(self) -> None:
         """Write the final model, the before/after figure and the reward curve."""
-        from ..models.base import save_model
         from ..viz import plot_curves, side_by_side
 
-        nrow = self.task.num_classes or None
-        side_by_side(self.eval_samples(self.ref), self.eval_samples(), self.out / "samples" / "before_after.png",
+        nrow = min(self.task.num_classes, 10) or None
+        dec = self.task.decode
+        side_by_side(dec(self.eval_samples(self.ref)), dec(self.eval_samples()), self.out / "samples" / "before_after.png",
                      nrow=nrow, labels=("before (reference)", f"after {self.epoch} epochs of {self.cfg.algo}"))
         self.final_eval()
         recs = read_jsonl(self.out / "metrics.jsonl")
         plot_curves(recs, ["reward_mean", "kl_path", "objective"], self.out / "reward_curve.png",
                     title=f"{self.cfg.algo} on {self.task.name}, reward {self.reward.name}")
-        if hasattr(self.task.model, "config"):
-            meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
-            save_model(self.task.model, self.out / "final_model", metadata=meta)
+        meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
+        self.task.save_final(self.out, meta)
 
     def final_eval(self) -> dict | None:
         """Score ``log.num_final_eval`` fixed-noise samples of the reference and of the fine-tuned model with the
@@ -382,7 +406,8 @@ class Trainer:
         s = self.cfg.sampler
         cond = self.task.eval_conditions(n)
         kw = dict(sample_shape=self.task.sample_shape, n=n, solver=s.solver, steps=s.steps, eta=s.eta, cond=cond,
-                  beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1))
+                  beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
+                  reward_cond=self.task.reward_cond)
         res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
@@ -406,7 +431,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"epoch": self.epoch, "model": self.task.model_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "algo": self.algo.state_dict(), "rng": self._rng_state(),
                 "counters": {"reward_queries": self.reward_queries, "value_reward_queries": self.value_reward_queries,
                              "reward_skipped": self.reward_skipped, "wall_s": self.wall_s}}
@@ -417,7 +442,7 @@ class Trainer:
             raise CtrlDiffError(f"cannot resume: the checkpoint was written by a run of {world} process(es), this "
                                 f"one has {self.dist.world_size}; resume with the same number of processes")
         self.epoch = st["epoch"]
-        self.task.model.load_state_dict(st["model"])
+        self.task.load_model_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         mine = st["rank_states"][self.dist.rank] if self.dist.rank > 0 else None
         self.algo.load_state_dict(st["algo"] if mine is None else mine["algo"])
@@ -474,6 +499,19 @@ class Trainer:
         import json
 
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def apply_config_defaults(cfg: TrainConfig, defaults: dict) -> None:
+    """Set ``defaults`` ({"section.key": value}) on the config fields the user left unset (a model family's
+    own defaults, e.g. fewer eval samples for latent diffusion); explicitly given values are kept."""
+    for key, value in defaults.items():
+        *path, name = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        if name not in node.model_fields_set:
+            setattr(node, name, value)  # validated on assignment
+            node.model_fields_set.discard(name)
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
