@@ -81,8 +81,9 @@ class Ctx:
 
 
 def qlearning(ctx: Ctx, seed: int, epochs: int, batch: int = 128, steps: int = 20, solver: str = "em",
-              beta_q: float | None = None, reward_term: str = "tweedie", lr: float = 2e-3, m: int = 1024) -> tuple:
-    cfg = TrainConfig(algo="q-learning", model="scratch-gmm2", beta=BETA, epochs=epochs, batch_size=batch, seed=seed,
+              beta_q: float | None = None, reward_term: str = "tweedie", lr: float = 2e-3, m: int = 1024,
+              model: str = "scratch-gmm2") -> tuple:
+    cfg = TrainConfig(algo="q-learning", model=model, beta=BETA, epochs=epochs, batch_size=batch, seed=seed,
                       sampler=dict(solver=solver, steps=steps), optim=dict(lr=lr, minibatch=512), log=LOG,
                       qlearning=dict(beta_q=beta_q, m=m, critic=dict(reward_term=reward_term)))
     tr = Trainer(cfg, reward=ctx.reward)
