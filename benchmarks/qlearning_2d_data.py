@@ -142,13 +142,13 @@ class TiltedPool:
 class Ctx:
     """What qlearning_2d's helpers need (proc, reward, data), plus this benchmark's evaluation."""
 
-    def __init__(self, name: str, n_eval: int):
+    def __init__(self, name: str, n_eval: int, n_pool: int = 20_000):
         self.name = name
         self.proc = make_process("vp")
         self.reward = REWARDS[name]()
         self.data = scratch_task(f"scratch-{name}").data
         self.ref = CheckerboardScore(self.proc) if name == "checkerboard" else EmpiricalScore(self.data, self.proc)
-        self.target = TiltedPool(name, self.reward, BETA, n_eval=n_eval)
+        self.target = TiltedPool(name, self.reward, BETA, n_pool=n_pool, n_eval=n_eval)
         self.n_eval = n_eval
 
     def evaluate(self, model, seed: int = 0) -> dict:
@@ -162,7 +162,7 @@ class Ctx:
 
 def run(ctx: Ctx, seeds: list[int], epochs: int) -> list[dict]:
     rows = []
-    budget = epochs * 128
+    budget = max(epochs * 128, 256)
     for seed in seeds:
         pol, info = qlearning(ctx, seed, epochs, model=f"scratch-{ctx.name}")
         rows.append({"data": ctx.name, "method": "q-learning (J: tweedie)", "seed": seed, **info,
@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs", type=int, default=150, help="q-learning epochs (128 trajectories each)")
     ap.add_argument("--n-eval", type=int, default=2000)
+    ap.add_argument("--pool", type=int, default=20_000, help="held-out data points of the weighted target")
     ap.add_argument("--out", default="benchmarks/results/qlearning_2d_data.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -203,10 +204,10 @@ def main() -> None:
             "mmd", "sw2"]
     for name in args.data:
         t0 = time.perf_counter()
-        ctx = Ctx(name, args.n_eval)
+        ctx = Ctx(name, args.n_eval, args.pool)
         s = ctx.target.summary()
         print(f"{name}: J* = {s['J_star']:.4f}, E_p* h = {s['E_h_star']:.4f}, E_data h = {s['E_h_data']:.4f}, pool "
-              f"ESS = {s['ess']:.0f} / 20000; exact-p* floor {s['floor']}; untilted data {s['untilted_data']} "
+              f"ESS = {s['ess']:.0f} / {args.pool}; exact-p* floor {s['floor']}; untilted data {s['untilted_data']} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results[name] = {"target": s, "rows": run(ctx, args.seeds, args.epochs)}
         out.write_text(json.dumps(results, indent=1))
