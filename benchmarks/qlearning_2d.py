@@ -14,9 +14,12 @@ Sections (each prints a markdown table):
   sm        pure score matching: q-learning with beta_q = 0 vs DSM for the same wall-clock time.
   solvers   q-learning (reward-directed) trained and evaluated with the SDE (EM) and the probability-flow ODE
             (ode-euler) at 5, 10 and 50 steps.
+  solvers-sm  the same in score-matching mode (beta_q = 0): KL_path and MMD^2 to the data distribution, plus the
+            same models sampled with EM at 50 steps.
 
     python benchmarks/qlearning_2d.py                    # all sections, 1 seed
     python benchmarks/qlearning_2d.py --sections compare --seeds 0 1
+    python benchmarks/qlearning_2d.py --sections solvers-sm --seeds 0 1 --out benchmarks/results/qlearning_2d_solvers_sm.json
 Writes benchmarks/results/qlearning_2d.json.
 """
 
@@ -81,8 +84,9 @@ class Ctx:
 
 
 def qlearning(ctx: Ctx, seed: int, epochs: int, batch: int = 128, steps: int = 20, solver: str = "em",
-              beta_q: float | None = None, reward_term: str = "tweedie", lr: float = 2e-3, m: int = 1024) -> tuple:
-    cfg = TrainConfig(algo="q-learning", model="scratch-gmm2", beta=BETA, epochs=epochs, batch_size=batch, seed=seed,
+              beta_q: float | None = None, reward_term: str = "tweedie", lr: float = 2e-3, m: int = 1024,
+              model: str = "scratch-gmm2") -> tuple:
+    cfg = TrainConfig(algo="q-learning", model=model, beta=BETA, epochs=epochs, batch_size=batch, seed=seed,
                       sampler=dict(solver=solver, steps=steps), optim=dict(lr=lr, minibatch=512), log=LOG,
                       qlearning=dict(beta_q=beta_q, m=m, critic=dict(reward_term=reward_term)))
     tr = Trainer(cfg, reward=ctx.reward)
@@ -177,14 +181,15 @@ def section_sm(ctx: Ctx, seeds: list[int], epochs: int) -> list[dict]:
     return rows
 
 
-def section_solvers(ctx: Ctx, seeds: list[int], epochs: int) -> list[dict]:
-    rows = []
+def section_solvers(ctx: Ctx, seeds: list[int], epochs: int, beta_q: float | None = None) -> list[dict]:
+    """beta_q None: reward mode (beta_q = 2 / beta, distances to p*); 0: score-matching mode (to the data)."""
+    rows, tilted = [], beta_q != 0
     for seed in seeds:
         for solver in ("em", "ode-euler"):
             for steps in (5, 10, 50):
-                pol, info = qlearning(ctx, seed, epochs, solver=solver, steps=steps)
-                ev = ctx.evaluate(pol, solver=solver, steps=steps, seed=seed)
-                ev_em = ctx.evaluate(pol, solver="em", steps=50, seed=seed)
+                pol, info = qlearning(ctx, seed, epochs, solver=solver, steps=steps, beta_q=beta_q)
+                ev = ctx.evaluate(pol, solver=solver, steps=steps, seed=seed, tilted=tilted)
+                ev_em = ctx.evaluate(pol, solver="em", steps=50, seed=seed, tilted=tilted)
                 rows.append({"method": f"q-learning {solver}", "steps": steps, "seed": seed, **info, **keep(ev),
                              "em50": keep(ev_em)})
                 print(rows[-1], flush=True)
@@ -213,7 +218,7 @@ def md(rows: list[dict], cols: list[str], first: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", nargs="+", default=["compare", "sm", "solvers"])
+    ap.add_argument("--sections", nargs="+", default=["compare", "sm", "solvers", "solvers-sm"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs", type=int, default=150, help="q-learning epochs (128 trajectories each)")
     ap.add_argument("--solver-epochs", type=int, default=100)
@@ -245,6 +250,14 @@ def main() -> None:
         print("\n### SDE vs probability-flow ODE dynamics (trained and evaluated with the same solver / steps)\n")
         print(md(results["solvers"], ["wall_s", "reward_mean", "kl_path", "objective", "mmd", "frac_right"],
                  ["method", "steps"]))
+    if "solvers-sm" in args.sections:
+        results["solvers_sm"] = section_solvers(ctx, args.seeds, args.solver_epochs, beta_q=0.0)
+        out.write_text(json.dumps(results, indent=1))
+        print("\n### score-matching mode (beta_q = 0): SDE vs probability-flow ODE, trained and evaluated alike\n")
+        for r in results["solvers_sm"]:
+            r["em50_kl_path"], r["em50_mmd_data"] = r["em50"]["kl_path"], r["em50"]["mmd_data"]
+        print(md(results["solvers_sm"], ["wall_s", "kl_path", "mmd_data", "frac_right", "em50_kl_path",
+                                         "em50_mmd_data"], ["method", "steps"]))
     out.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {out}")
 

@@ -48,6 +48,24 @@ def test_ratio_estimator_is_the_exact_score_of_the_empirical_measure(t):
     torch.testing.assert_close(ratio_score(x, t, data, PROC), exact, atol=1e-6 * scale, rtol=1e-6)
 
 
+def test_ratio_estimator_on_the_component_means_tends_to_the_mixture_score():
+    """Data = the gmm2 component means with the mixture's weights (7 : 3). For a mixture with component std s the
+    estimator is the score of its s -> 0 limit, so its error against the mixture's exact noised score vanishes
+    like s^4 (squared score error; the noised component variances alpha^2 s^2 + sigma^2 -> sigma^2)."""
+    means = torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    data = torch.cat([means[:1].repeat(7, 1), means[1:].repeat(3, 1)])
+    t, gen = 0.3, torch.Generator().manual_seed(0)
+    rel = []
+    for s in (0.2, 0.1, 0.05, 0.025):
+        gmm = GaussianMixture(means, [s], [0.7, 0.3])
+        xt, _ = PROC.marginal(gmm.sample(2000, gen).double(), torch.tensor(t))
+        exact = gmm.score(xt, t, PROC)
+        rel.append(float((ratio_score(xt, t, data, PROC, floor=0.0) - exact).pow(2).sum(1).mean()
+                         / exact.pow(2).sum(1).mean()))
+    assert all(a / b > 10 for a, b in zip(rel, rel[1:], strict=False)), rel  # ~ 16 per halving of s
+    assert rel[-1] < 1e-5, rel
+
+
 def test_ratio_estimator_error_vs_true_gmm_score_falls_with_m():
     g, gen = gmm_preset("gmm2"), torch.Generator().manual_seed(0)
     for t in (0.3, 0.6):
