@@ -15,6 +15,8 @@
     rotate:N         ``latest`` names epoch_N.pt, older checkpoints not yet deleted
     finish           the last checkpoint is written, the final outputs (figures, final model) are not
 
+``run_cli(capsys, *args)`` runs the ``ctrldiff`` command line in the test's process -> (exit code, stdout, stderr).
+
 In-process tests call ``install(fault, on_fault=..., setattr=monkeypatch.setattr)`` with an ``on_fault`` that
 raises instead of hanging: the files are then left exactly as a SIGKILL at that point leaves them.
 """
@@ -163,3 +165,19 @@ if __name__ == "__main__":
     from ctrldiff.cli import main
 
     main(sys.argv[1:], prog_name="ctrldiff")
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``ctrldiff`` command line in this process -> (exit code, stdout, stderr).
+
+    Any exception other than the CLI's own exit escapes to pytest, so "no traceback" is checked for free."""
+    from ctrldiff.cli import main
+
+    capsys.readouterr()
+    try:
+        main.main(args=list(args), prog_name="ctrldiff")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -253,6 +253,21 @@ def test_a_failing_worker_stops_the_others(tmp_path):
         os.kill(pid, 0)  # process 0 was stopped (and reaped), not left behind
 
 
+def _run_forked_pair(worker, tmp_path) -> None:
+    """Fork two processes ``worker(rank, port, out_path)`` (a gloo pair) and require both to exit cleanly."""
+    import multiprocessing as mp
+
+    ctx, port = mp.get_context("fork"), _port()
+    ps = [ctx.Process(target=worker, args=(r, port, str(tmp_path / f"{r}.pt"))) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in ps] == [0, 0]
+
+
 def _collectives_worker(rank: int, port: str, out: str) -> None:
     """Process ``rank`` of 2 (forked): exercises Dist with unequal local sizes and missing gradients."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -274,18 +289,8 @@ def _collectives_worker(rank: int, port: str, out: str) -> None:
 
 
 def test_collectives_with_unequal_batches(tmp_path):
-    import multiprocessing as mp
-
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # the first optimizer imports torch._dynamo (seconds):
-    ctx, port = mp.get_context("fork"), _port()  # here, once, not in both children
-    ps = [ctx.Process(target=_collectives_worker, args=(r, port, str(tmp_path / f"{r}.pt"))) for r in (0, 1)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in ps] == [0, 0]
+    _run_forked_pair(_collectives_worker, tmp_path)  # here, once, not in both children
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     full = torch.cat([torch.arange(3.0).reshape(-1, 1), torch.arange(5.0).reshape(-1, 1) + 10])
     for r in (r0, r1):
@@ -321,17 +326,7 @@ def _gradient_step_worker(rank: int, port: str, out: str) -> None:
 def test_gradient_step_clips_the_averaged_gradient(tmp_path):
     """The mean gradient (3 - 1) / 2 = 1 is under the clip 2: applied whole. Clipping each process's own gradient
     first would give (2 - 1) / 2 = 0.5."""
-    import multiprocessing as mp
-
-    ctx, port = mp.get_context("fork"), _port()
-    ps = [ctx.Process(target=_gradient_step_worker, args=(r, port, str(tmp_path / f"{r}.pt"))) for r in (0, 1)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in ps] == [0, 0]
+    _run_forked_pair(_gradient_step_worker, tmp_path)
     for r in (0, 1):
         res = torch.load(tmp_path / f"{r}.pt")
         assert res["grad_norm"] == pytest.approx(1.0) and torch.equal(res["grad"], torch.tensor([1.0]))

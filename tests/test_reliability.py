@@ -78,18 +78,7 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def _cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the ``ctrldiff`` command line in this process -> (exit code, stdout, stderr).
-
-    Any exception other than the CLI's own exit escapes to pytest, so "no traceback" is checked for free."""
-    capsys.readouterr()
-    try:
-        main.main(args=list(args), prog_name="ctrldiff")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = fault_helpers.run_cli
 
 
 def _env(**extra: str) -> dict:

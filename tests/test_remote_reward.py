@@ -28,7 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fault_helpers  # noqa: F401  (tests/ is on sys.path; its rewards are served below)
+import fault_helpers  # tests/ is on sys.path; its rewards are served below
 from ctrldiff.cli import main
 from ctrldiff.errors import CtrlDiffError, RewardError
 from ctrldiff.rewards import FunctionReward, make_reward
@@ -492,13 +492,8 @@ class FaultyServer(RewardServer):
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        main.main(args=list(args), prog_name="ctrldiff")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
+    code, _, err = fault_helpers.run_cli(capsys, *args)
+    return code, err
 
 
 _FAULT_MSG = {"500": "HTTP 500: injected failure (gave up after 2 attempts)",
