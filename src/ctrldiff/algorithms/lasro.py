@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from .base import Algorithm, RolloutBatch, register_algorithm
+from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
 
 
 class LaSROConfig(Strict):
@@ -359,14 +359,14 @@ class LaSRO(Algorithm):
             cond = tr.task.sample_conditions(a.gen_batch, tr.cpu_gen)
             cond = None if cond is None else cond.to(tr.device)
             x_T = torch.randn((a.gen_batch, *tr.task.sample_shape), generator=tr.gen, device=tr.device)
-            loss, info = self.generator_loss(x_T * tr.process.prior_std(), cond)
-            if not torch.isfinite(loss):
-                raise CtrlDiffError(f"lasro: non-finite generator loss at epoch {tr.epoch}; lower optim.lr")
-            tr.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, tr.cfg.optim.grad_clip)
-            tr.optimizer.step()
-            for key, v in {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}.items():
+            x_T = x_T * tr.process.prior_std()
+            # the shared optimizer step: non-finite check before anything is applied, microbatches, and (several
+            # processes) clipping of the averaged gradient
+            def loss_fn(sub, x_T=x_T, cond=cond):
+                return self.generator_loss(x_T[sub], None if cond is None else cond[sub])
+
+            info = gradient_step(self, loss_fn, torch.arange(a.gen_batch, device=tr.device))
+            for key, v in info.items():
                 sums[key] = sums.get(key, 0.0) + v
         out = {f"train/{k}" if not k.startswith("lasro/") else k: v / a.gen_steps for k, v in sums.items()}
         out["train/updates"] = a.gen_steps
