@@ -102,7 +102,7 @@ def test_server_matches_the_local_reward_exactly_in_chunks():
         assert client.served == "mode_switch"
         status, body = _post(s.url, b"", method="GET", path="/health")
         assert status == 200 and json.loads(body) == {"status": "ok", "reward": "mode_switch", "differentiable": True,
-                                                      "max_batch": 3, "max_bytes": 64 << 20}
+                                                      "max_batch": 3, "max_bytes": 64 << 20, "max_connections": 64}
         # a client allowed bigger chunks than the server takes: a clear, unretried 413
         with pytest.raises(RewardError, match=r"rejected the request \(HTTP 413\): batch of 7 exceeds this server's "
                                               r"max batch 3"):
@@ -307,6 +307,28 @@ def test_a_stalled_client_is_dropped_and_others_are_served():
             assert code == 200
             raw.settimeout(5)
             assert raw.recv(4096) == b""  # dropped after io_timeout, without an answer
+
+
+def test_connections_beyond_the_cap_get_503_and_a_retrying_client_gets_through():
+    with serving("toy2d-mode-switch", io_timeout=1.0, max_connections=2) as s:
+        stalled = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+        try:
+            for raw in stalled:  # both slots held by clients that stop mid-body
+                raw.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")
+            time.sleep(0.15)
+            code, out = _post(s.url, _req(torch.randn(3, 2)))
+            assert code == 503 and "all 2 connections are in use" in json.loads(out)["error"]
+            assert s.refused == 1 and threading.active_count() < 20
+            # the stalled clients are dropped after io_timeout; a retrying client then gets its answer
+            rr = RemoteReward(s.url, timeout=5, retries=4, backoff=0.3)
+            r = rr(torch.randn(4, 2))
+            assert r.shape == (4,) and rr.attempts >= 2
+        finally:
+            for raw in stalled:
+                raw.close()
+        assert json.loads(_post(s.url, b"", method="GET", path="/health")[1])["max_connections"] == 2
+    with pytest.raises(CtrlDiffError, match="--max-connections must be >= 1"):
+        RewardServer("toy2d-mode-switch", max_connections=0)
 
 
 def test_server_reports_failing_rewards_as_500_and_bad_input_as_422():

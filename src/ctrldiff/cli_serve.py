@@ -17,9 +17,12 @@ import click
 @click.option("--device", default="cpu", show_default=True, help="Device the reward runs on.")
 @click.option("--io-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a client may stall mid-request before it is dropped.")
+@click.option("--max-connections", type=int, default=64, show_default=True,
+              help="Connections served at once (a thread each); more get an immediate 503, which clients retry.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
-def serve_reward_cmd(spec, host, port, max_batch, max_mb, device, io_timeout, threads, verbose) -> None:
+def serve_reward_cmd(spec, host, port, max_batch, max_mb, device, io_timeout, max_connections, threads,
+                     verbose) -> None:
     """Serve a reward: POST /score (JSON, see docs/REWARDS.md), GET /health. Stops on SIGTERM / Ctrl-C."""
     from .cli import _threads
     from .errors import CtrlDiffError
@@ -35,7 +38,7 @@ def serve_reward_cmd(spec, host, port, max_batch, max_mb, device, io_timeout, th
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     server = RewardServer(spec, host=host, port=port, max_batch=max_batch, max_bytes=int(max_mb * (1 << 20)),
-                          device=device, io_timeout=io_timeout, verbose=verbose)
+                          device=device, io_timeout=io_timeout, verbose=verbose, max_connections=max_connections)
 
     def stop(*_):
         threading.Thread(target=server.shutdown, daemon=True).start()

@@ -4,7 +4,8 @@ stdlib only (``http.server.ThreadingHTTPServer``). The wire format and status co
 :mod:`ctrldiff.rewards.wire`. Every request is validated before the reward sees it; whatever a client sends,
 the answer is one JSON object (an error is one line, never a traceback) and the server keeps serving.
 Reward calls are serialised by a lock (models need not be thread-safe); a client that stops sending mid-request
-is dropped after ``io_timeout`` seconds.
+is dropped after ``io_timeout`` seconds; at most ``max_connections`` connections are served at once (one thread
+each): a connection beyond that gets an immediate 503, which :class:`RemoteReward` retries after its backoff.
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ class RewardServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, reward: Reward | str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 256,
-                 max_bytes: int = 64 << 20, device: str = "cpu", io_timeout: float = 30.0, verbose: bool = False):
+                 max_bytes: int = 64 << 20, device: str = "cpu", io_timeout: float = 30.0, verbose: bool = False,
+                 max_connections: int = 64):
         if max_batch < 1:
             raise CtrlDiffError(f"--max-batch must be >= 1, got {max_batch}")
+        if max_connections < 1:
+            raise CtrlDiffError(f"--max-connections must be >= 1, got {max_connections}")
+        self.max_connections = max_connections
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0  # connections answered 503 because every slot was busy
         if max_bytes < 1024:
             raise CtrlDiffError(f"--max-mb gives a request limit of {max_bytes} bytes; it must be at least 1 KiB")
         self.reward = make_reward(reward)
@@ -45,6 +52,32 @@ class RewardServer(ThreadingHTTPServer):
             super().__init__((host, port), handler)
         except OSError as e:
             raise CtrlDiffError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+    def process_request(self, request, client_address) -> None:
+        """One thread per connection, up to ``max_connections``; beyond that an immediate 503 (no thread)."""
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            body = error_body(f"server busy: all {self.max_connections} connections are in use; retry later",
+                              self.reward.name)
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     @property
     def port(self) -> int:
@@ -75,7 +108,7 @@ class RewardServer(ThreadingHTTPServer):
     def health(self) -> bytes:
         return json.dumps({"status": "ok", "reward": self.reward.name,
                            "differentiable": bool(self.reward.differentiable), "max_batch": self.max_batch,
-                           "max_bytes": self.max_bytes}).encode()
+                           "max_bytes": self.max_bytes, "max_connections": self.max_connections}).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):

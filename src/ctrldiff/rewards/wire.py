@@ -12,8 +12,9 @@ No other keys are allowed.
 Response ``200``: ``{"rewards": [r_1, ..., r_B], "reward": NAME}``; any error: a status >= 400 and
 ``{"error": "one line", "reward": NAME}``: 400 malformed request, 404 unknown path, 405 wrong method, 411 no
 Content-Length, 413 body or batch too large, 422 the reward cannot score this input (e.g. labels for a text-image
-reward), 500 the reward failed (raised, NaN/inf, wrong shape). ``GET /health`` answers
-``{"status": "ok", "reward": NAME, "differentiable": bool, "max_batch": N, "max_bytes": M}``.
+reward), 500 the reward failed (raised, NaN/inf, wrong shape), 503 every connection slot is busy (retry).
+``GET /health`` answers ``{"status": "ok", "reward": NAME, "differentiable": bool, "max_batch": N, "max_bytes": M,
+"max_connections": K}``.
 """
 
 from __future__ import annotations
