@@ -3,6 +3,9 @@
     python benchmarks/lasro_2step.py                       # default: 3 rewards x available algos, seed 0
     python benchmarks/lasro_2step.py --rewards jpeg-compressibility --algos lasro,ddpo --epochs 20 --seeds 0,1
     python benchmarks/lasro_2step.py --surrogate-curve     # held-out ranking accuracy vs training samples/pairs
+    python benchmarks/lasro_2step.py --sweep --seeds 0,1,2 --rewards jpeg-compressibility,digit-correct \
+        --algos lasro,lasro-frozen,ddpo,diffusion-dpo      # the tuned comparison (SWEEP; ~13 min per reward)
+    python benchmarks/lasro_2step.py --sweep --steps 1 --lr 1e-5 ...  # the same network as a 1-step generator
 
 Every algorithm runs through the one Trainer with the same true-reward query budget per epoch
 (``--queries`` per epoch: LaSRO spends half on the 2-step rollouts and half on their 1-step outputs).
@@ -36,29 +39,66 @@ DEFAULT_ALGOS = ("lasro", "lasro-frozen", "ddpo", "diffusion-dpo", "reward-backp
 DEFAULT_REWARDS = ("jpeg-compressibility", "digit-correct", "digit-alignment")
 # quality tolerance vs the base generator (stated in the results)
 TOL = {"accuracy_drop": 0.05, "frechet_ratio": 1.5, "diversity_ratio": 0.8}
+SELECT_SEED, TEST_SEED = 4321, 8765  # fixed evaluation noise: selection set / held-out set
+# --sweep: each algorithm's strength knob. LaSRO's regulariser weight c0 at the common lr; the baselines have no
+# regulariser (beta = 0, as in DDPO), so their knob is the learning rate (and Diffusion-DPO's temperature).
+SWEEP = {
+    "lasro": [{"lasro": {"c0": c}} for c in (10.0, 15.0, 20.0)],
+    "lasro-frozen": [{"lasro": {"c0": c}} for c in (10.0, 15.0, 20.0)],
+    "ddpo": [{"optim": {"lr": lr}} for lr in (5e-6, 1e-5, 2e-5, 3e-5)],
+    "diffusion-dpo": [{"optim": {"lr": lr}, "diffusion_dpo": {"beta_dpo": b}} for b in (0.05, 0.5, 5.0)
+                      for lr in (5e-6, 1e-5, 2e-5, 3e-5)],
+    "reward-backprop": [{"optim": {"lr": lr}} for lr in (1e-5, 2e-5, 3e-5)],
+}
+# --steps 1 (the same network as a 1-step generator, run with --lr 1e-5): its output from t = 1 is ~1/alpha_1 times
+# as sensitive to the network as the 2-step one's, so smaller learning rates, and LaSRO takes 8 generator steps
+SWEEP_1STEP = {
+    "lasro": [{"lasro": {"c0": c, "gen_steps": 8}} for c in (1.0, 3.0, 10.0)],
+    "lasro-frozen": [{"lasro": {"c0": c, "gen_steps": 8}} for c in (1.0, 3.0, 10.0)],
+    "ddpo": [{"optim": {"lr": lr}} for lr in (1e-6, 3e-6, 1e-5)],
+    "diffusion-dpo": [{"optim": {"lr": lr}, "diffusion_dpo": {"beta_dpo": b}} for b in (0.05, 5.0)
+                      for lr in (1e-6, 3e-6, 1e-5)],
+    "reward-backprop": [{"optim": {"lr": lr}} for lr in (1e-6, 3e-6, 1e-5)],
+}
+
+
+def deep_merge(base: dict, over: dict | None) -> dict:
+    """``base`` with ``over``'s keys replaced, nested dicts merged (a copy)."""
+    out = dict(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def algo_config(name: str, reward: str, model: str, epochs: int, queries: int, seed: int, lr: float,
-                lasro: dict | None = None) -> TrainConfig:
+                lasro: dict | None = None, overrides: dict | None = None, steps: int = 2) -> TrainConfig:
+    """The run's TrainConfig for the ``steps``-step generator (2, or 1: the same network used as a 1-step
+    generator); ``overrides`` (nested dict, e.g. {"optim": {"lr": 1e-5}}) is merged in last."""
     base = dict(model=model, reward=reward, epochs=epochs, seed=seed, beta=0.0,
                 log=dict(progress=False, num_final_eval=0, tensorboard=False))
-    det = dict(solver="ddim", steps=2, eta=0.0)
-    if name in ("lasro", "lasro-frozen"):
-        return TrainConfig(algo="lasro", batch_size=queries // 2, sampler=det, optim=dict(lr=lr),
-                           lasro=dict(freeze_surrogate=name == "lasro-frozen") | (lasro or {}), **base)
+    det = dict(solver="ddim", steps=steps, eta=0.0)
+    if name in ("lasro", "lasro-frozen"):  # at 2 steps half the queries score the rollouts' 1-step outputs
+        d = dict(algo="lasro", batch_size=queries // 2 if steps == 2 else queries, sampler=det, optim=dict(lr=lr),
+                 lasro=dict(freeze_surrogate=name == "lasro-frozen") | (lasro or {}), **base)
+        return TrainConfig(**deep_merge(d, overrides))
     if name == "ddpo":
-        return TrainConfig(algo="ddpo", batch_size=queries, sampler=dict(solver="ddim", steps=2, eta=1.0),
-                           optim=dict(lr=lr, minibatch=queries // 2, inner_epochs=2), **base)
+        d = dict(algo="ddpo", batch_size=queries, sampler=dict(solver="ddim", steps=steps, eta=1.0),
+                 optim=dict(lr=lr, minibatch=queries // 2, inner_epochs=2), **base)
+        return TrainConfig(**deep_merge(d, overrides))
     try:  # the baselines helper's algorithms: the deterministic generator if they accept it, else DDIM eta = 1
-        return TrainConfig(algo=name, batch_size=queries, sampler=det, optim=dict(lr=lr), **base)
+        return TrainConfig(**deep_merge(dict(algo=name, batch_size=queries, sampler=det, optim=dict(lr=lr), **base),
+                                        overrides))
     except Exception:  # noqa: BLE001 - their validator wants stochastic rollouts
-        return TrainConfig(algo=name, batch_size=queries, sampler=dict(solver="ddim", steps=2, eta=1.0),
-                           optim=dict(lr=lr), **base)
+        return TrainConfig(**deep_merge(dict(algo=name, batch_size=queries, sampler=dict(solver="ddim", steps=steps,
+                                                                                         eta=1.0),
+                                             optim=dict(lr=lr), **base), overrides))
 
 
 @torch.no_grad()
-def evaluate(tr: Trainer, model, n: int, seed: int = 4321, quality: bool = False) -> dict:
-    """The deterministic k-step generator (DDIM eta = 0, k = 2 and 1) on fixed noise: true reward (+ quality)."""
+def evaluate(tr: Trainer, model, n: int, seed: int = SELECT_SEED, quality: bool = False) -> dict:
+    """The deterministic k-step generator (DDIM eta = 0, k = 2 and 1) on fixed noise: true reward (+ quality).
+    ``seed`` picks the noise set: SELECT_SEED (curves, the final numbers, hyperparameter selection) or TEST_SEED
+    (held-out noise: the numbers a tuned comparison reports)."""
     from ctrldiff.solvers import ddim
 
     g = torch.Generator().manual_seed(seed)
@@ -74,9 +114,9 @@ def evaluate(tr: Trainer, model, n: int, seed: int = 4321, quality: bool = False
     return out
 
 
-def run_one(name: str, reward: str, args, seed: int) -> dict:
+def run_one(name: str, reward: str, args, seed: int, overrides: dict | None = None) -> dict:
     cfg = algo_config(name, reward, args.model, args.epochs, args.queries, seed, args.lr,
-                      json.loads(args.lasro) if args.lasro else None)
+                      json.loads(args.lasro) if args.lasro else None, overrides, getattr(args, "steps", 2))
     tr = Trainer(cfg, reward=make_reward(reward))
     t0 = time.perf_counter()
     curve = [{"epoch": 0, "reward_queries": 0, **evaluate(tr, tr.policy, args.eval_n_curve)}]
@@ -86,20 +126,23 @@ def run_one(name: str, reward: str, args, seed: int) -> dict:
         curve.append({"epoch": tr.epoch, "reward_queries": tr.reward_queries,
                       **evaluate(tr, tr.policy, args.eval_n_curve)})
     final = evaluate(tr, tr.policy, args.eval_n, quality=True)
+    final_test = evaluate(tr, tr.policy, args.eval_n, seed=TEST_SEED, quality=True)
     keep = ("epoch", "reward_queries", "reward_mean", "lasro/surrogate_acc_fresh", "lasro/bt_loss", "lasro/reg",
             "lasro/reg_z1", "lasro/reg_z2", "lasro/surrogate_z2", "lasro/reward_1step", "train/clipfrac",
             "train/ratio_mean")
     return {"algo": name, "reward": reward, "seed": seed, "config_algo": cfg.algo, "sampler": cfg.sampler.model_dump(),
-            "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "final": final, "curve": curve,
+            "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "overrides": overrides or {}, "final": final,
+            "final_test": final_test, "curve": curve,
             **({"lasro_config": cfg.lasro.model_dump()} if cfg.algo == "lasro" else {}),
             "train_log": [{k: r[k] for k in keep if k in r} for r in records],
             "wall_s": round(time.perf_counter() - t0, 1), "reward_queries": tr.reward_queries}
 
 
-def quality_ok(final: dict, base: dict) -> dict:
-    return {"accuracy": final["accuracy_2step"] >= base["accuracy_2step"] - TOL["accuracy_drop"],
-            "frechet": final["frechet_2step"] <= base["frechet_2step"] * TOL["frechet_ratio"],
-            "diversity": final["diversity_2step"] >= base["diversity_2step"] * TOL["diversity_ratio"]}
+def quality_ok(final: dict, base: dict, k: int = 2) -> dict:
+    """The k-step generator's quality within TOL of the base generator's (at k steps too)?"""
+    return {"accuracy": final[f"accuracy_{k}step"] >= base[f"accuracy_{k}step"] - TOL["accuracy_drop"],
+            "frechet": final[f"frechet_{k}step"] <= base[f"frechet_{k}step"] * TOL["frechet_ratio"],
+            "diversity": final[f"diversity_{k}step"] >= base[f"diversity_{k}step"] * TOL["diversity_ratio"]}
 
 
 def ddpo_transition_std(model: str) -> list[float]:
@@ -136,6 +179,90 @@ def benchmark(args) -> dict:
                       f"  acc {f['accuracy_2step']:.3f}  FD {f['frechet_2step']:.2f}  div {f['diversity_2step']:.2f}  "
                       f"queries {run['reward_queries']}  {run['wall_s']:.0f}s", flush=True)
                 write(res, args.out)
+    return res
+
+
+# ---- the tuned comparison: every algorithm's knob swept, one setting chosen per algorithm ----------------------
+def setting_label(overrides: dict) -> str:
+    """{"optim": {"lr": 1e-5}, "diffusion_dpo": {"beta_dpo": 0.5}} -> 'lr=1e-05 beta_dpo=0.5'."""
+    out = []
+    for k, v in overrides.items():
+        out += [setting_label(v)] if isinstance(v, dict) else [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"]
+    return " ".join(out) or "default"
+
+
+def select_setting(runs: list[dict], k: int = 2) -> dict:
+    """Choose one setting for one algorithm and reward from its runs (every setting x seed): among the settings
+    whose every seed is within the quality tolerance on the SELECTION noise set, the highest mean reward of the
+    k-step generator there. The chosen setting's numbers are then reported on the held-out TEST noise set. No
+    feasible setting: ``chosen`` is None and ``best_infeasible`` names the highest-reward one."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["setting"], []).append(r)
+    table = []
+    for label, rs in by.items():
+        table.append({"setting": label, "seeds": [r["seed"] for r in rs],
+                      "feasible": all(all(r["quality_within_tolerance"].values()) for r in rs),
+                      "reward_select": sum(r["final"][f"reward_{k}step"] for r in rs) / len(rs)})
+    feasible = [t for t in table if t["feasible"]]
+    pick = max(feasible, key=lambda t: t["reward_select"]) if feasible else None
+    out = {"settings": table, "chosen": None if pick is None else pick["setting"],
+           "best_infeasible": None if feasible else max(table, key=lambda t: t["reward_select"])["setting"]}
+    label = out["chosen"] or out["best_infeasible"]
+    rs = by[label]
+    keys = {"reward": f"reward_{k}step", "reward_2step": "reward_2step", "reward_1step": "reward_1step",
+            "accuracy": f"accuracy_{k}step", "frechet": f"frechet_{k}step", "diversity": f"diversity_{k}step"}
+    out["test"] = {name: [r["final_test"][key] for r in rs] for name, key in keys.items()}
+    out["test"]["seeds"] = [r["seed"] for r in rs]
+    out["test"]["within_tolerance"] = [all(r["quality_within_tolerance_test"].values()) for r in rs]
+    return out
+
+
+def sweep(args) -> dict:
+    """The tuned comparison (``--sweep``): every algorithm x every setting of its knob (SWEEP, or --grid) x every
+    seed, then :func:`select_setting` per algorithm and reward."""
+    algos = [a for a in args.algos.split(",") if a in ("lasro-frozen",) or a in ALGORITHMS]
+    k = getattr(args, "steps", 2)
+    grid = (SWEEP if k == 2 else SWEEP_1STEP) | (json.loads(args.grid) if args.grid else {})
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = {}
+    for r in args.rewards.split(","):
+        tr = Trainer(algo_config("lasro", r, args.model, 1, 8, 0, args.lr, steps=k))
+        base[r] = {"select": evaluate(tr, tr.task.ref, args.eval_n, quality=True),
+                   "test": evaluate(tr, tr.task.ref, args.eval_n, seed=TEST_SEED, quality=True)}
+    res = {"mode": "sweep", "model": args.model, "steps": k, "epochs": args.epochs, "queries_per_epoch": args.queries,
+           "seeds": seeds, "lr": args.lr, "tolerance": TOL, "eval_seeds": {"select": SELECT_SEED, "test": TEST_SEED},
+           "real_vs_real": real_frechet(), "base": base, "grid": {a: grid[a] for a in algos if a in grid},
+           "runs": [], "selected": {}}
+    t0 = time.perf_counter()
+    for reward in args.rewards.split(","):
+        res["selected"][reward] = {}
+        for name in algos:
+            if name == "reward-backprop" and not make_reward(reward).differentiable:
+                continue
+            runs = []
+            for over in grid.get(name, [{}]):
+                for seed in seeds:
+                    run = run_one(name, reward, args, seed, over)
+                    run["setting"] = setting_label(over)
+                    run["quality_within_tolerance"] = quality_ok(run["final"], base[reward]["select"], k)
+                    run["quality_within_tolerance_test"] = quality_ok(run["final_test"], base[reward]["test"], k)
+                    runs.append(run)
+                    f = run["final"]
+                    print(f"{reward:22s} {name:15s} {run['setting']:28s} seed {seed}: reward({k}-step) "
+                          f"{base[reward]['select'][f'reward_{k}step']:.4f} -> {f[f'reward_{k}step']:.4f}  acc "
+                          f"{f[f'accuracy_{k}step']:.3f}  FD {f[f'frechet_{k}step']:.2f}  div "
+                          f"{f[f'diversity_{k}step']:.2f}  "
+                          f"{'ok' if all(run['quality_within_tolerance'].values()) else 'OUT'}  {run['wall_s']:.0f}s",
+                          flush=True)
+            res["runs"] += runs
+            sel = res["selected"][reward][name] = select_setting(runs, k)
+            t = sel["test"]
+            print(f"==> {reward} {name}: chosen {sel['chosen']!r} (best infeasible {sel['best_infeasible']!r}); "
+                  f"held-out reward {sum(t['reward']) / len(seeds):.4f}, within tolerance "
+                  f"{sum(t['within_tolerance'])} of {len(seeds)}", flush=True)
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            write(res, args.out)
     return res
 
 
@@ -198,6 +325,8 @@ def main() -> None:
     ap.add_argument("--rewards", default=",".join(DEFAULT_REWARDS))
     ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=2, choices=(1, 2), help="use the generator at 2 steps (shipped) or "
+                    "1 step (the same network; DDPO then has one nearly deterministic transition)")
     ap.add_argument("--queries", type=int, default=64, help="true-reward queries per epoch (every algorithm)")
     ap.add_argument("--lr", type=float, default=3e-5, help="policy learning rate (every algorithm)")
     ap.add_argument("--seeds", default="0")
@@ -206,6 +335,10 @@ def main() -> None:
     ap.add_argument("--eval-n-curve", type=int, default=200)
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument("--surrogate-curve", action="store_true", help="only the surrogate-quality table")
+    ap.add_argument("--sweep", action="store_true", help="the tuned comparison: each algorithm's knob swept (SWEEP), "
+                    "one setting chosen per algorithm on the selection noise, reported on held-out noise")
+    ap.add_argument("--grid", default=None, help='JSON {algo: [overrides, ...]} replacing SWEEP entries, e.g. '
+                    '\'{"lasro": [{"lasro": {"c0": 15}}]}\'')
     ap.add_argument("--curve-rewards", default="jpeg-compressibility,digit-correct")
     ap.add_argument("--sizes", default="32,128,512,1536")
     ap.add_argument("--pool", type=int, default=2048)
@@ -217,6 +350,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.surrogate_curve:
         write(surrogate_curve(args), args.out or str(RESULTS / "lasro_2step_surrogate.json"))
+        return
+    if args.sweep:
+        args.out = args.out or str(RESULTS / "lasro_2step_sweep.json")
+        sweep(args)
         return
     args.out = args.out or str(RESULTS / "lasro_2step.json")
     benchmark(args)

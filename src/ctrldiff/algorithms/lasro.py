@@ -38,8 +38,8 @@ from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
 
 
 class LaSROConfig(Strict):
-    c0: float = Field(10.0, ge=0, description="weight of L_reg (distillation to the frozen initial generator); "
-                      "trades reward for sample quality (benchmarks/lasro_2step.py: 3 / 10 / 30)")
+    c0: float = Field(15.0, ge=0, description="weight of L_reg (distillation to the frozen initial generator); "
+                      "trades reward for sample quality (benchmarks/lasro_2step.py --sweep: c0 = 10 / 15 / 20)")
     c1: float = Field(0.02, ge=0, description="weight of the normalised surrogate reward of the 1-step output (small: "
                       "an eps-model's 1-step output from t = 1 moves ~1/alpha_1 times as much as eps, so this term "
                       "dominates the update otherwise)")
