@@ -6,6 +6,7 @@
     python benchmarks/lasro_2step.py --sweep --seeds 0,1,2 --rewards jpeg-compressibility,digit-correct \
         --algos lasro,lasro-frozen,ddpo,diffusion-dpo      # the tuned comparison (SWEEP; ~13 min per reward)
     python benchmarks/lasro_2step.py --sweep --steps 1 --lr 1e-5 ...  # the same network as a 1-step generator
+    python benchmarks/lasro_2step.py --render benchmarks/results/lasro_2step_sweep_jpeg.json   # its tables
 
 Every algorithm runs through the one Trainer with the same true-reward query budget per epoch
 (``--queries`` per epoch: LaSRO spends half on the 2-step rollouts and half on their 1-step outputs).
@@ -266,6 +267,13 @@ def sweep(args) -> dict:
     return res
 
 
+def render(paths: list[str], fig_dir: Path) -> str:
+    """Markdown tables (and reward-vs-queries plots in ``fig_dir``) of saved --sweep results, as in the suite page."""
+    import run  # benchmarks/run.py: the suite's renderer
+
+    return "\n".join(run.render_lasro2step(json.loads(Path(p).read_text()), {}, fig_dir) for p in paths)
+
+
 # ---- surrogate quality: held-out ranking accuracy vs training set size ---------------------------------------
 def surrogate_curve(args) -> dict:
     from ctrldiff.algorithms.lasro import LatentSurrogate, ReplayBuffer, bradley_terry_loss, ranking_accuracy
@@ -337,6 +345,8 @@ def main() -> None:
     ap.add_argument("--surrogate-curve", action="store_true", help="only the surrogate-quality table")
     ap.add_argument("--sweep", action="store_true", help="the tuned comparison: each algorithm's knob swept (SWEEP), "
                     "one setting chosen per algorithm on the selection noise, reported on held-out noise")
+    ap.add_argument("--render", nargs="+", metavar="SWEEP_JSON", default=None, help="print the markdown tables of "
+                    "saved --sweep results (plots go to docs/benchmarks/)")
     ap.add_argument("--grid", default=None, help='JSON {algo: [overrides, ...]} replacing SWEEP entries, e.g. '
                     '\'{"lasro": [{"lasro": {"c0": 15}}]}\'')
     ap.add_argument("--curve-rewards", default="jpeg-compressibility,digit-correct")
@@ -350,6 +360,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.surrogate_curve:
         write(surrogate_curve(args), args.out or str(RESULTS / "lasro_2step_surrogate.json"))
+        return
+    if args.render:
+        print(render(args.render, RESULTS.parent.parent / "docs" / "benchmarks"))
         return
     if args.sweep:
         args.out = args.out or str(RESULTS / "lasro_2step_sweep.json")
