@@ -315,7 +315,8 @@ def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
     k = data.get("steps", 2)
     for reward, sel in data["selected"].items():
         base = data["base"][reward]["test"]
-        out.append(f"\n**reward `{reward}`** ({k}-step generator; held-out noise)\n")
+        out.append(f"\n**reward `{reward}`** ({k}-step generator: its reward is the reward ({k}-step) column; "
+                   "held-out noise)\n")
         rows = [["base generator", "—", f"{base['reward_2step']:.4f}", f"{base['reward_1step']:.4f}",
                  f"{base[f'accuracy_{k}step']:.3f}", f"{base[f'frechet_{k}step']:.2f}",
                  f"{base[f'diversity_{k}step']:.2f}", "—"]]
@@ -328,8 +329,8 @@ def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
                                                           ("accuracy", "{:.3f}"), ("frechet", "{:.2f}"),
                                                           ("diversity", "{:.2f}"))]
                         + [f"{sum(t['within_tolerance'])} of {len(t['within_tolerance'])}"])
-        out.append(md_table(["algo", "chosen setting", "reward (2-step)", "reward (1-step)", "accuracy", "FD",
-                             "diversity", "seeds within tolerance"], rows))
+        out.append(md_table(["algo", "chosen setting", "reward (2-step)", "reward (1-step)", f"accuracy ({k}-step)",
+                             f"FD ({k}-step)", f"diversity ({k}-step)", "seeds within tolerance"], rows))
         runs = [r for r in data["runs"] if r["reward"] == reward]
         out.append("\nEvery setting tried (mean reward on the selection noise; seeds within tolerance there):\n")
         for algo, s in sel.items():
