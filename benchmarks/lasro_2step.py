@@ -49,7 +49,7 @@ SWEEP = {
     "ddpo": [{"optim": {"lr": lr}} for lr in (5e-6, 1e-5, 2e-5, 3e-5)],
     "diffusion-dpo": [{"optim": {"lr": lr}, "diffusion_dpo": {"beta_dpo": b}} for b in (0.05, 0.5, 5.0)
                       for lr in (5e-6, 1e-5, 2e-5, 3e-5)],
-    "reward-backprop": [{"optim": {"lr": lr}} for lr in (1e-5, 2e-5, 3e-5)],
+    "reward-backprop": [{"optim": {"lr": lr}} for lr in (1e-6, 3e-6, 1e-5, 3e-5)],
 }
 # --steps 1 (the same network as a 1-step generator, run with --lr 1e-5): its output from t = 1 is ~1/alpha_1 times
 # as sensitive to the network as the 2-step one's, so smaller learning rates, and LaSRO takes 8 generator steps
