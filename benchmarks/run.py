@@ -188,7 +188,8 @@ def render_finetune2d(data: dict, mode: dict, fig_dir: Path) -> str:
     return "\n".join(out)
 
 
-def _plot_curves(rs: list[dict], algos: list[str], path: Path, title: str) -> Path | None:
+def _new_figure(path: Path):
+    """(pyplot, figure, axes) for a plot to be saved at ``path``, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -198,6 +199,25 @@ def _plot_curves(rs: list[dict], algos: list[str], path: Path, title: str) -> Pa
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    return plt, fig, ax
+
+
+def _save_figure(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(rs: list[dict], algos: list[str], path: Path, title: str) -> Path | None:
+    made = _new_figure(path)
+    if made is None:
+        return None
+    plt, fig, ax = made
     for algo in algos:
         ra = [r for r in rs if r["algo"] == algo]
         n = min(len(r["curve"]) for r in ra)
@@ -212,14 +232,7 @@ def _plot_curves(rs: list[dict], algos: list[str], path: Path, title: str) -> Pa
     ax.axhline(rs[0]["J_star"], ls="--", c="k", lw=1)
     lo = min(rs[0]["J_ref"], rs[0]["J_star"]) - abs(rs[0]["J_star"]) * 0.6
     ax.set_ylim(lo, rs[0]["J_star"] + abs(rs[0]["J_star"]) * 0.15)
-    ax.set_xlabel("reward queries")
-    ax.set_ylabel("J = E r − β KL_path")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, path, "reward queries", "J = E r − β KL_path", title, 8)
 
 
 # ---- section: q-learning from data vs pretrain + fine-tune -------------------------------------------------
@@ -374,15 +387,10 @@ def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
 
 
 def _plot_reward_curves(runs: list[dict], sel: dict, k: int, path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    made = _new_figure(path)
+    if made is None:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    plt, fig, ax = made
     curves = {}
     for algo, s in sel.items():
         label = s["chosen"] or s["best_infeasible"]
@@ -400,14 +408,7 @@ def _plot_reward_curves(runs: list[dict], sel: dict, k: int, path: Path, title: 
     if lo is not None and hi > lo:
         pad = 0.25 * (hi - lo)
         ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel("true-reward queries")
-    ax.set_ylabel(f"true reward of the {k}-step generator")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, ax, path, "true-reward queries", f"true reward of the {k}-step generator", title, 7)
 
 
 SECTIONS = {
