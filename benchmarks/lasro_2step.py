@@ -268,10 +268,11 @@ def sweep(args) -> dict:
 
 
 def render(paths: list[str], fig_dir: Path) -> str:
-    """Markdown tables (and reward-vs-queries plots in ``fig_dir``) of saved --sweep results, as in the suite page."""
+    """Markdown tables (and reward-vs-queries plots in ``fig_dir``, named sweep_*.png so that they do not replace the
+    suite page's) of saved --sweep results, as in the suite page."""
     import run  # benchmarks/run.py: the suite's renderer
 
-    return "\n".join(run.render_lasro2step(json.loads(Path(p).read_text()), {}, fig_dir) for p in paths)
+    return "\n".join(run.render_lasro2step(json.loads(Path(p).read_text()), {}, fig_dir, "sweep_") for p in paths)
 
 
 # ---- surrogate quality: held-out ranking accuracy vs training set size ---------------------------------------

@@ -323,11 +323,12 @@ def section_lasro2step(mode: dict) -> dict | None:
     return out
 
 
-def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
-    """The suite's section (``{"experiments": [sweep, ...]}``) or one saved --sweep result."""
+def render_lasro2step(data: dict, mode: dict, fig_dir: Path, fig_prefix: str = "") -> str:
+    """The suite's section (``{"experiments": [sweep, ...]}``) or one saved --sweep result; plots are written to
+    ``fig_dir`` as ``<fig_prefix>lasro<k>step_<reward>.png`` and linked as benchmarks/<name>."""
     if "experiments" in data:
-        return "\n".join(f"\n### The generator at {e.get('steps', 2)} step(s)\n" + render_lasro2step(e, mode, fig_dir)
-                         for e in data["experiments"])
+        return "\n".join(f"\n### The generator at {e.get('steps', 2)} step(s)\n"
+                         + render_lasro2step(e, mode, fig_dir, fig_prefix) for e in data["experiments"])
     tol = data["tolerance"]
     k = data.get("steps", 2)
     how = ("deterministic DDIM at 2 steps" if k == 2 else
@@ -373,7 +374,7 @@ def render_lasro2step(data: dict, mode: dict, fig_dir: Path) -> str:
                          if r["algo"] == algo and r["setting"] == t["setting"])
                 tried.append(f"{t['setting']} {t['reward_select']:.4f} ({ok}/{len(t['seeds'])})")
             out.append(f"- {algo}: " + "; ".join(tried))
-        fig = _plot_reward_curves(runs, sel, k, fig_dir / f"lasro{k}step_{reward}.png",
+        fig = _plot_reward_curves(runs, sel, k, fig_dir / f"{fig_prefix}lasro{k}step_{reward}.png",
                                   f"{k}-step digits generator, reward {reward}: chosen setting of each algorithm")
         if fig:
             out.append(f"\n![reward vs reward queries, {reward}](benchmarks/{fig.name})")
