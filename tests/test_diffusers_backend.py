@@ -198,6 +198,42 @@ def test_lora_roundtrip_with_plain_diffusers(pipes, tmp_path):
         assert torch.equal(resumed.task.model_state_dict()[k], v)
 
 
+def test_eval_of_a_diffusers_run_reproduces_its_final_eval(pipes, tmp_path):
+    """``ctrldiff eval RUN_DIR`` on a LoRA run: the latest checkpoint's LoRA on the pipeline, the run's prompts,
+    decoded images for the reward; with the final evaluation's seed / n / solver it gives the same numbers.
+    ``ctrldiff report`` builds its page (with the robustness table) for the same run."""
+    from click.testing import CliRunner
+
+    from ctrldiff.cli import main
+
+    out = tmp_path / "run"
+    cfg = _cfg(pipes["sd15"], "ddpo", _prompt_file(tmp_path), epochs=2, optim=dict(lr=5e-2, minibatch=6),
+               log=dict(progress=False, tensorboard=False, num_final_eval=3, num_eval_samples=2))
+    Trainer(cfg, out).train()
+    after = json.loads((out / "final_eval.json").read_text())["after"]
+    r = CliRunner().invoke(main, ["eval", str(out), "--n", "3", "--seed", "4321", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["kind"] == "text-to-image" and doc["prompts"] == PROMPTS and doc["guidance"] == 2.0
+    assert doc["weights"].endswith(".pt") and "checkpoints" in doc["weights"]
+    res = doc["results"][0]
+    assert res["label"] == "ddim:3 (eta 1)"
+    assert res["reward_mean"] == pytest.approx(after["reward_mean"], rel=1e-6, abs=1e-9)
+    assert res["kl_path"] == pytest.approx(after["kl_path"], rel=1e-5, abs=1e-9) and res["kl_path"] > 0
+    # another solver, and the human-readable table
+    r = CliRunner().invoke(main, ["eval", str(out), "--n", "2", "--solvers", "ddim:2,em:3"])
+    assert r.exit_code == 0, r.output
+    assert "ddim:2" in r.output and "em:3" in r.output and "KL_path" in r.output
+    r = CliRunner().invoke(main, ["eval", str(out), "--n", "2", "--ref", "digits"])
+    assert r.exit_code != 0 and "--ref is not available for a diffusers run" in r.output
+    # ctrldiff report on the same run: curves, summary, the robustness table from these evaluations, samples
+    r = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "r.html"), "--solvers", "ddim:2",
+                                  "--n", "2"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "r.html").read_text()
+    assert "ddim:2" in page and "before/after" in page and "Traceback" not in page and "error" not in page.lower()
+
+
 def test_full_finetune_saves_a_pipeline(pipes, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -122,9 +122,12 @@ def evaluate_setup(setup: EvalSetup, solvers: list[SolverSpec], n: int = 512, se
     cond = setup.conditions(n)
     rows = []
     for spec in solvers:
+        task = setup.task
         res = evaluate_policy(setup.policy, setup.ref, setup.process, setup.reward, sample_shape=setup.sample_shape,
                               n=n, solver=spec.name, steps=spec.steps, eta=eta, cond=cond, seed=seed,
-                              beta=setup.beta, return_samples=True)
+                              beta=setup.beta, return_samples=True, chunk=setup.chunk,
+                              decode=None if task is None else task.decode,
+                              reward_cond=None if task is None else task.reward_cond)
         x = res.pop("samples")
         res["label"] = spec.label + (f" (eta {eta:g})" if spec.name == "ddim" else "")
         if digits is not None:
@@ -136,8 +139,10 @@ def evaluate_setup(setup: EvalSetup, solvers: list[SolverSpec], n: int = 512, se
         rows.append(res)
     doc = {"model": setup.name, "weights": setup.source, "reference": setup.ref_name, "run_dir": _str(setup.run_dir),
            "reward": getattr(setup.reward, "name", str(setup.reward)), "beta": setup.beta, "guidance": setup.guidance,
-           "n": n, "seed": seed, "eta": eta, "kind": "digits" if digits else "exact-2d" if setup.exact_preset else "other",
-           "results": rows}
+           "n": n, "seed": seed, "eta": eta, "kind": "digits" if digits else "exact-2d" if setup.exact_preset else
+           "text-to-image" if setup.prompts else "other", "results": rows}
+    if setup.prompts:
+        doc["prompts"] = setup.prompts
     if digits is not None:
         doc["real_baseline"] = digits.baseline
     if setup.exact_preset:

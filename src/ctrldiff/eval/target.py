@@ -3,7 +3,9 @@ spec ('digits', '<gmm>-exact', a saved model path) or from a training run direct
 
 For a run directory the policy is the run's ``final_model`` (or its latest checkpoint when that is newer
 or the model type cannot be saved, e.g. the '*-exact' models), applied to the task of its ``config.yaml``;
-the reference, reward, beta and guidance are the run's, unless overridden.
+the reference, reward, beta and guidance are the run's, unless overridden. A run that fine-tuned a diffusers
+pipeline is evaluated on its latest checkpoint (the LoRA / trained weights) with its prompt set: samples are
+latents, decoded by the pipeline's VAE for the reward, which gets the prompt strings.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class EvalSetup:
     model_spec: str  # the task's model spec ('digits', 'gmm2-exact', a path)
     run_dir: Path | None = None
     sampler: dict = field(default_factory=dict)  # the run's training sampler (solver, steps, eta) if any
+    task: object | None = None  # the Task (decode, reward_cond, eval_conditions: latent text-to-image runs)
+    chunk: int = 1000  # samples per solver call
 
     @property
     def is_digits(self) -> bool:
@@ -51,8 +55,16 @@ class EvalSetup:
         return self.model_spec.removesuffix("-exact") if self.model_spec.endswith("-exact") else None
 
     def conditions(self, n: int) -> torch.Tensor | None:
-        """Balanced evaluation labels 0, 1, ..., C-1, 0, ... [n] (None for unconditional models)."""
+        """Balanced evaluation labels (or prompt indices) 0, 1, ..., C-1, 0, ... [n] (None for unconditional models)."""
+        if self.task is not None:
+            return self.task.eval_conditions(n)
         return None if not self.num_classes else torch.arange(n) % self.num_classes
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The prompt set of a text-to-image run (conditions index it), else None."""
+        names = getattr(self.task, "prompts", None)
+        return list(names) if names else None
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -79,8 +91,21 @@ def _run_weights(run: Path, task) -> tuple[nn.Module, str]:
     if ckpt is None:
         raise CtrlDiffError(f"run directory {run} has neither final_model.safetensors nor a checkpoint to evaluate")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    task.model.load_state_dict(state["model"])
+    task.load_model_state_dict(state["model"])
     return task.model, str(ckpt)
+
+
+def _diffusers_run_weights(run: Path, task) -> tuple[nn.Module, str]:
+    """A diffusers run's trained weights (LoRA or full) from its latest readable checkpoint, into ``task``."""
+    from ..train.checkpoint import load_latest_checkpoint
+
+    path, state, rejected = (load_latest_checkpoint(run / "checkpoints", map_location="cpu")
+                             if (run / "checkpoints").is_dir() else (None, None, []))
+    if state is None:
+        why = f" ({'; '.join(rejected)})" if rejected else ""
+        raise CtrlDiffError(f"run directory {run} has no readable checkpoint to evaluate{why}")
+    task.load_model_state_dict(state["model"])
+    return task.model, str(path)
 
 
 def _build(spec: str, process: str = "vp", device: str = "cpu"):
@@ -108,15 +133,20 @@ def load_setup(spec: str, *, reward: str | None = None, beta: float | None = Non
 
     check(beta is None or beta >= 0, f"--beta must be >= 0, got {beta}")
     run_dir = Path(spec) if is_run_dir(spec) else None
+    text_task, chunk = None, 1000
     if run_dir is not None:
         cfg = load_run_config(run_dir)
-        from ..train.task import _is_diffusers_spec
+        from ..train.task import _is_diffusers_spec, build_task
 
-        check(not _is_diffusers_spec(cfg.model), f"run {run_dir} fine-tuned the diffusers pipeline {cfg.model}: "
-              "ctrldiff eval does not evaluate latent text-to-image runs yet; see the run's final_eval.json, or load "
-              f"{run_dir / 'lora'} with diffusers' pipe.load_lora_weights")
-        task = _build(cfg.model, cfg.process, device)
-        policy, source = _run_weights(run_dir, task)
+        if _is_diffusers_spec(cfg.model):
+            check(ref is None, "--ref is not available for a diffusers run: its reference is the pipeline it "
+                  f"fine-tuned ({cfg.model})")
+            task = text_task = build_task(cfg.model, cfg.process, device, cfg.diffusers)
+            policy, source = _diffusers_run_weights(run_dir, task)
+            chunk = max(cfg.rollout_chunk, 1)
+        else:
+            task = _build(cfg.model, cfg.process, device)
+            policy, source = _run_weights(run_dir, task)
         ref_model, ref_name = task.ref, cfg.model
         sampler = {"solver": cfg.sampler.solver, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta}
     else:
@@ -136,4 +166,5 @@ def load_setup(spec: str, *, reward: str | None = None, beta: float | None = Non
         name=spec, source=source, policy=with_guidance(_frozen(policy), g), ref=with_guidance(_frozen(ref_model), g),
         ref_name=ref_name, process=task.process, sample_shape=tuple(task.sample_shape), num_classes=task.num_classes,
         reward=make_reward(reward if reward is not None else cfg.reward), beta=float(cfg.beta if beta is None else beta),
-        guidance=g, model_spec=cfg.model if run_dir is not None else spec, run_dir=run_dir, sampler=sampler)
+        guidance=g, model_spec=cfg.model if run_dir is not None else spec, run_dir=run_dir, sampler=sampler,
+        task=text_task, chunk=chunk)
