@@ -33,6 +33,9 @@ class OptimConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="policy optimizer steps over which the learning rate rises "
+                              "linearly from lr / warmup_steps to lr (0: none). Adam's first steps move every "
+                              "parameter by about lr whatever the gradient, which a few-step generator feels most")
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
     minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
     reuse_rollout_graph: bool = Field(

@@ -87,6 +87,19 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, create: bool = Tru
                 p.unlink()
 
 
+def add_warmup(opt: torch.optim.Optimizer, lr: float, steps: int) -> None:
+    """Linear learning-rate warmup: step k (1, 2, ...) of ``opt`` uses lr * min(1, k / steps). The step count is
+    read from the optimizer's own state (saved in checkpoints), so a resumed run continues the same schedule."""
+
+    def pre_hook(o, args, kwargs):
+        st = next((o.state[p] for g in o.param_groups for p in g["params"] if p in o.state), None)
+        done = int(st["step"]) if st is not None and "step" in st else 0
+        for g in o.param_groups:
+            g["lr"] = lr * min(1.0, (done + 1) / steps)
+
+    opt.register_step_pre_hook(pre_hook)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | Path | None = None, *, task: Task | None = None,
                  reward=None, resume: bool = False, overwrite: bool = False):
@@ -117,6 +130,8 @@ class Trainer:
             raise CtrlDiffError(f"model {cfg.model!r} has no trainable parameters")
         self.optimizer = self.make_optimizer(self.trainable_parameters, lr=cfg.optim.lr,
                                              weight_decay=cfg.optim.weight_decay)
+        if cfg.optim.warmup_steps:
+            add_warmup(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps)
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         if cfg.optim.reuse_rollout_graph:
             from ..algorithms.base import Algorithm
