@@ -169,3 +169,51 @@ def test_lr_warmup_is_linear_and_resumes_from_the_optimizer_state(tmp_path):
     resumed.train()
     for p, q in zip(full.task.model.parameters(), resumed.task.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_ema_of_the_weights_is_kept_checkpointed_resumed_and_used_for_the_final_model(tmp_path):
+    d = 0.6
+    cfg = dict(optim=dict(lr=1e-2, minibatch=64, ema_decay=d), epochs=3)
+    tr = Trainer(_cfg(**cfg), tmp_path / "full")
+    expected = [p.detach().clone() for p in tr.trainable_parameters]
+    snaps = []
+    tr.optimizer.register_step_post_hook(lambda *_: snaps.append([p.detach().clone() for p in tr.trainable_parameters]))
+    tr.train()
+    assert len(snaps) == 12  # 4 policy steps per epoch
+    for snap in snaps:
+        expected = [d * e + (1 - d) * s for e, s in zip(expected, snap, strict=True)]
+    for e, got in zip(expected, tr.ema, strict=True):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-7)
+    # the trained weights are back after the final evaluation / save, which used the EMA
+    for p, s in zip(tr.trainable_parameters, snaps[-1], strict=True):
+        assert torch.equal(p.detach(), s)
+    assert any(not torch.equal(e, s) for e, s in zip(tr.ema, snaps[-1], strict=True))
+    # resume: the EMA continues exactly
+    part = Trainer(_cfg(**cfg), tmp_path / "part")
+    part.train(epochs=1)
+    resumed = Trainer(_cfg(**cfg), tmp_path / "part", resume=True)
+    resumed.train()
+    for a, b in zip(tr.ema, resumed.ema, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ctrldiff eval of the run (a '*-exact' model: from its checkpoint) evaluates the EMA weights
+    from ctrldiff.eval.target import load_setup
+
+    setup = load_setup(str(tmp_path / "full"))
+    trained = list(setup.policy.parameters())
+    assert len(trained) == len(tr.ema) and all(torch.equal(p, e) for p, e in zip(trained, tr.ema, strict=True))
+    # a run without EMA cannot be resumed as one with it
+    plain = Trainer(_cfg(epochs=2), tmp_path / "plain")
+    plain.train(epochs=1)
+    st = plain.state_dict()
+    with pytest.raises(CtrlDiffError, match="holds no EMA weights"):
+        Trainer(_cfg(optim=dict(lr=1e-3, minibatch=64, ema_decay=0.9), epochs=2)).load_state_dict(st)
+
+
+def test_the_saved_final_model_holds_the_ema_weights(tmp_path):
+    from ctrldiff.models.base import load_model
+
+    tr = Trainer(_cfg(model="scratch-gmm2", epochs=2, optim=dict(lr=1e-2, minibatch=64, ema_decay=0.5)), tmp_path / "r")
+    tr.train()
+    saved = list(load_model(tmp_path / "r" / "final_model.safetensors").parameters())
+    assert len(saved) == len(tr.ema) and all(torch.equal(p, e) for p, e in zip(saved, tr.ema, strict=True))
+    assert not all(torch.equal(p, e) for p, e in zip(tr.trainable_parameters, tr.ema, strict=True))

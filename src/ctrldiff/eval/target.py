@@ -91,8 +91,20 @@ def _run_weights(run: Path, task) -> tuple[nn.Module, str]:
     if ckpt is None:
         raise CtrlDiffError(f"run directory {run} has neither final_model.safetensors nor a checkpoint to evaluate")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    task.load_model_state_dict(state["model"])
+    _load_checkpoint_weights(task, state)
     return task.model, str(ckpt)
+
+
+def _load_checkpoint_weights(task, state: dict) -> None:
+    """The checkpoint's trained weights into ``task``; its EMA weights instead when the run kept an EMA
+    (``optim.ema_decay``), as its final model does."""
+    task.load_model_state_dict(state["model"])
+    if state.get("ema") is not None:
+        params = list(task.trainable)
+        check(len(params) == len(state["ema"]), "the checkpoint's EMA weights do not match the model's parameters")
+        with torch.no_grad():
+            for p, e in zip(params, state["ema"], strict=True):
+                p.copy_(e)
 
 
 def _diffusers_run_weights(run: Path, task) -> tuple[nn.Module, str]:
@@ -104,7 +116,7 @@ def _diffusers_run_weights(run: Path, task) -> tuple[nn.Module, str]:
     if state is None:
         why = f" ({'; '.join(rejected)})" if rejected else ""
         raise CtrlDiffError(f"run directory {run} has no readable checkpoint to evaluate{why}")
-    task.load_model_state_dict(state["model"])
+    _load_checkpoint_weights(task, state)
     return task.model, str(path)
 
 

@@ -33,6 +33,10 @@ class OptimConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="exponential moving average of the trained weights, "
+                             "updated after every policy step with this decay (0: off). The run's final model "
+                             "(final_model / LoRA), final_eval.json and before/after figure use the EMA weights; "
+                             "checkpoints hold both")
     warmup_steps: int = Field(0, ge=0, description="policy optimizer steps over which the learning rate rises "
                               "linearly from lr / warmup_steps to lr (0: none). Adam's first steps move every "
                               "parameter by about lr whatever the gradient, which a few-step generator feels most")

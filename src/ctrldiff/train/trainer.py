@@ -132,6 +132,10 @@ class Trainer:
                                              weight_decay=cfg.optim.weight_decay)
         if cfg.optim.warmup_steps:
             add_warmup(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps)
+        self.ema: list[torch.Tensor] | None = None
+        if cfg.optim.ema_decay > 0:
+            self.ema = [p.detach().clone() for p in self.trainable_parameters]
+            self.optimizer.register_step_post_hook(lambda *_: self._update_ema())
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         if cfg.optim.reuse_rollout_graph:
             from ..algorithms.base import Algorithm
@@ -393,8 +397,29 @@ class Trainer:
         nrow = min(self.task.num_classes, 10) or None
         save_samples_figure(x, self.out / "samples" / f"{name}.png", nrow=nrow)
 
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.optim.ema_decay
+        for e, p in zip(self.ema, self.trainable_parameters, strict=True):
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
+
     def finish(self) -> None:
-        """Write the final model, the before/after figure and the reward curve."""
+        """Write the final model, the before/after figure and the reward curve (with ``optim.ema_decay``: of the
+        EMA weights; the trained weights are put back afterwards)."""
+        if self.ema is None:
+            return self._finish()
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.trainable_parameters]
+            for p, e in zip(self.trainable_parameters, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            self._finish()
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.trainable_parameters, raw, strict=True):
+                    p.copy_(r)
+
+    def _finish(self) -> None:
         from ..viz import plot_curves, side_by_side
 
         nrow = min(self.task.num_classes, 10) or None
@@ -448,6 +473,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.task.model_state_dict(), "optimizer": self.optimizer.state_dict(),
                 "algo": self.algo.state_dict(), "rng": self._rng_state(),
+                **({"ema": [e.clone() for e in self.ema]} if self.ema is not None else {}),
                 "counters": {"reward_queries": self.reward_queries, "value_reward_queries": self.value_reward_queries,
                              "reward_skipped": self.reward_skipped, "wall_s": self.wall_s}}
 
@@ -459,6 +485,12 @@ class Trainer:
         self.epoch = st["epoch"]
         self.task.load_model_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
+        if self.ema is not None:
+            if "ema" not in st or len(st["ema"]) != len(self.ema):
+                raise CtrlDiffError("cannot resume: optim.ema_decay is set but the checkpoint holds no EMA weights "
+                                    "of these parameters")
+            for e, v in zip(self.ema, st["ema"], strict=True):
+                e.copy_(v)
         mine = st["rank_states"][self.dist.rank] if self.dist.rank > 0 else None
         self.algo.load_state_dict(st["algo"] if mine is None else mine["algo"])
         self._set_rng_state(st["rng"] if mine is None else mine["rng"])
