@@ -399,9 +399,9 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        d = self.cfg.optim.ema_decay
-        for e, p in zip(self.ema, self.trainable_parameters, strict=True):
-            e.mul_(d).add_(p.detach(), alpha=1 - d)
+        """ema <- d ema + (1 - d) theta after every policy step: one fused update over all trained tensors (a LoRA
+        UNet has hundreds of small ones)."""
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.trainable_parameters], 1 - self.cfg.optim.ema_decay)
 
     def finish(self) -> None:
         """Write the final model, the before/after figure and the reward curve (with ``optim.ema_decay``: of the
