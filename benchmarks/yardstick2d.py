@@ -50,7 +50,15 @@ ALGOS = {
     "diffusion-dpo-bt": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry"), optim=dict(lr=1e-4)),
     "diffusion-dpo-bt-d8": dict(algo="diffusion-dpo", diffusion_dpo=dict(labels="bradley-terry", draws=8),
                                 optim=dict(lr=1e-4)),
+    # the strongest current baselines (METHODS section 9; --algos adjoint-matching flow-grpo flow-grpo-fast
+    # diffusion-nft): all with their defaults on the yardstick's EM(20) rollouts (eta = 1, memoryless), except
+    # Flow-GRPO-Fast (eta sampler: ODE steps with a random window of 4 SDE steps at eta = 1)
+    "adjoint-matching": dict(algo="adjoint-matching"),
+    "flow-grpo": dict(algo="flow-grpo"),
+    "flow-grpo-fast": dict(algo="flow-grpo", flow_grpo=dict(window=4), sampler=dict(solver="eta", eta=1.0)),
+    "diffusion-nft": dict(algo="diffusion-nft"),
 }
+NEW_ALGOS = ["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft"]
 DEFAULT_ALGOS = ["ctrl-a", "ctrl-b", "ddpo", "dpok"]
 BATCH = 256
 
@@ -65,9 +73,9 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
     j_ref = target.mean_reward_ref
     spec = dict(ALGOS[algo])
     optim = {"lr": 1e-3, "minibatch": 512, **spec.pop("optim", {})}  # an entry may override the optimiser
+    sampler = {"solver": "em", "steps": 20, **spec.pop("sampler", {})}  # ... and the rollout sampler
     cfg = TrainConfig(model="gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1, batch_size=BATCH, seed=seed,
-                      sampler=dict(solver="em", steps=20), optim=optim, log=dict(progress=False, tensorboard=False),
-                      **spec)
+                      sampler=sampler, optim=optim, log=dict(progress=False, tensorboard=False), **spec)
     tr = Trainer(cfg, reward=reward)
     curve, at_budget = [], {}
     todo = sorted(budgets)
@@ -93,11 +101,42 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
             ev = evaluate()
             curve.append({k: ev[k] for k in ("queries", "objective", "improvement_frac")})
     hit = next((c["queries"] for c in curve if c["improvement_frac"] >= 0.9), None)
+    wall = time.perf_counter() - t0
     res = {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
-           "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
+           "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": wall,
+           "train_s_per_epoch": tr.wall_s / max(tr.epoch, 1), "epochs": tr.epoch}
     if return_trainer:
         res["trainer"] = tr
     return res
+
+
+def discretisation_floor(reward_name: str, n_eval: int = 2000, seeds=(0, 1, 2), steps: int = 20,
+                         solver: str = "em") -> dict:
+    """The gap that the exact optimal control (:class:`~ctrldiff.eval.exact2d.OptimalScore`) leaves when it is
+    sampled and evaluated exactly as the trained models are (``solver``, ``steps``; the same evaluation seeds):
+    E r, KL_path, J, gap and MMD^2 to p*, mean over ``seeds``. No algorithm can beat it on this grid except by noise."""
+    from ctrldiff.eval.exact2d import OptimalScore
+    from ctrldiff.models.mlp import ExactGMMScore
+    from ctrldiff.noise import make_process
+
+    make, beta = REWARDS[reward_name]
+    reward = make()
+    gmm = gmm_preset("gmm2")
+    target = TiltedTarget(gmm, reward, beta)
+    process = make_process("vp")
+    ref = ExactGMMScore(gmm, process)
+    star = OptimalScore(target, process)
+    rows = []
+    for seed in seeds:
+        ev = evaluate_policy(star, ref, process, reward, sample_shape=(2,), n=n_eval, steps=steps, solver=solver,
+                             eta=1.0, beta=beta, seed=10_000 + seed, return_samples=True)
+        x = ev.pop("samples")
+        ev["gap"] = (target.J_star - ev["objective"]) / abs(target.J_star)
+        ev.update(target.sample_distance(x, n_ref=n_eval))
+        rows.append(ev)
+    keys = ("reward_mean", "kl_path", "objective", "gap", "mmd")
+    return {"reward": reward_name, "solver": solver, "steps": steps, "J_star": target.J_star,
+            **{k: statistics.mean(r[k] for r in rows) for k in keys}, "per_seed": rows}
 
 
 def _ms(vals):
@@ -109,7 +148,7 @@ def _ms(vals):
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
 
 
-def table(results: list[dict], budgets: list[int]) -> str:
+def table(results: list[dict], budgets: list[int], floors: list[dict] | None = None) -> str:
     lines = []
     for rname in REWARDS:
         rs = [r for r in results if r["reward"] == rname]
@@ -119,6 +158,10 @@ def table(results: list[dict], budgets: list[int]) -> str:
                      f"J_ref = E_ref r = {rs[0]['J_ref']:.4f})\n")
         lines.append("| algo | queries | E r | KL_path | J | gap (J*-J)/|J*| | MMD² to p* |")
         lines.append("|---|---|---|---|---|---|---|")
+        for fl in floors or []:
+            if fl["reward"] == rname:
+                lines.append(f"| exact optimal control (floor, {fl['solver']} {fl['steps']}) | — | " + " | ".join(
+                    f"{fl[k]:.3f}" for k in ("reward_mean", "kl_path", "objective", "gap", "mmd")) + " |")
         for algo in ALGOS:
             ra = [r for r in rs if r["algo"] == algo]
             if not ra:
@@ -128,12 +171,14 @@ def table(results: list[dict], budgets: list[int]) -> str:
                 evs = [e for e in evs if e]
                 lines.append(f"| {algo} | {b} | " + " | ".join(
                     _ms([e[k] for e in evs]) for k in ("reward_mean", "kl_path", "objective", "gap", "mmd")) + " |")
-        lines.append("\n| algo | queries to reach 90% of J* - J_ref (per seed) |")
-        lines.append("|---|---|")
+        lines.append("\n| algo | queries to reach 90% of J* - J_ref (per seed) | train wall-clock per epoch (s) |")
+        lines.append("|---|---|---|")
         for algo in ALGOS:
             ra = [r for r in rs if r["algo"] == algo]
             if ra:
-                lines.append(f"| {algo} | " + ", ".join(str(r["queries_to_90pct"] or "not reached") for r in ra) + " |")
+                per_epoch = [r["train_s_per_epoch"] for r in ra if "train_s_per_epoch" in r]
+                lines.append(f"| {algo} | " + ", ".join(str(r["queries_to_90pct"] or "not reached") for r in ra)
+                             + f" | {_ms(per_epoch)} |")
     return "\n".join(lines)
 
 
@@ -144,6 +189,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=None)
     ap.add_argument("--rewards", nargs="+", default=list(REWARDS), choices=list(REWARDS))
     ap.add_argument("--algos", nargs="+", default=DEFAULT_ALGOS, choices=list(ALGOS))
+    ap.add_argument("--floor", action="store_true", help="also compute the discretisation floor of each reward")
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/yardstick2d.json")
@@ -152,7 +198,13 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1])
     budgets = args.budgets or ([5000, 20000] if args.quick else [5000, 20000, 50000])
     t0 = time.perf_counter()
-    results = []
+    results, floors = [], []
+    if args.floor:
+        for rname in args.rewards:
+            fl = discretisation_floor(rname, n_eval=args.n_eval)
+            print(f"{rname:12s} floor (exact optimal control, em 20): J {fl['objective']:.4f} gap {fl['gap']:.4f} "
+                  f"MMD {fl['mmd']:.4f}", flush=True)
+            floors.append(fl)
     for rname in args.rewards:
         for algo in args.algos:
             for seed in seeds:
@@ -166,8 +218,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": seeds, "budgets": budgets, "batch": BATCH, "total_s": time.perf_counter() - t0,
             "threads": args.threads}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(table(json.loads(out.read_text())["results"], budgets))
+    out.write_text(json.dumps({"meta": meta, "results": results, "floors": floors}, indent=1))
+    print(table(json.loads(out.read_text())["results"], budgets, floors))
     print(f"\ntotal {meta['total_s']:.0f} s; wrote {out}")
 
 

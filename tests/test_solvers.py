@@ -689,3 +689,74 @@ def test_load_missing_or_corrupt_model(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(CtrlDiffError, match="only registered models"):
         save_model(nn.Linear(2, 2), tmp_path / "lin")
+
+
+# =================================================================================================
+# (9) the eta-family sampler (METHODS section 8)
+# =================================================================================================
+@pytest.mark.parametrize("name", NAMES)
+def test_eta_sampler_is_em_at_one_and_ode_euler_at_zero(name):
+    p = make_process(name)
+    model = PlusScoreResidual(ExactGMMScore(gmm_preset("gmm2"), p), p).double()
+    x = torch.randn(16, 2, generator=gen(0), dtype=F64) * p.prior_std()
+    times = p.time_grid(8, dtype=F64)
+    with torch.no_grad():
+        em, e1 = (fn(model, x, times, p, generator=gen(1)) for fn in (S.euler_maruyama, S.get_solver("eta", eta=1.0)))
+        ode, e0 = (fn(model, x, times, p, generator=gen(1)) for fn in (S.ode_euler, S.get_solver("eta", eta=0.0)))
+    for a, b in ((em, e1), (ode, e0)):
+        assert torch.equal(a.states, b.states) and torch.equal(a.coef_a, b.coef_a)
+        assert torch.equal(a.coef_b, b.coef_b) and torch.equal(a.std, b.std)
+    assert torch.equal(em.log_probs, e1.log_probs) and e0.noise is None and torch.equal(e1.eta, torch.ones(8, dtype=F64))
+    # eta = 0.5: the drift's score term is (1 + eta^2) / 2 of the SDE's, the noise eta of it
+    tr = S.eta_sampler(model, x, times, p, eta=0.5, generator=gen(1))
+    torch.testing.assert_close(tr.coef_b, 0.625 * em.coef_b)
+    torch.testing.assert_close(tr.std, 0.5 * em.std)
+
+
+def test_eta_sampler_rectified_flow_ode_step_is_x_minus_v_dtau():
+    """On rectified flow, eta = 0 is the flow-matching Euler step x' = x - v dtau with v = eps - x0."""
+    p = make_process("rf")
+    model = PlusScoreResidual(ExactGMMScore(gmm_preset("gmm2"), p), p).double()
+    x = torch.randn(8, 2, generator=gen(0), dtype=F64)
+    times = p.time_grid(5, dtype=F64)
+    tr = S.eta_sampler(model, x, times, p, eta=0.0)
+    for k in range(5):
+        t = times[k].expand(8)
+        eps = model(tr.states[:, k], t).detach()
+        x0 = (tr.states[:, k] - t[:, None] * eps) / (1 - t[:, None])
+        torch.testing.assert_close(tr.states[:, k + 1], tr.states[:, k] - (eps - x0) * (times[k] - times[k + 1]))
+
+
+def test_eta_sampler_per_step_window():
+    p = make_process("vp")
+    model = ExactGMMScore(gmm_preset("gmm2"), p)
+    x = torch.randn(6, 2, generator=gen(0))
+    eta = torch.tensor([0.0, 0.0, 0.7, 0.7, 0.0])
+    tr = S.eta_sampler(model, x, p.time_grid(5), p, eta=eta, generator=gen(2))
+    assert tr.stochastic and tr.solver == "eta(per-step)"
+    assert torch.equal(tr.std > 0, eta > 0) and torch.equal(tr.eta, eta.to(tr.eta.dtype))
+    assert float(tr.noise[:, [0, 1, 4]].abs().max()) == 0 and float(tr.log_probs[:, [0, 1, 4]].abs().max()) == 0
+    for k in (2, 3):  # the window's steps have their Gaussian densities
+        torch.testing.assert_close(tr.log_probs[:, k], tr.step_log_prob(k, tr.outputs[:, k]))
+    with pytest.raises(CtrlDiffError, match="per-step eta needs 5"):
+        S.eta_sampler(model, x, p.time_grid(5), p, eta=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["vp", "rf"])
+@pytest.mark.parametrize("eta", [0.3, 0.7, 1.0])
+def test_eta_kl_path_matches_gaussian_transition_kl(name, eta):
+    """Linear-Gaussian case: two models whose eps differ by a constant d. Their eta-sampler transitions are Gaussians
+    with the same std and means B_k d apart, so the exact KL of the discretised path laws is
+    sum_k ||B_k d||^2 / (2 std_k^2); the Girsanov KL_path with the factor (1 + eta^2)^2 / (4 eta^2) must match it
+    (up to the quadrature of the time integral: 1% on 400 steps, away from the ends where 1 / sigma^2 or, for
+    rectified flow, g^2 is singular and a Riemann sum of the transitions under-resolves the integral)."""
+    p = make_process(name)
+    d = torch.tensor([0.3, -0.2], dtype=F64)
+    times = torch.linspace(0.9, 0.05, 401, dtype=F64)
+    coeffs = [S.eta_coeffs(p, times[k], times[k + 1], eta) for k in range(400)]
+    exact = sum(b * b * float(d @ d) / (2 * std * std) for _, b, std in coeffs)
+    eps_a = torch.zeros(1, 400, 2, dtype=F64)
+    kl = float(S.kl_increments(p, times, eps_a + d, eps_a, eta=torch.full((400,), eta)).sum())
+    assert kl == pytest.approx(exact, rel=1e-2)
+    assert float(S.eta_kl_factor(eta)) == pytest.approx((1 + eta**2) ** 2 / (4 * eta**2))
+    assert float(S.eta_kl_factor(0.0)) == 1.0  # no path KL for an ODE: the reverse-SDE integral is logged

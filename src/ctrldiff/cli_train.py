@@ -31,7 +31,8 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 
 @click.command("train")
 @click.option("--algo", type=click.Choice(["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop",
-                                          "diffusion-dpo", "lasro"]), default=None,
+                                          "diffusion-dpo", "lasro", "adjoint-matching", "flow-grpo",
+                                          "diffusion-nft"]), default=None,
               help="Algorithm (default: ctrl, or the config file's).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config file.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -45,7 +46,7 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 @click.option("--beta", type=float, default=None, help="KL_path weight in J = E r - beta KL_path.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None, help="Trajectories per epoch.")
-@click.option("--solver", default=None, help="Rollout solver: em, ddim, ode-euler.")
+@click.option("--solver", default=None, help="Rollout solver: em, ddim, ode-euler, eta (with --set sampler.eta=...).")
 @click.option("--steps", type=int, default=None, help="Solver steps per rollout.")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--estimator", type=click.Choice(["a", "b"]), default=None, help="CTRL policy-update estimator.")

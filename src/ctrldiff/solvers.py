@@ -74,6 +74,17 @@ def ode_euler_coeffs(process: NoiseProcess, t: Tensor, s: Tensor) -> tuple[float
     return float(1 - process.f(t64) * dtau), float(-0.5 * process.g2(t64) * dtau / process.sigma(t64)), 0.0
 
 
+def eta_coeffs(process: NoiseProcess, t: Tensor, s: Tensor, eta: float = 1.0) -> tuple[float, float, float]:
+    """Euler on the eta-family sampler (METHODS section 8)
+        dY = [-f Y + ((1 + eta^2) / 2) g^2 s] dtau + eta g dB,   s = -eps / sigma_t:
+    A = 1 - f dtau, B = -((1 + eta^2) / 2) g^2 dtau / sigma_t, std = eta g sqrt(dtau).
+    eta = 1 is :func:`em_coeffs` (the reverse SDE), eta = 0 :func:`ode_euler_coeffs` (the probability-flow ODE)."""
+    t64, dtau = t.double(), (t - s).double()
+    g2, sig = process.g2(t64), process.sigma(t64)
+    return (float(1 - process.f(t64) * dtau), float(-0.5 * (1 + eta * eta) * g2 * dtau / sig),
+            float(eta * torch.sqrt(g2 * dtau)))
+
+
 def ddim_coeffs(process: NoiseProcess, t: Tensor, s: Tensor, eta: float = 0.0) -> tuple[float, float, float]:
     """DDIM(eta) (Song et al. 2021) for a general (alpha, sigma) process.
 
@@ -96,17 +107,25 @@ def _step_policy_std(policy_std, k: int, K: int) -> float:
     return float(policy_std[k])
 
 
-def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor, process: NoiseProcess,
+def _affine_solver(coeffs: Callable | list, name: str, model, x: Tensor, times: Tensor, process: NoiseProcess,
                    cond=None, *, generator: torch.Generator | None = None, grad: bool = False,
-                   policy_std=0.0, record_actions: bool = False, detach_states: bool = False) -> Trajectory:
+                   policy_std=0.0, record_actions: bool = False, detach_states: bool = False,
+                   eta: Tensor | None = None) -> Trajectory:
+    """``coeffs(process, t, s) -> (A, B, std)``, or a list of K such triples (one per step). ``eta`` [K]: the
+    eta-family noise level of each step, kept on the trajectory (for the Girsanov KL weights).
+
+    Some steps deterministic, some not (a per-step eta with zeros): ``noise`` and ``log_probs`` are recorded for
+    every step, 0 at the deterministic ones (those steps have no density; algorithms train on the others only)."""
     _check_inputs(x, times, cond)
     K = times.numel() - 1
+    if isinstance(coeffs, list) and len(coeffs) != K:
+        raise CtrlDiffError(f"{name}: {len(coeffs)} step coefficients for {K} steps")
     states, outputs, noises, log_probs, actions = [x], [], [], [], []
     ca, cb, cs = [], [], []
     d = x[0].numel()
     with torch.set_grad_enabled(grad):
         for k in range(K):
-            a, b, std = coeffs(process, times[k], times[k + 1])
+            a, b, std = coeffs[k] if isinstance(coeffs, list) else coeffs(process, times[k], times[k + 1])
             ps = _step_policy_std(policy_std, k, K)
             eps = model_eps(model, process, x, times[k], cond)
             if record_actions:  # a = eps + ps zeta, kept; the state noise std stays the solver's own
@@ -124,6 +143,8 @@ def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor,
                 log_probs.append(-0.5 * xi.flatten(1).pow(2).sum(1) - d * math.log(std) - 0.5 * d * math.log(2 * math.pi))
             else:
                 x = mean
+                noises.append(None)
+                log_probs.append(None)
             if detach_states:  # grad=True, detach_states=True: the outputs keep their graph, the states are samples
                 x = x.detach()
             states.append(x)
@@ -131,7 +152,10 @@ def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor,
             ca.append(a)
             cb.append(b)
             cs.append(std)
-    stochastic = len(noises) == K
+    stochastic = any(n is not None for n in noises)  # some step injected noise
+    if stochastic:
+        noises = [torch.zeros_like(x) if n is None else n for n in noises]
+        log_probs = [torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if lp is None else lp for lp in log_probs]
     kw = dict(dtype=x.dtype, device=x.device)
     return Trajectory(
         times=times, states=torch.stack(states, 1), outputs=torch.stack(outputs, 1), solver=name,
@@ -139,6 +163,7 @@ def _affine_solver(coeffs: Callable, name: str, model, x: Tensor, times: Tensor,
         log_probs=torch.stack(log_probs, 1) if stochastic else None,
         coef_a=torch.tensor(ca, **kw), coef_b=torch.tensor(cb, **kw), std=torch.tensor(cs, **kw), cond=cond,
         actions=torch.stack(actions, 1) if record_actions else None,
+        eta=None if eta is None else eta.to(**kw),
     )
 
 
@@ -157,6 +182,35 @@ def ddim(model, x, times, process, cond=None, *, eta: float = 0.0, **kw) -> Traj
     if eta < 0:
         raise CtrlDiffError(f"ddim eta must be >= 0, got {eta}")
     return _affine_solver(partial(ddim_coeffs, eta=eta), f"ddim(eta={eta:g})", model, x, times, process, cond, **kw)
+
+
+def step_etas(eta, K: int) -> Tensor:
+    """eta as a float64 [K] tensor: a number (every step), or a sequence / tensor with one value per step
+    (e.g. 0 outside a window of SDE steps, Flow-GRPO-Fast)."""
+    e = torch.as_tensor(eta, dtype=torch.float64).detach().cpu()
+    if e.ndim == 0:
+        e = e.expand(K).clone()
+    if e.ndim != 1 or e.numel() != K:
+        raise CtrlDiffError(f"a per-step eta needs {K} values (one per step), got shape {tuple(e.shape)}")
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise CtrlDiffError(f"eta must be finite and >= 0, got {e.tolist()}")
+    return e
+
+
+def eta_sampler(model, x, times, process, cond=None, *, eta=1.0, **kw) -> Trajectory:
+    r"""Euler on the eta-family sampler  dY = [-f Y + ((1 + eta^2)/2) g^2 s] dtau + eta g dB  (METHODS section 8),
+    one family for VP and flow processes: eta = 1 is Euler-Maruyama on the reverse SDE (identical to ``em``), eta = 0
+    the probability-flow ODE Euler step (``ode-euler``; for rectified flow x' = x - v dtau), Flow-GRPO's
+    sigma_t = a sqrt(t / (1 - t)) is eta = a / sqrt(2). ``eta`` may be a number or one value per step ([K]); the
+    trajectory keeps it (``Trajectory.eta``) so that KL_path uses the matching Girsanov weight (:func:`kl_weights`).
+    Near t = 1 of rectified flow f and g^2 blow up (t_max < 1 keeps them finite; a coarse first step there is
+    inaccurate for any eta > 0)."""
+    _check_inputs(x, times, cond)
+    K = times.numel() - 1
+    etas = step_etas(eta, K)
+    coeffs = [eta_coeffs(process, times[k], times[k + 1], float(etas[k])) for k in range(K)]
+    label = f"eta({float(etas[0]):g})" if bool((etas == etas[0]).all()) else "eta(per-step)"
+    return _affine_solver(coeffs, label, model, x, times, process, cond, eta=etas, **kw)
 
 
 def _deterministic(name: str, model, x, times, process, cond, stage: Callable, grad: bool, **unused) -> Trajectory:
@@ -222,10 +276,11 @@ SOLVERS: dict[str, Callable] = {
     "em": euler_maruyama,
     "ddim": ddim,
     "ode-euler": ode_euler,
+    "eta": eta_sampler,
     "heun": heun,
     "dpmpp-2m": dpmpp_2m,
 }
-STOCHASTIC = {"em"}  # ddim is stochastic when eta > 0
+STOCHASTIC = {"em"}  # ddim and eta are stochastic when eta > 0
 
 
 def get_solver(name: str, **kwargs) -> Callable:
@@ -324,8 +379,18 @@ def evaluate_along(model, process: NoiseProcess, traj: Trajectory, chunk: int = 
     return torch.cat(outs).reshape(B, K, *traj.states.shape[2:])
 
 
-def kl_weights(process: NoiseProcess, times: Tensor) -> Tensor:
-    """Per-step weights w_k with  sum_k w_k ||eps_a - eps_b||^2 ~ int (1/2) g^2 ||s_a - s_b||^2 dtau.
+def eta_kl_factor(eta) -> Tensor:
+    """c(eta) = (1 + eta^2)^2 / (4 eta^2): the Girsanov path KL between two score models driving the eta-family
+    sampler is  int (1/2) c(eta) g^2 ||s_a - s_b||^2 dtau  (c(1) = 1, the reverse SDE; c >= 1). An ODE step
+    (eta = 0) has no path KL (the path measures are deterministic): c(0) is taken as 1, i.e. the reverse-SDE
+    integral along the ODE path, as for every ODE solver's logged KL_path (see reward_backprop)."""
+    e = torch.as_tensor(eta, dtype=torch.float64)
+    return torch.where(e > 0, (1 + e * e) ** 2 / (4 * e * e).clamp(min=1e-300), torch.ones_like(e))
+
+
+def kl_weights(process: NoiseProcess, times: Tensor, eta=None) -> Tensor:
+    """Per-step weights w_k with  sum_k w_k ||eps_a - eps_b||^2 ~ int (1/2) g^2 ||s_a - s_b||^2 dtau
+    (``eta``: a number or [K], the eta-family sampler's noise level: each w_k times :func:`eta_kl_factor`).
 
     Uses the identity (1/2) g^2 / sigma^2 dt = -d lambda (lambda = log-SNR), so w_k = lambda(t_{k+1}) -
     lambda(t_k): exact when the eps difference is constant over a step. A left Riemann sum of
@@ -333,21 +398,26 @@ def kl_weights(process: NoiseProcess, times: Tensor) -> Tensor:
     g^2 at the noise end of cosine / rectified-flow schedules) and changes with the step count. [K]
     """
     lam = process.log_snr(times.double())
-    return (lam[1:] - lam[:-1]).to(times.dtype)
+    w = lam[1:] - lam[:-1]
+    if eta is not None:
+        w = w * eta_kl_factor(torch.as_tensor(eta, dtype=torch.float64).to(w.device))
+    return w.to(times.dtype)
 
 
-def kl_increments(process: NoiseProcess, times: Tensor, eps_a: Tensor, eps_b: Tensor) -> Tensor:
-    """Per-step Girsanov KL increments (1/2) g^2 ||s_a - s_b||^2 dtau, integrated per step -> [B, K]."""
+def kl_increments(process: NoiseProcess, times: Tensor, eps_a: Tensor, eps_b: Tensor, eta=None) -> Tensor:
+    """Per-step Girsanov KL increments (1/2) c(eta) g^2 ||s_a - s_b||^2 dtau, integrated per step -> [B, K]
+    (``eta``: the rollout's eta-family noise level, ``Trajectory.eta``; None: the reverse SDE, c = 1)."""
     K = eps_a.shape[1]
-    w = kl_weights(process, times[: K + 1]).to(eps_a.dtype)
+    w = kl_weights(process, times[: K + 1], None if eta is None else torch.as_tensor(eta)[:K]).to(eps_a.dtype)
     return w * (eps_a - eps_b).flatten(2).pow(2).sum(-1)
 
 
 def kl_path(process: NoiseProcess, traj: Trajectory, eps_theta: Tensor, eps_ref: Tensor) -> Tensor:
     """Girsanov KL_path estimate per sample [B]:  int (1/2) g^2 ||s_theta - s_ref||^2 dtau along the path.
 
-    The quadrature (see :func:`kl_weights`) does not depend on the discretisation to first order."""
-    return kl_increments(process, traj.times, eps_theta, eps_ref).sum(1)
+    The quadrature (see :func:`kl_weights`) does not depend on the discretisation to first order; an eta-family
+    trajectory is weighted with its own eta."""
+    return kl_increments(process, traj.times, eps_theta, eps_ref, traj.eta).sum(1)
 
 
 def girsanov_increment(g: float, dtau: float, xi: Tensor, s_new: Tensor, s_old: Tensor) -> Tensor:

@@ -27,6 +27,10 @@ class Trajectory:
                                x_{k+1} = coef_a x_k + coef_b eps_k + std_k xi_k
       actions   [B, K, D]    only with ``record_actions``: the sampled action a_k = eps_k + policy noise
                              (eps units); then x_{k+1} = coef_a x_k + coef_b a_k + std_k xi_k
+      eta       [K]          only for the eta-family sampler (``solvers.eta_sampler``): each step's noise level
+                             (KL_path weights use it); None for every other solver (em is eta = 1)
+    A trajectory whose steps are partly deterministic (a per-step eta with zeros) has ``noise`` and ``log_probs``
+    for every step, 0 where std_k = 0 (those steps have no density).
     """
 
     times: Tensor
@@ -40,6 +44,7 @@ class Trajectory:
     std: Tensor | None = None
     cond: Tensor | None = None
     actions: Tensor | None = None
+    eta: Tensor | None = None
 
     @property
     def final(self) -> Tensor:
@@ -121,4 +126,4 @@ def cat_trajectories(trajs: list[Trajectory]) -> Trajectory:
     return Trajectory(times=first.times, states=cat("states"), outputs=cat("outputs"), solver=first.solver,
                       noise=cat("noise"), log_probs=cat("log_probs"), coef_a=first.coef_a, coef_b=first.coef_b,
                       std=first.std, cond=cat("cond") if isinstance(first.cond, Tensor) else first.cond,
-                      actions=cat("actions"))
+                      actions=cat("actions"), eta=first.eta)

@@ -1,6 +1,17 @@
 """Algorithms: each module is one method's update rule; all share the trainer in ctrldiff.train."""
 
-from . import ctrl, ddpo, diffusion_dpo, dpok, lasro, qlearning, reward_backprop  # noqa: F401  (registers the algorithms)
+from . import (  # noqa: F401  (registers the algorithms)
+    adjoint_matching,
+    ctrl,
+    ddpo,
+    diffusion_dpo,
+    diffusion_nft,
+    dpok,
+    flow_grpo,
+    lasro,
+    qlearning,
+    reward_backprop,
+)
 from .base import ALGORITHMS, Algorithm, Minibatch, RolloutBatch, register_algorithm
 
 __all__ = ["ALGORITHMS", "Algorithm", "Minibatch", "RolloutBatch", "register_algorithm"]

@@ -84,6 +84,14 @@ class Algorithm:
         """Extra solver arguments for the trainer's rollouts (default: the configured policy noise)."""
         return {"policy_std": self.trainer.cfg.sampler.policy_std}
 
+    def sample_conditions(self, n: int, generator: torch.Generator):
+        """The conditions of an epoch's ``n`` rollouts (default: the task's; group sampling repeats them)."""
+        return self.trainer.task.sample_conditions(n, generator)
+
+    def train_pairs(self, batch: RolloutBatch) -> Tensor | None:
+        """Flat indices b * K + k of the (sample, step) pairs the shared update trains on (None: all B * K)."""
+        return None
+
     def prepare(self, batch: RolloutBatch) -> dict:
         """Compute advantages / fit critics before the policy update; returns metrics."""
         return {}
@@ -106,14 +114,21 @@ class Algorithm:
         info_sums: dict[str, float] = {}
         n_updates = 0
         graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
+        pairs = self.train_pairs(batch)
+        n_pairs = B * K if pairs is None else len(pairs)
         mbs = None
+        if graph is not None and pairs is not None:
+            raise CtrlDiffError(f"optim.reuse_rollout_graph trains on every (sample, step) pair; {self.name} trains "
+                                "on a subset of the steps")
         if graph is not None:
             mbs = list(tr.minibatches(B * K, ocfg.minibatch, traj.states.device))
             if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
                                     f"optim.minibatch >= batch_size * steps ({B * K})")
         for _ in range(self.inner_epochs()):
-            for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
+            for idx in mbs if mbs is not None else tr.minibatches(n_pairs, ocfg.minibatch, traj.states.device):
+                if pairs is not None:
+                    idx = pairs.to(idx.device)[idx]
                 tr.optimizer.zero_grad(set_to_none=True)
                 micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
                 if graph is not None:
@@ -169,7 +184,7 @@ class Algorithm:
     def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None) -> Tensor:
         """int over step k of (1/2) g^2 ||s - s_target||^2 dtau per pair, s = -eps / sigma (target: s_ref) -> [N]
         (the quadrature of :func:`ctrldiff.solvers.kl_weights`)."""
-        w = kl_weights(self.trainer.process, mb.batch.traj.times)[mb.k].to(eps.dtype)
+        w = kl_weights(self.trainer.process, mb.batch.traj.times, mb.batch.traj.eta)[mb.k].to(eps.dtype)
         target = mb.eps_ref if target is None else target
         return w * (eps - target).flatten(1).pow(2).sum(1)
 

@@ -17,7 +17,7 @@ def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000,
     ``decode`` / ``reward_cond`` map the final state / the condition to what the reward takes (latent
     text-to-image models: VAE decoding and the prompt strings; default: identity)."""
     g = torch.Generator().manual_seed(seed)
-    fn = get_solver(solver, **({"eta": eta} if solver == "ddim" else {}))
+    fn = get_solver(solver, **({"eta": eta} if solver in ("ddim", "eta") else {}))
     times = process.time_grid(steps)
     chunk = max(int(chunk), 1)
     rs, kls, finals = [], [], []

@@ -193,6 +193,42 @@ class TiltedTarget:
         return out
 
 
+class OptimalScore(torch.nn.Module):
+    r"""The exact optimal control of J = E r - beta KL_path for a :class:`TiltedTarget`, as an eps model.
+
+    With the memoryless sampler the optimal score is that of the tilted target noised by the forward process,
+        s*(t, x) = grad log p*_t(x),   p*_t(x) = int p*(x0) N(x; alpha_t x0, sigma_t^2 I) dx0
+                 = s_ref(t, x) + grad_x V(t, x) / beta,   V = beta log E_ref[exp(r(X_0) / beta) | X_t = x],
+    computed from the target's grid (cells with p* mass above ``mass_tol``: a mixture of Gaussians centred at
+    alpha_t c with the cells' p* probabilities; smooth while the cell side h is well below sigma_t, which holds at
+    every time a solver evaluates on the usual grids). Sampled with a solver on a grid, it gives the
+    *discretisation floor*: the gap (J* - J) / |J*| that the exact optimal control itself leaves on that grid.
+    eps(t, x) = -sigma_t s*(t, x); t [B] may differ per row."""
+
+    prediction = "eps"
+
+    def __init__(self, target: TiltedTarget, process, mass_tol: float = 1e-12, chunk: int = 512):
+        super().__init__()
+        p = target.log_star.exp()
+        keep = p > mass_tol * p.max()
+        self.process, self.chunk = process, chunk
+        self.register_buffer("centers", target.centers[keep].double())
+        self.register_buffer("log_w", target.log_star[keep].double())
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(x.shape[0])
+        out = []
+        c, c2 = self.centers, self.centers.pow(2).sum(1)
+        for i in range(0, x.shape[0], self.chunk):
+            xi, ti = x[i:i + self.chunk].double(), t[i:i + self.chunk]
+            a, s = self.process.alpha(ti)[:, None], self.process.sigma(ti)[:, None]
+            d2 = xi.pow(2).sum(1, keepdim=True) - 2 * a * (xi @ c.T) + a * a * c2[None]  # ||x - a c||^2
+            post = torch.softmax(self.log_w[None] - d2 / (2 * s * s), dim=1)  # [n, G]
+            mean = a * (post @ c)  # E[alpha_t X_0 | X_t = x] under p*
+            out.append(((xi - mean) / s).to(x.dtype))  # eps = -sigma s* = (x - alpha E[x0 | x]) / sigma
+        return torch.cat(out)
+
+
 def sample_distance_to_target(samples: Tensor, target: TiltedTarget, **kwargs) -> dict:
     """Distance of samples [N, 2] to the exact tilted target: see :meth:`TiltedTarget.sample_distance`."""
     return target.sample_distance(samples, **kwargs)

@@ -6,25 +6,31 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..algorithms.adjoint_matching import AdjointMatchingConfig
 from ..algorithms.ctrl import CTRLConfig
 from ..algorithms.ddpo import DDPOConfig
 from ..algorithms.diffusion_dpo import DiffusionDPOConfig
+from ..algorithms.diffusion_nft import DiffusionNFTConfig
 from ..algorithms.dpok import DPOKConfig
+from ..algorithms.flow_grpo import FlowGRPOConfig
 from ..algorithms.lasro import LaSROConfig
 from ..algorithms.qlearning import QLearningConfig
 from ..algorithms.reward_backprop import RewardBackpropConfig
 from ..config import Strict
 from ..models.diffusers_backend import DiffusersConfig
 
-ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro")
+ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro", "adjoint-matching",
+         "flow-grpo", "diffusion-nft")
 
 
 class SamplerConfig(Strict):
-    solver: Literal["em", "ddim", "ode-euler"] = Field(
-        "em", description="rollout solver; RL updates need stochastic transitions: em, ddim with eta > 0, "
-        "or an ODE solver (ddim eta=0, ode-euler) with policy_std > 0")
+    solver: Literal["em", "ddim", "ode-euler", "eta"] = Field(
+        "em", description="rollout solver; RL updates need stochastic transitions: em, ddim with eta > 0, eta with "
+        "eta > 0, or an ODE solver (ddim eta=0, ode-euler, eta with eta=0) with policy_std > 0. 'eta': the eta-family "
+        "sampler dY = [-f Y + (1 + eta^2)/2 g^2 s] dtau + eta g dB (eta = 1: em, eta = 0: the probability-flow ODE)")
     steps: int = Field(10, ge=1, le=1000)
-    eta: float = Field(1.0, ge=0, description="DDIM eta")
+    eta: float = Field(1.0, ge=0, description="noise level of the ddim and eta solvers (KL_path and J* of the "
+                       "yardstick assume eta = 1 for the eta solver: METHODS section 8)")
     policy_std: float = Field(0.0, ge=0, description="Gaussian policy noise on the action (eps units)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (None: off)")
 
@@ -66,7 +72,8 @@ class LogConfig(Strict):
 
 
 class TrainConfig(Strict):
-    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro"] = "ctrl"
+    algo: Literal["ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro",
+                  "adjoint-matching", "flow-grpo", "diffusion-nft"] = "ctrl"
     model: str = Field("digits", description="'digits' (shipped), 'gmm2-exact' | 'gmm4-exact' | 'gmm8-exact' "
                        "(exact 2-D score + zero-initialised residual), 'scratch-<data set>' (fresh model + data, for "
                        "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), a saved model path, or a "
@@ -92,13 +99,17 @@ class TrainConfig(Strict):
     reward_backprop: RewardBackpropConfig = RewardBackpropConfig()
     diffusion_dpo: DiffusionDPOConfig = DiffusionDPOConfig()
     lasro: LaSROConfig = LaSROConfig()
+    adjoint_matching: AdjointMatchingConfig = AdjointMatchingConfig()
+    flow_grpo: FlowGRPOConfig = FlowGRPOConfig()
+    diffusion_nft: DiffusionNFTConfig = DiffusionNFTConfig()
     diffusers: DiffusersConfig = DiffusersConfig()
 
     @model_validator(mode="after")
     def _compatible(self):
         s = self.sampler
-        needs_lp = self.algo in ("ddpo", "ddpo-sf", "dpok") or (self.algo == "ctrl" and self.ctrl.estimator == "a")
-        deterministic = (s.solver == "ode-euler" or (s.solver == "ddim" and s.eta == 0)) and s.policy_std == 0
+        needs_lp = (self.algo in ("ddpo", "ddpo-sf", "dpok", "flow-grpo")
+                    or (self.algo == "ctrl" and self.ctrl.estimator == "a"))
+        deterministic = (s.solver == "ode-euler" or (s.solver in ("ddim", "eta") and s.eta == 0)) and s.policy_std == 0
         if self.algo == "q-learning" and s.policy_std > 0:
             raise ValueError("q-learning sets its own policy noise (theta / (2 g^2), qlearning.theta): leave "
                              "sampler.policy_std at 0")
@@ -111,6 +122,21 @@ class TrainConfig(Strict):
                              f"{s.steps} (use e.g. --model digits-2step --solver ddim --steps 2 --set sampler.eta=0)")
         if self.algo == "ctrl" and self.ctrl.estimator == "b" and self.beta <= 0:
             raise ValueError("ctrl.estimator=b needs beta > 0")
+        if self.algo == "adjoint-matching":
+            memoryless = s.solver == "em" or (s.solver in ("eta", "ddim") and s.eta == 1)
+            if not memoryless or s.policy_std > 0:
+                raise ValueError(f"adjoint-matching needs the memoryless sampler: sampler.solver=em (or eta / ddim with "
+                                 f"eta=1) and policy_std=0, got {s.solver!r} (eta={s.eta}, policy_std={s.policy_std})")
+        for name, sec in (("flow-grpo", self.flow_grpo), ("diffusion-nft", self.diffusion_nft)):
+            if self.algo == name and self.batch_size % sec.group_size:
+                raise ValueError(f"{name} samples groups of {sec.group_size} rollouts per condition: batch_size "
+                                 f"({self.batch_size}) must be a multiple of {name.replace('-', '_')}.group_size")
+        if self.algo == "flow-grpo" and self.flow_grpo.window is not None:
+            if s.solver != "eta" or s.eta <= 0:
+                raise ValueError("flow_grpo.window (Flow-GRPO-Fast) runs the eta sampler: set sampler.solver=eta and "
+                                 f"sampler.eta > 0, got {s.solver!r} (eta={s.eta})")
+            if self.flow_grpo.window > s.steps:
+                raise ValueError(f"flow_grpo.window ({self.flow_grpo.window}) exceeds sampler.steps ({s.steps})")
         if self.algo == "diffusion-dpo":
             if self.batch_size < 2:
                 raise ValueError(f"diffusion-dpo compares samples of one condition: batch_size must be >= 2 per "

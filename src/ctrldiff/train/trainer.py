@@ -148,7 +148,7 @@ class Trainer:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
                                     f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
-        solver_kw = {"eta": s.eta} if s.solver == "ddim" else {}
+        solver_kw = {"eta": s.eta} if s.solver in ("ddim", "eta") else {}
         self.solver = get_solver(s.solver, **solver_kw)
         self.times = self.process.time_grid(s.steps, device=self.device)
         self.epoch = 0
@@ -234,7 +234,7 @@ class Trainer:
 
         cfg, dist = self.cfg, self.dist
         n_local = cfg.batch_size // dist.world_size
-        conds = self.task.sample_conditions(cfg.batch_size, self.cpu_gen)
+        conds = self.algo.sample_conditions(cfg.batch_size, self.cpu_gen)
         if conds is not None and dist.enabled:
             conds = conds[dist.rank * n_local:(dist.rank + 1) * n_local]
         where = f" (process {dist.rank})" if dist.enabled else ""
@@ -269,7 +269,7 @@ class Trainer:
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
         if self.cfg.log.kl_path or self.algo.needs_reference:
             eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
-            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref)
+            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref, traj.eta)
         else:  # not used by the update, not logged: KL_path is NaN in the metrics
             eps_ref = traj.outputs
             kl_rate = torch.full(traj.outputs.shape[:2], float("nan"), device=traj.outputs.device)
