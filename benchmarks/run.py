@@ -46,14 +46,15 @@ MODES = {
     # qlearning2d: q-learning epochs (128 trajectories each), seeds, fine-tuning baselines
     "smoke": dict(rewards=["mode_switch"], budgets=[256, 512], seeds=[0, 1], n_eval=200,
                   robust=[("em", 5), ("em", 20), ("ddim", 10)], ql_epochs=2, ql_seeds=[0], ql_algos=["dpok"],
-                  lasro=False, algos=["ctrl-a", "ddpo"]),
+                  lasro=False, algos=["ctrl-a", "ddpo"], bl_algos=["adjoint-matching", "diffusion-nft"], bl_seeds=[0]),
     "quick": dict(rewards=["mode_switch"], budgets=[2560, 5120], seeds=[0, 1], n_eval=1000,
                   robust=[("em", 5), ("em", 20), ("em", 100), ("ddim", 50), ("heun", 25), ("dpmpp-2m", 20)],
                   ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True,
-                  algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"]),
+                  algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"],
+                  bl_algos=["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft"], bl_seeds=[0]),
     "full": dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000, 50000], seeds=[0, 1, 2], n_eval=2000,
                  robust=None, ql_epochs=150, ql_seeds=[0, 1, 2], ql_algos=["ddpo", "dpok", "ctrl-a", "ctrl-b"],
-                 lasro=True, algos=None),
+                 lasro=True, algos=None, bl_algos=None, bl_seeds=[0, 1, 2]),
 }
 
 
@@ -111,7 +112,9 @@ def _algos_2d(mode: dict) -> list[str]:
     from ctrldiff.algorithms import ALGORITHMS
 
     names = [a for a, spec in yardstick2d.ALGOS.items() if spec["algo"] in ALGORITHMS]
-    return [a for a in names if a in mode["algos"]] if mode["algos"] else names
+    if mode["algos"] is None:  # full mode: every baseline but the newest, which have their own section
+        return [a for a in names if a not in yardstick2d.NEW_ALGOS]
+    return [a for a in names if a in mode["algos"]]
 
 
 def section_finetune2d(mode: dict) -> dict:
@@ -151,7 +154,7 @@ def section_finetune2d(mode: dict) -> dict:
     return {"runs": runs, "reference": ref, "solvers": [f"{s}:{n}" for s, n in solvers]}
 
 
-def render_finetune2d(data: dict, mode: dict, fig_dir: Path) -> str:
+def render_finetune2d(data: dict, mode: dict, fig_dir: Path, prefix: str = "finetune2d") -> str:
     runs = data["runs"]
     out = []
     budgets = mode["budgets"]
@@ -181,7 +184,7 @@ def render_finetune2d(data: dict, mode: dict, fig_dir: Path) -> str:
             ra = [r for r in rs if r["algo"] == algo]
             rows.append([algo] + [cell([r["robust"][s] for r in ra]) for s in sol])
         out.append(md_table(["algo"] + [s.replace(":", " ") for s in sol], rows))
-        fig = _plot_curves(rs, algos, fig_dir / f"finetune2d_{rname}.png",
+        fig = _plot_curves(rs, algos, fig_dir / f"{prefix}_{rname}.png",
                            f"exact 2-D yardstick, reward {rname}: J vs reward queries (J* dashed)")
         if fig:
             out.append(f"\n![J vs reward queries, {rname}](benchmarks/{fig.name})")
@@ -412,9 +415,46 @@ def _plot_reward_curves(runs: list[dict], sel: dict, k: int, path: Path, title: 
     return _save_figure(plt, fig, ax, path, "true-reward queries", f"true reward of the {k}-step generator", title, 7)
 
 
+# ---- section: the strongest current baselines (METHODS section 9) on the exact 2-D yardstick ----------------
+def section_baselines(mode: dict) -> dict:
+    """Adjoint Matching, Flow-GRPO (and -Fast) and DiffusionNFT on the yardstick (as section finetune2d, with the
+    same budgets and evaluation), plus the discretisation floor: the gap the exact optimal control leaves on the
+    training grid (EM 20)."""
+    import yardstick2d
+
+    sub = {**mode, "algos": mode["bl_algos"] or yardstick2d.NEW_ALGOS, "seeds": mode["bl_seeds"]}
+    data = section_finetune2d(sub)
+    data["floors"] = [yardstick2d.discretisation_floor(r, n_eval=mode["n_eval"], seeds=mode["bl_seeds"])
+                      for r in mode["rewards"]]
+    return data
+
+
+def render_baselines(data: dict, mode: dict, fig_dir: Path) -> str:
+    out = ["Adjoint Matching (memoryless EM rollouts, lean adjoint with the reference's vector-Jacobian products), "
+           "Flow-GRPO (groups of 8, PPO-clip on the summed per-step log-density, KL to the reference with the run's "
+           "beta), Flow-GRPO-Fast (ODE steps with a random window of 4 SDE steps, eta = 1) and DiffusionNFT (clean "
+           "samples and rewards only, old policy an EMA). Seeds: " + ", ".join(map(str, mode["bl_seeds"])) + ". "
+           "See docs/BASELINES.md for what each run means and the longer 3-seed tables.\n"]
+    rows = [[fl["reward"], f"{fl['solver']} {fl['steps']}", f"{fl['J_star']:.4f}"]
+            + [f"{fl[k]:.3f}" for k in ("reward_mean", "kl_path", "objective", "gap", "mmd")] for fl in data["floors"]]
+    out.append("Discretisation floor: the exact optimal control s* = grad log p*_t sampled and evaluated like the "
+               "trained models.\n")
+    out.append(md_table(["reward", "grid", "J*", "E r", "KL_path", "J", "gap", "MMD² to p*"], rows))
+    out.append(render_finetune2d(data, {**mode, "seeds": mode["bl_seeds"]}, fig_dir, prefix="baselines"))
+    rows = []
+    for r in data["runs"]:
+        rows.append([r["reward"], r["algo"], r["seed"], str(r["queries_to_90pct"] or "not reached"),
+                     f"{r.get('train_s_per_epoch', float('nan')):.3f}"])
+    out.append("\nQueries to 90% of J* - J_ref and training wall-clock per epoch (256 rollouts of 20 steps):\n")
+    out.append(md_table(["reward", "algo", "seed", "queries to 90%", "s / epoch"], rows))
+    return "\n".join(out)
+
+
 SECTIONS = {
     "finetune2d": ("CTRL vs DDPO / DPOK / reward backprop / Diffusion-DPO on the exact 2-D yardstick",
                    section_finetune2d, render_finetune2d),
+    "baselines": ("Adjoint Matching, Flow-GRPO (-Fast) and DiffusionNFT on the exact 2-D yardstick",
+                  section_baselines, render_baselines),
     "qlearning2d": ("q-learning from data vs pretrain + fine-tune (2-D)", section_qlearning2d, render_qlearning2d),
     "lasro2step": ("LaSRO vs DDPO / Diffusion-DPO on the few-step digits generator", section_lasro2step,
                    render_lasro2step),

@@ -138,7 +138,8 @@ brightness.differentiable = True
 @pytest.mark.parametrize("kind,algo,extra", [("sd15", "ctrl", ""), ("sd15", "ddpo", ""), ("sdxl", "ctrl", ""),
                                              ("sdxl", "ddpo", ""), ("sd15", "dpok", ""), ("sd15", "ctrl", "b"),
                                              ("sd15", "reward-backprop", "diff"), ("sd15", "diffusion-dpo", ""),
-                                             ("sdxl", "lasro", "")])
+                                             ("sdxl", "lasro", ""), ("sd15", "adjoint-matching", "diff"),
+                                             ("sd15", "flow-grpo", ""), ("sd15", "diffusion-nft", "")])
 def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, extra):
     kw, reward = {}, None
     if extra == "b":  # CTRL(b) with the true, differentiable reward on the decoded Tweedie prediction
@@ -147,6 +148,11 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
         reward = brightness
     if algo == "diffusion-dpo":
         kw["batch_size"] = 8  # pairs of samples of one prompt: >= 2 per prompt
+    if algo == "flow-grpo":  # groups of 2 rollouts per prompt
+        kw["flow_grpo"] = dict(group_size=2)
+    if algo == "diffusion-nft":  # groups of 2 rollouts per prompt, from the deterministic DDIM sampler
+        kw.update(diffusion_nft=dict(group_size=2, draws=2, minibatch=4),
+                  sampler=dict(solver="ddim", eta=0.0, steps=3, guidance=2.0))
     if algo == "lasro":  # a <= 2-step generator; the surrogate reads the UNet's encoder features
         kw.update(batch_size=8, sampler=dict(solver="ddim", eta=0.0, steps=2),
                   lasro=dict(initial_surrogate_steps=2, surrogate_steps=2))

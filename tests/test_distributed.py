@@ -52,6 +52,18 @@ RB = ["--algo", "reward-backprop", "--reward", "toy2d-quadratic", "--set", "rewa
 # a margin makes the processes' pair counts differ: both must still take the same number of steps
 DPO = ["--algo", "diffusion-dpo", "--reward", "toy2d-mode-switch", "--set", "diffusion_dpo.minibatch=8", "--set",
        "diffusion_dpo.margin=0.3", *BASE]
+# the METHODS section 9 baselines: DiffusionNFT with one group of 16 rollouts that spans both processes' halves of
+# the batch (the group statistics are global), Flow-GRPO-Fast's window drawn once per epoch from the shared generator
+NEW = {
+    "adjoint-matching": ["--algo", "adjoint-matching", "--reward", "toy2d-quadratic", "--beta", "0.5",
+                         "--set", "optim.minibatch=16", *BASE],
+    "flow-grpo-fast": ["--algo", "flow-grpo", "--reward", "toy2d-mode-switch", "--solver", "eta", "--set",
+                       "sampler.eta=0.7", "--set", "flow_grpo.window=2", "--set", "flow_grpo.group_size=4",
+                       "--set", "optim.minibatch=8", *BASE],
+    "diffusion-nft": ["--algo", "diffusion-nft", "--reward", "toy2d-mode-switch", "--solver", "ddim", "--set",
+                      "sampler.eta=0", "--set", "diffusion_nft.group_size=16", "--set", "diffusion_nft.minibatch=8",
+                      *BASE],
+}
 
 
 def _port() -> str:
@@ -117,6 +129,8 @@ class _Runs:
                                                       "--out", "qlearning"])
         procs["reward-backprop"] = self.start("reward-backprop", [*_torchrun(), "train", *RB, "--out", "rb"])
         procs["diffusion-dpo"] = self.start("diffusion-dpo", [*_torchrun(), "train", *DPO, "--out", "dpo"])
+        for name, args in NEW.items():
+            procs[name] = self.start(name, [*_torchrun(), "train", *args, "--out", name])
         res = {}
         if "ctrl" in procs:
             # the interrupted run: the finished run's directory as it was after epoch 2's checkpoint
@@ -435,3 +449,34 @@ def test_diffusion_dpo_two_processes_in_sync_with_unequal_pairs(real):
     assert not torch.equal(st["algo"]["pair_gen"], st["rank_states"][1]["algo"]["pair_gen"])
     assert torch.equal(st["rng"]["cpu_gen"], st["rank_states"][1]["rng"]["cpu_gen"])
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEW))
+def test_new_baselines_two_processes_in_sync(real, name):
+    """Adjoint Matching, Flow-GRPO-Fast and DiffusionNFT as 2 processes: the same weights on both (the digest of the
+    saved ones), global metrics, one shared generator; Flow-GRPO-Fast trains on the same window on both processes
+    (the same number of steps), DiffusionNFT's old policy (its EMA) is the same on both."""
+    res, root = real
+    _check_ok(res[name])
+    st = _final(root / name)
+    assert st["epoch"] == 2
+    kw: dict = {"epochs": 2, "optim": dict(inner_epochs=2, minibatch=16)}  # the optimizer state is that of AdamW
+    if name == "adjoint-matching":
+        kw.update(algo=name, reward="toy2d-quadratic", beta=0.5)
+    elif name == "flow-grpo-fast":
+        kw.update(algo="flow-grpo", sampler=dict(solver="eta", eta=0.7, steps=4),
+                  flow_grpo=dict(window=2, group_size=4))
+    else:
+        kw.update(algo=name, sampler=dict(solver="ddim", eta=0.0, steps=4),
+                  diffusion_nft=dict(group_size=16, minibatch=8))
+    _assert_in_sync(st, _cfg(**kw))
+    assert torch.equal(st["rng"]["cpu_gen"], st["rank_states"][1]["rng"]["cpu_gen"])
+    recs = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1] and recs[-1]["reward_queries"] == 2 * B + (
+        2 * B if name == "adjoint-matching" else 0)  # AM: one gradient query per sample per epoch
+    if name == "flow-grpo-fast":  # 8 samples x 2 window steps per process, 4 per step, 2 inner epochs
+        assert [r["train/updates"] for r in recs] == [8, 8]
+    if name == "diffusion-nft":
+        assert all(torch.equal(a, b) for a, b in zip(st["algo"]["old"], st["rank_states"][1]["algo"]["old"],
+                                                      strict=True))
