@@ -13,8 +13,9 @@ Log-densities are summed over the data dimensions here (Flow-GRPO's code average
 see docs/BASELINES.md for the mapping of the clip range.
 
 Fast variant (``window = w``): each epoch one random window of w consecutive steps (the same for every rollout and
-every process, from the shared generator) runs the SDE with the sampler's eta, every other step is an ODE step
-(eta = 0); only the window's (sample, step) pairs are trained on.
+every process, from the shared generator; within ``window_range``, by default the first half of the steps) runs the
+SDE with the sampler's eta, every other step is an ODE step (eta = 0); only the window's (sample, step) pairs are
+trained on.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class FlowGRPOConfig(Strict):
                                   "(None: the run's beta)")
     window: int | None = Field(None, ge=1, description="Flow-GRPO-Fast: SDE steps in one random window per epoch, "
                                "ODE steps elsewhere, training on the window only (None: SDE at every step)")
+    window_range: tuple[int, int] | None = Field(None, description="[lo, hi): the window lies within steps lo .. hi - 1 "
+                                                 "(None: the first half of the steps, [0, ceil(K / 2)), as Flow-GRPO-"
+                                                 "Fast's sde_window_range: noise where the sample is still undecided)")
 
 
 def group_advantages(rewards: Tensor, group_size: int, adv_clip: float | None = None) -> Tensor:
@@ -62,12 +66,19 @@ class FlowGRPO(Algorithm):
         cond = self.trainer.task.sample_conditions(n // G, generator)
         return None if cond is None else cond.repeat_interleave(G, 0)
 
+    def window_bounds(self, K: int) -> tuple[int, int]:
+        lo, hi = self.acfg.window_range or (0, -(-K // 2))
+        if not 0 <= lo < hi <= K or hi - lo < self.acfg.window:
+            raise CtrlDiffError(f"flow_grpo.window_range [{lo}, {hi}) must lie in [0, {K}] (the steps) and hold the "
+                                f"window of {self.acfg.window} steps")
+        return lo, hi
+
     def window_start(self) -> int:
         """First step of this epoch's SDE window (drawn once per epoch from the shared generator)."""
         tr = self.trainer
         if self._window is None or self._window[0] != tr.epoch:
-            K = tr.cfg.sampler.steps
-            start = int(torch.randint(0, K - self.acfg.window + 1, (1,), generator=tr.cpu_gen))
+            lo, hi = self.window_bounds(tr.cfg.sampler.steps)
+            start = int(torch.randint(lo, hi - self.acfg.window + 1, (1,), generator=tr.cpu_gen))
             self._window = (tr.epoch, start)
         return self._window[1]
 

@@ -135,8 +135,10 @@ class TrainConfig(Strict):
             if s.solver != "eta" or s.eta <= 0:
                 raise ValueError("flow_grpo.window (Flow-GRPO-Fast) runs the eta sampler: set sampler.solver=eta and "
                                  f"sampler.eta > 0, got {s.solver!r} (eta={s.eta})")
-            if self.flow_grpo.window > s.steps:
-                raise ValueError(f"flow_grpo.window ({self.flow_grpo.window}) exceeds sampler.steps ({s.steps})")
+            lo, hi = self.flow_grpo.window_range or (0, -(-s.steps // 2))
+            if not 0 <= lo < hi <= s.steps or hi - lo < self.flow_grpo.window:
+                raise ValueError(f"flow_grpo.window ({self.flow_grpo.window} steps) must fit in flow_grpo.window_range "
+                                 f"[{lo}, {hi}) within the {s.steps} sampler steps")
         if self.algo == "diffusion-dpo":
             if self.batch_size < 2:
                 raise ValueError(f"diffusion-dpo compares samples of one condition: batch_size must be >= 2 per "
