@@ -267,3 +267,29 @@ def test_resumed_run_equals_uninterrupted(tmp_path, case):
         assert torch.equal(a["model"][key], b["model"][key])
     if case == "diffusion-nft":  # the old policy is checkpointed
         assert all(torch.equal(x, y) for x, y in zip(a["algo"]["old"], b["algo"]["old"], strict=True))
+
+
+# ---- the yardstick's discretisation floor ---------------------------------------------------------------------
+def test_optimal_score_is_the_tilted_marginal_score():
+    """OptimalScore = grad log p*_t: with a zero reward it is the reference mixture's exact eps; with a linear reward
+    on the 2-mode mixture it is the score of the tilted mixture (each component shifted by s^2 w / beta and reweighted
+    by exp(w.m / beta)), in closed form."""
+    from ctrldiff.data.toy2d import GaussianMixture, gmm_preset
+    from ctrldiff.eval.exact2d import OptimalScore, TiltedTarget
+    from ctrldiff.models.mlp import ExactGMMScore
+    from ctrldiff.rewards.toy2d import Toy2DReward
+
+    p = make_process("vp")
+    gmm = gmm_preset("gmm2")
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 2
+    t = torch.full((64,), 0.3)
+    zero = Toy2DReward("zero", lambda z: 0 * z[:, 0])
+    torch.testing.assert_close(OptimalScore(TiltedTarget(gmm, zero, 1.0, n_grid=200), p)(x, t), ExactGMMScore(gmm, p)(x, t),
+                               rtol=0, atol=2e-3)
+    w, beta = torch.tensor([0.5, 0.25], dtype=torch.float64), 0.5
+    s2 = gmm.stds**2
+    logw = torch.log(gmm.weights) + gmm.means @ w / beta + s2 * float(w @ w) / (2 * beta**2)
+    tilted = GaussianMixture((gmm.means + s2[:, None] * w / beta).tolist(), gmm.stds.tolist(),
+                             torch.softmax(logw, 0).tolist())
+    star = OptimalScore(TiltedTarget(gmm, linear(w.tolist()), beta, n_grid=200), p)
+    torch.testing.assert_close(star(x, t), ExactGMMScore(tilted, p)(x, t), rtol=0, atol=2e-3)
