@@ -18,7 +18,7 @@ from ctrldiff.algorithms.flow_grpo import group_advantages
 from ctrldiff.errors import CtrlDiffError
 from ctrldiff.noise import make_process
 from ctrldiff.rewards.toy2d import linear
-from ctrldiff.solvers import model_eps
+from ctrldiff.solvers import kl_weights, model_eps
 from ctrldiff.train.checkpoint import load_latest_checkpoint
 from ctrldiff.train.config import TrainConfig
 from ctrldiff.train.task import Task
@@ -98,17 +98,16 @@ def test_adjoint_matching_loss_and_fixed_point_linear_gaussian():
     torch.testing.assert_close(adj, (-factor[:, None] * w / BETA).expand_as(adj), rtol=1e-4, atol=1e-5)
     alpha = p.alpha(traj.times.double()).float()
     torch.testing.assert_close(adj[0], -alpha[:, None] / alpha[-1] * w / BETA, rtol=0, atol=0.1)
-    # the loss of the shared update at u against its closed form sum_k dtau g^2 / sigma^2 ||-sigma (alpha u + a~_{k+1})||^2
+    # the loss of the shared update at u against the closed form sum_k 2 w_k ||-sigma alpha u - sigma a~_{k+1}||^2
     K = traj.num_steps
     b, k = torch.arange(16).repeat_interleave(K), torch.arange(K).repeat(16)
-    tt = traj.times.double()
-    wk = (p.g2(tt[:-1]) * (tt[:-1] - tt[1:]) / p.sigma(tt[:-1]) ** 2).float()  # dtau g^2 in eps units
+    wk = kl_weights(p, traj.times)
     for u in ((0.0, 0.0), (0.7, 0.1)):
         with torch.no_grad():
             tr.policy.u.copy_(torch.tensor(u))
         loss, _ = tr.algo.loss(tr.algo.make_minibatch(batch, b, k))
         a_next = batch.extras["adjoint"][0, 1:]  # [K, 2], the same for every sample
-        closed = sum(wk[j] * (sig[j] * (-alpha[j] * torch.tensor(u) - a_next[j])).pow(2).sum() for j in range(K))
+        closed = sum(2 * wk[j] * (sig[j] * (-alpha[j] * torch.tensor(u) - a_next[j])).pow(2).sum() for j in range(K))
         assert float(loss.detach()) == pytest.approx(float(closed), rel=1e-4)
     # the fixed point: training drives u to the optimal control w / beta
     with torch.no_grad():

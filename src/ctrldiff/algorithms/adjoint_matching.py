@@ -8,9 +8,8 @@ The lean adjoint is solved backwards along each path with the *reference* drift 
 d a~/dtau = -(grad_y b_ref)^T a~ in continuous time: vector-Jacobian products of the reference model), and the score
 correction is regressed onto it:
     L = E sum_k dtau_k g_k^2 || (s_theta - s_ref)(t_k, x_k) + a~_{k+1} ||^2
-      = E sum_k (dtau_k g_k^2 / sigma_k^2) || (eps_theta - eps_ref)(t_k, x_k) - sigma_k a~_{k+1} ||^2,   s = -eps / sigma
-(the weights of the control-space regression, g^2 dtau at t_k; the log-SNR quadrature of KL_path would weight the
-last step, where 1 / sigma^2 blows up, ~10x more and starve the others of the shared network's capacity).
+      = E sum_k 2 w_k || (eps_theta - eps_ref)(t_k, x_k) - sigma_k a~_{k+1} ||^2,      s = -eps / sigma,
+with w_k = int_k (1/2) g^2 / sigma^2 dtau (:func:`ctrldiff.solvers.kl_weights`, the same quadrature as KL_path).
 The control at step k moves x_{k+1}, so its target is the adjoint of x_{k+1}. Sign: J = E r - beta KL_path has the
 optimal control s* = s_ref + grad_x V / beta (V the value function, V(t_min) = r), and E[a~ | x] = -grad_x V / beta
 at the optimum, so the fixed point s_theta - s_ref = -E[a~_{k+1} | x_k] is s*. Its terminal law is the tilted
@@ -28,7 +27,7 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import model_eps, select_cond
+from ..solvers import kl_weights, model_eps, select_cond
 from .base import Algorithm, Minibatch, RolloutBatch, register_algorithm
 
 BLACK_BOX_ALGOS = "ddpo, ddpo-sf, dpok, ctrl, flow-grpo, diffusion-nft or diffusion-dpo"
@@ -104,11 +103,9 @@ class AdjointMatching(Algorithm):
     def loss(self, mb: Minibatch) -> tuple[Tensor, dict]:
         traj = mb.batch.traj
         K = traj.num_steps
-        t = traj.times.double()
-        sigma = self.trainer.process.sigma(t)
-        w = (self.trainer.process.g2(t[:-1]) * (t[:-1] - t[1:]) / sigma[:-1] ** 2)[mb.k].to(mb.eps.dtype)
-        sigma = sigma[mb.k].to(mb.eps.dtype)
+        w = kl_weights(self.trainer.process, traj.times)[mb.k].to(mb.eps.dtype)  # int_k (1/2) g^2 / sigma^2 dtau
+        sigma = self.trainer.process.sigma(traj.times.double())[mb.k].to(mb.eps.dtype)
         target = sigma.reshape(-1, *([1] * (mb.eps.ndim - 1))) * mb.batch.extras["adjoint"][mb.b, mb.k + 1]
         resid = (mb.eps - mb.eps_ref) - target  # = -sigma ((s_theta - s_ref) + a~_{k+1})
-        loss = (w * resid.flatten(1).pow(2).sum(1)).mean() * K  # sum_k dtau_k g_k^2 ||(s_theta - s_ref) + a~||^2
+        loss = (2 * w * resid.flatten(1).pow(2).sum(1)).mean() * K
         return loss, {"am/target_norm": float(target.detach().flatten(1).norm(dim=1).mean())}
