@@ -20,6 +20,12 @@ from .errors import CtrlDiffError, choice
 PREDICTIONS = ("eps", "score", "x0", "v")
 
 
+def _as_t(t, dtype: torch.dtype | None = None) -> Tensor:
+    """A time argument as a tensor: a tensor stays where it is, a Python number becomes a CPU scalar (never a tensor
+    on the default device: a run's tensors are placed explicitly)."""
+    return torch.as_tensor(t, dtype=dtype, device=t.device if isinstance(t, Tensor) else "cpu")
+
+
 def _bcast(t: Tensor | float, x: Tensor) -> Tensor:
     """Broadcast a scalar or [B] time-like tensor against x of shape [B, ...]."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -60,7 +66,7 @@ class NoiseProcess:
 
     def prior_std(self) -> float:
         """Std of the Gaussian that sampling starts from at t_max."""
-        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64, device="cpu")))
 
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
         """Uniform grid from t_max down to t_min with ``steps`` intervals ([steps + 1])."""
@@ -122,17 +128,17 @@ class VPLinear(NoiseProcess):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_alpha(self, t):
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
 
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
 
     def f(self, t):
-        return -0.5 * self.beta(torch.as_tensor(t))
+        return -0.5 * self.beta(_as_t(t))
 
     def g2(self, t):
-        return self.beta(torch.as_tensor(t))
+        return self.beta(_as_t(t))
 
     def config(self):
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
@@ -151,7 +157,7 @@ class VPCosine(NoiseProcess):
     t_max: float = 0.995
 
     def _u(self, t):
-        return 0.5 * math.pi * (torch.as_tensor(t) + self.s) / (1 + self.s)
+        return 0.5 * math.pi * (_as_t(t) + self.s) / (1 + self.s)
 
     def log_alpha(self, t):
         return torch.log(torch.cos(self._u(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
@@ -178,19 +184,19 @@ class RectifiedFlow(NoiseProcess):
     t_max: float = 0.999
 
     def log_alpha(self, t):
-        return torch.log1p(-torch.as_tensor(t))
+        return torch.log1p(-_as_t(t))
 
     def alpha(self, t):
-        return 1.0 - torch.as_tensor(t)
+        return 1.0 - _as_t(t)
 
     def sigma(self, t):
-        return torch.as_tensor(t) * 1.0
+        return _as_t(t) * 1.0
 
     def f(self, t):
-        return -1.0 / (1.0 - torch.as_tensor(t))
+        return -1.0 / (1.0 - _as_t(t))
 
     def g2(self, t):
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         return 2.0 * t + 2.0 * t * t / (1.0 - t)
 
 
@@ -205,11 +211,12 @@ def discrete_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     if n < 2:
         raise CtrlDiffError(f"a discrete schedule needs num_train_timesteps >= 2, got {n}")
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64, device="cpu")
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64, device="cpu") ** 2
     ab = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    return torch.tensor([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    return torch.tensor([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=torch.float64,
+                        device="cpu")
 
 
 @dataclass
@@ -242,7 +249,7 @@ class DiscreteVP(NoiseProcess):
                                 "prior to start sampling from)")
         self.N = int(self.num_train_timesteps)
         # log alpha_bar at t = 0, 1/N, ..., 1 (the node t = 0 is the data: alpha_bar = 1)
-        self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), torch.cumsum(torch.log1p(-betas), 0)])
         lab = self._log_ab
         self._slope = torch.cat([lab[1:2] - lab[:1], 0.5 * (lab[2:] - lab[:-2]), lab[-1:] - lab[-2:-1]])
         self.t_min = 1.0 / self.N
@@ -265,16 +272,16 @@ class DiscreteVP(NoiseProcess):
 
     def timestep(self, t: Tensor) -> Tensor:
         """The model's (continuous) timestep argument  N t - 1  for t in [0, 1]."""
-        return torch.as_tensor(t) * self.N - 1.0
+        return _as_t(t) * self.N - 1.0
 
     def time_of_timestep(self, n) -> Tensor:
         """Continuous time of training timestep n: (n + 1) / N."""
-        return (torch.as_tensor(n, dtype=torch.float64) + 1.0) / self.N
+        return (_as_t(n, torch.float64) + 1.0) / self.N
 
     def _hermite(self, t, deriv: bool):
         """The C^1 cubic Hermite interpolant of log alpha_bar through the nodes (slopes by central differences):
         exact at every node, and f is continuous, so 2nd-order solvers keep their order."""
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         out_dtype = t.dtype if t.dtype.is_floating_point else torch.float32
         u = t.double() * self.N
         i = torch.clamp(torch.floor(u.detach()), 0, self.N - 1).long()

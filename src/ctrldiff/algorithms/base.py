@@ -133,7 +133,7 @@ class Algorithm:
                     total += float(loss.detach()) * frac
                     for key, v in info.items():
                         infos[key] = infos.get(key, 0.0) + float(v) * frac
-                loss, info = torch.tensor(total), infos
+                loss, info = torch.tensor(total, device="cpu"), infos
                 tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()

@@ -447,7 +447,7 @@ class Trainer:
         cond = self.task.eval_conditions(n)
         kw = dict(sample_shape=self.task.sample_shape, n=n, solver=s.solver, steps=s.steps, eta=s.eta, cond=cond,
                   beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
-                  reward_cond=self.task.reward_cond)
+                  reward_cond=self.task.reward_cond, device=self.device)
         res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
