@@ -168,3 +168,23 @@ def test_build_task_rejects_unknown_model():
 
     with pytest.raises(CtrlDiffError, match="neither"):
         build_task("no-such-model")
+
+
+@pytest.mark.parametrize("microbatch", [None, 7])
+def test_ddpo_sf_takes_one_score_function_step_per_batch(microbatch):
+    """DDPO_SF (Black et al. 2023): one gradient step per batch at theta = theta_old, on
+    grad -(1/B) sum_b A_b sum_k log p_theta(x_{k+1} | x_k) over every (sample, step) pair, whatever optim.minibatch
+    (here 5 pairs: the passes accumulate; before, each minibatch was its own off-policy step: 6 steps)."""
+    tr = Trainer(_cfg(algo="ddpo-sf", batch_size=8, sampler=dict(solver="em", steps=4),
+                      optim=dict(lr=1e-3, minibatch=5, microbatch=microbatch, grad_clip=1e9)))
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    B, K = batch.traj.batch_size, batch.traj.num_steps
+    idx = torch.arange(B * K)
+    mb = tr.algo.make_minibatch(batch, idx // K, idx % K)
+    logp = mb.log_prob.reshape(B, K).sum(1)
+    want = torch.autograd.grad(-(batch.advantages * logp).mean(), tr.trainable_parameters)
+    info = tr.algo.update(batch)
+    assert info["train/updates"] == 1
+    for p, g in zip(tr.trainable_parameters, want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)

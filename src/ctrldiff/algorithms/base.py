@@ -106,16 +106,19 @@ class Algorithm:
         info_sums: dict[str, float] = {}
         n_updates = 0
         graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
+        size = self.minibatch_size(tr.cfg.batch_size * K)
         mbs = None
         if graph is not None:
-            mbs = list(tr.minibatches(B * K, ocfg.minibatch, traj.states.device))
+            mbs = list(tr.minibatches(B * K, size, traj.states.device))
             if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
                                     f"optim.minibatch >= batch_size * steps ({B * K})")
         for _ in range(self.inner_epochs()):
-            for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
+            for idx in mbs if mbs is not None else tr.minibatches(B * K, size, traj.states.device):
                 tr.optimizer.zero_grad(set_to_none=True)
-                micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
+                # gradient accumulation over microbatches: same update, less memory (never more pairs per pass than
+                # optim.minibatch, also when an algorithm's policy step spans more pairs)
+                micro = ocfg.microbatch or min(len(idx), ocfg.minibatch)
                 if graph is not None:
                     micro = len(idx)  # the graph is in memory already: one backward pass through it
                 total, infos = 0.0, {}
@@ -147,6 +150,10 @@ class Algorithm:
 
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs
+
+    def minibatch_size(self, n_pairs: int) -> int:
+        """(sample, step) pairs per policy step, of the epoch's ``n_pairs`` = batch_size * K (all processes)."""
+        return self.trainer.cfg.optim.minibatch
 
     def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor, eps: Tensor | None = None) -> Minibatch:
         """Pairs (b, k) with the policy's eps at them (``eps``: already evaluated, with its graph, by a rollout

@@ -3,7 +3,8 @@ r"""DDPO (Black et al. 2023): the denoising chain as a discrete-time MDP with a 
     A_b        = (r_b - mean_c(b)) / std_c(b)           per-condition standardised reward, every step
     rho_{b,k}  = p_theta(x_{k+1} | x_k) / p_old(x_{k+1} | x_k)
     L_PPO      = -mean min(rho A, clip(rho, 1 - eps, 1 + eps) A)         (ddpo)
-    L_SF       = -mean A log p_theta(x_{k+1} | x_k)                      (ddpo-sf, plain REINFORCE)
+    L_SF       = -mean_b A_b sum_k log p_theta(x_{k+1} | x_k)           (ddpo-sf, plain REINFORCE: one gradient
+                                                                         step per batch, at theta = theta_old)
 No KL term: DDPO does not regularise (KL_path is still logged, so J can be compared).
 """
 
@@ -44,10 +45,16 @@ class DDPO(TerminalRewardAlgorithm):
 
 @register_algorithm("ddpo-sf")
 class DDPOScoreFunction(DDPO):
-    """Plain REINFORCE: one gradient pass per batch, no ratio, no clipping."""
+    """Plain REINFORCE (DDPO_SF): exactly one gradient step per batch of rollouts, over all its B x K pairs (in
+    passes of optim.minibatch / optim.microbatch pairs whose gradients are accumulated). Only at theta = theta_old is
+    grad log p_theta an unbiased score-function estimate: a second step on the same samples would need the
+    importance weight that PPO (``ddpo``) has."""
 
     def inner_epochs(self) -> int:
         return 1
+
+    def minibatch_size(self, n_pairs: int) -> int:
+        return n_pairs
 
     def loss(self, mb: Minibatch):
         adv = mb.batch.advantages[mb.b]

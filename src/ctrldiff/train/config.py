@@ -41,7 +41,8 @@ class OptimConfig(Strict):
                               "linearly from lr / warmup_steps to lr (0: none). Adam's first steps move every "
                               "parameter by about lr whatever the gradient, which a few-step generator feels most")
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
-    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step (ddpo-sf takes one step over "
+                           "all batch_size * steps pairs, in passes of this many)")
     reuse_rollout_graph: bool = Field(
         False, description="keep the rollout's autograd graph and take the (single) policy step through it, "
         "instead of evaluating the policy again: saves one model forward per (sample, step). Needs memory for every "

@@ -144,7 +144,7 @@ class Trainer:
                 raise CtrlDiffError(f"optim.reuse_rollout_graph works with the shared policy-update loop; {cfg.algo!r} "
                                     "has its own update")
             n_pairs = cfg.batch_size * cfg.sampler.steps
-            if self.algo.inner_epochs() != 1 or cfg.optim.minibatch < n_pairs:
+            if self.algo.inner_epochs() != 1 or self.algo.minibatch_size(n_pairs) < n_pairs:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
                                     f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
