@@ -229,10 +229,17 @@ class DiscreteVP(NoiseProcess):
     beta(t) = -d log alpha_bar / dt ~ -N log(1 - beta_n) near t_n, and continuous):
         alpha_t^2 = alpha_bar(t),  sigma_t^2 = 1 - alpha_bar(t),  f = (1/2) d log alpha_bar / dt,  g^2 = -2 f.
     So alpha_t^2 equals the scheduler's alphas_cumprod[n] exactly at t_n, and every solver (2nd-order ones
-    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` is diffusers'
-    "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1, ending at t_min = 1 / N
-    (timestep 0, alphas_cumprod[0]): DDIM(eta = 0) on it is diffusers' DDIMScheduler(timestep_spacing=
-    "trailing", set_alpha_to_one=False) step for step.
+    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` (K = 1..N) is
+    diffusers' "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1 for k < K, ending at
+    t_min = 1 / N (timestep 0, alphas_cumprod[0]). Sampling starts from N(0, I) (``prior_std() = 1``: diffusers'
+    init_noise_sigma, and the std of x_1 for unit-variance data, alpha^2 + sigma^2 = 1).
+
+    DDIM(eta = 0) on this grid is diffusers' DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False) step
+    for step when K divides N. Limits: (i) for other K, diffusers steps from timestep n_k to n_k - N // K, which is not
+    the next timestep n_{k+1} it evaluates (for K = 3: 666 -> 333, then it evaluates 332); ctrldiff's step k goes
+    to t_{k+1}, so the two differ by one timestep in some steps' targets. (ii) For K > 2N / 3 the last trailing
+    timestep is already 0 and diffusers' last step, to alphas_cumprod[0], is the identity; here the grid then ends at
+    t = 1 / (2N) (between timestep 0 and the data) so that all K steps have positive length.
     """
 
     num_train_timesteps: int = 1000
@@ -307,12 +314,20 @@ class DiscreteVP(NoiseProcess):
     def g2(self, t):
         return -2.0 * self.f(t)
 
+    def prior_std(self) -> float:
+        """1, as diffusers' init_noise_sigma (sigma(1) = sqrt(1 - alphas_cumprod[N-1]) is 0.99785 for SD)."""
+        return 1.0
+
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
-        if not 1 <= steps < self.N:
-            raise CtrlDiffError(f"a discrete schedule with {self.N} training timesteps takes 1..{self.N - 1} "
+        """The trailing timesteps (class docstring) and the end point -> [steps + 1], strictly decreasing."""
+        if not 1 <= steps <= self.N:
+            raise CtrlDiffError(f"a discrete schedule with {self.N} training timesteps takes 1..{self.N} "
                                 f"sampling steps, got {steps}")
-        n = torch.round(torch.arange(self.N, 0, -self.N / steps, dtype=torch.float64))[:steps] - 1
-        times = torch.cat([self.time_of_timestep(n), torch.tensor([self.t_min], dtype=torch.float64)])
+        import numpy as np  # numpy's arange and round-half-to-even, as diffusers: the same timesteps for every K
+
+        n = torch.from_numpy(np.round(np.arange(self.N, 0, -self.N / steps))[:steps] - 1).to(torch.float64)
+        end = self.t_min if n[-1] > 0 else 0.5 / self.N  # timestep 0 is already the last start: end below it
+        times = torch.cat([self.time_of_timestep(n), torch.tensor([end], dtype=torch.float64, device="cpu")])
         return times.to(device=device, dtype=dtype)
 
     def config(self):

@@ -136,6 +136,8 @@ class Trainer:
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in self.trainable_parameters]
             self.optimizer.register_step_post_hook(lambda *_: self._update_ema())
+        rc = cfg.optim.recompute_log_prob_old
+        self.recompute_log_prob_old = runs_reduced_precision(self.task.model) if rc is None else rc
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         if cfg.optim.reuse_rollout_graph:
             from ..algorithms.base import Algorithm
@@ -546,6 +548,14 @@ class Trainer:
         import json
 
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def runs_reduced_precision(model: torch.nn.Module) -> bool:
+    """Whether ``model`` computes in fp16 / bf16: a module of it autocasts (``autocast_dtype`` set, as the
+    diffusers backend's denoiser with diffusers.dtype fp16/bf16) or holds half-precision floating weights."""
+    half = (torch.float16, torch.bfloat16)
+    return any(getattr(m, "autocast_dtype", None) in half for m in model.modules()) or any(
+        p.dtype in half for p in model.parameters())
 
 
 def apply_config_defaults(cfg: TrainConfig, defaults: dict) -> None:
