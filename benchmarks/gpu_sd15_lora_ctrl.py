@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--estimator", default="a", choices=["a", "b"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="JSON file to write (default: benchmarks/results/"
+                    "gpu_sd15_lora_ctrl[_tiny].json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from ctrldiff.train.config import TrainConfig
@@ -121,9 +123,10 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(out, indent=1))
-    res_dir = Path(__file__).parent / "results"
-    res_dir.mkdir(exist_ok=True)
-    (res_dir / f"gpu_sd15_lora_ctrl{'_tiny' if args.tiny else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
+    dest = Path(args.out) if args.out else Path(__file__).parent / "results" / \
+        f"gpu_sd15_lora_ctrl{'_tiny' if args.tiny else ''}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1) + "\n")
     if cuda and out["max_memory_allocated_gb"] >= 10:
         print(f"WARNING: peak memory {out['max_memory_allocated_gb']} GB is over the 10 GB goal")
 

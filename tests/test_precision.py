@@ -108,11 +108,9 @@ def test_ratio_is_exactly_one_for_a_diffusers_unet_under_cpu_bf16(tmp_path):
 # ---- on a GPU ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_ratio_is_one_under_cuda_autocast(precision):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def test_ratio_is_one_under_cuda_autocast(gpu_device, precision):
     dtype = HALF.get(precision)
-    tr = _mlp_trainer("ddpo", "cuda", dtype)
+    tr = _mlp_trainer("ddpo", gpu_device, dtype)
     assert tr.recompute_log_prob_old == (dtype is not None)
     lr = _first_log_ratio(tr)
     if dtype is None:  # fp32: the rollout's own log p_old, equal up to fp32 (and TF32) rounding
@@ -123,10 +121,10 @@ def test_ratio_is_one_under_cuda_autocast(precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_ratio_is_one_for_a_diffusers_unet_under_cuda_autocast(tmp_path, precision):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    tr = _sd_trainer(tmp_path, "cuda", precision)
+def test_ratio_is_one_for_a_diffusers_unet_under_cuda_autocast(gpu_device, tmp_path, precision):
+    if gpu_device == "cpu" and precision == "fp16":
+        pytest.skip("diffusers.dtype=fp16 needs CUDA (the CPU dry run of gpu_check.py)")
+    tr = _sd_trainer(tmp_path, gpu_device, precision)
     assert tr.recompute_log_prob_old == (precision != "fp32")
     lr = _first_log_ratio(tr)
     if precision == "fp32":
