@@ -17,6 +17,7 @@ tests skip, naming the package and the import error. ``pip install open_clip_tor
 import importlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,11 +148,13 @@ def test_clipscore_oracle(tmp_path, quick_gelu):
     with torch.no_grad():  # Hessel et al.: CLIP-S = w max(cos(E_img, E_txt), 0), w = 2.5
         img = model.encode_image(torch.stack([preprocess(im) for im in pil]), normalize=True)
         txt = model.encode_text(oc.tokenize(PROMPTS), normalize=True)
-        theirs = 2.5 * torch.clamp((img * txt).sum(-1), min=0)
         cos = (img * txt).sum(-1)
-        ours = load_clipscore(str(d))(x, PROMPTS)
+        theirs = 2.5 * torch.clamp(cos, min=0)
+        reward = load_clipscore(str(d))
+        ours = reward(x, PROMPTS)
+        ours_img, ours_txt = reward.features(x, PROMPTS)
     _close(ours, theirs)
-    assert bool((cos > 0).any()) or bool((theirs == 0).all())
+    _close((ours_img * ours_txt).sum(-1), cos)  # before the clamp too (random weights: cos may be < 0 for all)
 
 
 # ---- PickScore: transformers' CLIPModel, as the PickScore README scores -----------------------------------------
@@ -206,6 +209,11 @@ def test_aesthetic_oracle(tmp_path):
                          vocab_size=49408, transformer_width=TINY["t_width"], transformer_heads=TINY["t_heads"],
                          transformer_layers=TINY["t_layers"]).float().eval()
     head = MLP(TINY["embed"]).eval()
+    with torch.no_grad():  # larger than torch's default init, so that the scores differ between images
+        for lin in head.layers:
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
+                lin.bias.normal_(0, 0.1)
     torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     tok = _hf_tokenizer_dir(clip.simple_tokenizer.SimpleTokenizer(), tmp_path / "tok")
     # (OpenAI's CLIP gives its ViT width // 64 heads: 1 here)
@@ -218,3 +226,107 @@ def test_aesthetic_oracle(tmp_path):
         theirs = head(e.float())[:, 0]
         ours = load_aesthetic(str(tmp_path))(x)
     _close(ours, theirs)
+    assert float(theirs.std()) > 1e-3
+
+
+# ---- ImageReward: the image-reward package's BLIP (its ViT, its med.py BERT, its MLP and score()) -------------
+def _import_imagereward():
+    """ImageReward.ImageReward and its BLIP modules, imported without the package's __init__ (which also pulls in
+    OpenAI's clip, diffusers training code, datasets, ...). Its med.py was written for transformers 4: three
+    helpers it imports from transformers.modeling_utils are lent for the import only, and the two mask helpers of
+    transformers 4's ModuleUtilsMixin it calls are given to its BertModel (written here; the model's own layers,
+    attention and cross-attention are the package's)."""
+    spec = importlib.util.find_spec("ImageReward")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("original package 'image-reward' is not installed")
+    original("timm")
+    original("fairscale")
+    original("torchvision")
+    import types
+
+    import transformers.modeling_utils as mu
+    import transformers.pytorch_utils as pu
+
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for name, path in (("ImageReward", root), ("ImageReward.models", root / "models")):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(path)]
+            sys.modules[name] = pkg
+
+    def unavailable(*a, **k):
+        raise NotImplementedError("head pruning is not used by ImageReward")
+
+    lent = [n for n in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
+            if not hasattr(mu, n)]
+    for n in lent:
+        setattr(mu, n, getattr(pu, n, unavailable))
+    try:
+        mods = [importlib.import_module(f"ImageReward.{m}") for m in ("ImageReward", "models.BLIP.med",
+                                                                        "models.BLIP.vit", "models.BLIP.blip_pretrain")]
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"original package 'image-reward' cannot be imported here: {type(e).__name__}: {e}"[:300])
+    finally:
+        for n in lent:
+            delattr(mu, n)
+    bert = mods[1].BertModel
+    if not hasattr(bert, "invert_attention_mask"):  # transformers >= 5 dropped these ModuleUtilsMixin helpers
+        def invert_attention_mask(self, m):
+            m = (m[:, None, :, :] if m.dim() == 3 else m[:, None, None, :]).to(self.dtype)
+            return (1.0 - m) * torch.finfo(self.dtype).min
+
+        def get_head_mask(self, head_mask, num_layers):
+            assert head_mask is None
+            return [None] * num_layers
+
+        bert.invert_attention_mask, bert.get_head_mask, bert.all_tied_weights_keys = (
+            invert_attention_mask, get_head_mask, {})
+    return mods
+
+
+def test_imagereward_oracle(tmp_path):
+    ir, med, vit, bp = _import_imagereward()
+    from transformers import BertTokenizer
+
+    from ctrldiff.rewards.models.imagereward import load_imagereward
+
+    torch.manual_seed(0)
+    W, H, S, P = 64, 64, 32, 8  # widths multiple of 64: ctrldiff reads heads = width / 64, as BLIP's ViT-L / BERT-base
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))  # then as BLIP's init_tokenizer (bert-base-uncased offline)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    med_config = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.0, hidden_act="gelu",
+                      hidden_dropout_prob=0.0, hidden_size=H, initializer_range=0.02, intermediate_size=4 * H,
+                      layer_norm_eps=1e-12, max_position_embeddings=40, model_type="bert", num_attention_heads=H // 64,
+                      num_hidden_layers=2, pad_token_id=0, type_vocab_size=2, vocab_size=len(tok), encoder_width=W,
+                      add_cross_attention=True)
+    (tmp_path / "med_config.json").write_text(json.dumps(med_config))
+    # BLIP_Pretrain / ImageReward as their __init__ builds them, at tiny sizes (theirs fix ViT-L at 224 px)
+    blip = bp.BLIP_Pretrain.__new__(bp.BLIP_Pretrain)
+    torch.nn.Module.__init__(blip)
+    blip.visual_encoder = vit.VisionTransformer(img_size=S, patch_size=P, embed_dim=W, depth=2, num_heads=W // 64)
+    blip.tokenizer = tok
+    cfg = med.BertConfig.from_json_file(str(tmp_path / "med_config.json"))
+    cfg.encoder_width = W
+    blip.text_encoder = med.BertModel(config=cfg, add_pooling_layer=False)
+    blip.vision_proj, blip.text_proj = torch.nn.Linear(W, 16), torch.nn.Linear(H, 16)
+    model = ir.ImageReward.__new__(ir.ImageReward)
+    torch.nn.Module.__init__(model)
+    model.device, model.blip, model.preprocess, model.mlp = "cpu", blip, ir._transform(S), ir.MLP(H)
+    model.mean, model.std = 0.16717362830052426, 1.0333394966054072
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for lin in model.mlp.layers:  # larger than ImageReward's init, so that the scores differ between inputs
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
+    model.eval()
+    torch.save(model.state_dict(), tmp_path / "ImageReward.pt")  # ImageReward.pt's layout: blip.*, mlp.*
+    pil, x = _images(len(PROMPTS), S, seed=4)
+    with torch.no_grad():
+        theirs = torch.tensor([model.score(p, im) for p, im in zip(PROMPTS, pil, strict=True)])
+        ours = load_imagereward(str(tmp_path), tokenizer=str(tmp_path))(x, PROMPTS)
+    _close(ours, theirs)
+    assert float(theirs.std()) > 1e-3  # the inputs matter
