@@ -11,7 +11,8 @@ one part still leaves the others' results):
   sd15_lora_ctrl  one LoRA CTRL epoch on an SD 1.5-architecture pipeline with random weights built offline
                   (benchmarks/gpu_sd15_lora_ctrl.py: 860M-parameter UNet, 512 px, batch 4, 50 DDIM steps,
                   CFG 7.5, bf16, gradient checkpointing): setup and epoch wall time, peak CUDA memory
-                  (torch.cuda.max_memory_allocated; goal < 10 GB).
+                  (torch.cuda.max_memory_allocated; goal < 10 GB), then the run's final evaluation on the
+                  device (4 samples before / after: what crashed a --device cuda run before).
   flow            the same epoch for the flow architectures (SD 3.5, FLUX): FLOW_CHECKS below, filled in by the
                   flow-models work; reported as "pending" until then.
 
@@ -122,14 +123,16 @@ def _json_check(script: list[str], timeout: float, cpu: bool) -> dict:
 
 def check_sd15(cpu: bool, timeout: float) -> dict:
     script = ["benchmarks/gpu_sd15_lora_ctrl.py"]
-    script += ["--tiny", "--steps", "2", "--batch", "2"] if cpu else ["--resolution", "512", "--batch", "4",
-                                                                        "--steps", "50", "--dtype", "bf16"]
+    script += ["--tiny", "--steps", "2", "--batch", "2", "--final-eval", "2"] if cpu else [
+        "--resolution", "512", "--batch", "4", "--steps", "50", "--dtype", "bf16", "--final-eval", "4"]
     out = _json_check(script, timeout, cpu)
     r = out.get("result")
     if r is not None:
         bad = [k for k in ("setup_s", "epoch_s", "rollout_s") if not (isinstance(r.get(k), int | float) and r[k] >= 0)]
-        if bad or r.get("updates", 0) < 1:
-            out.update(ok=False, error=f"implausible result: {bad or 'no policy update'}")
+        fe = r.get("final_eval") or {}
+        if bad or r.get("updates", 0) < 1 or not all(isinstance(fe.get(k), float) for k in ("reward_before",
+                                                                                             "reward_after")):
+            out.update(ok=False, error=f"implausible result: {bad or 'no policy update or no final evaluation'}")
         if not cpu:
             mem = r.get("max_memory_allocated_gb")
             out["under_10gb"] = mem is not None and mem < 10
