@@ -115,8 +115,8 @@ def test_ratio_is_one_under_cuda_autocast(gpu_device, precision):
     lr = _first_log_ratio(tr)
     if dtype is None:  # fp32: the rollout's own log p_old, equal up to fp32 (and TF32) rounding
         assert float(lr.abs().max()) < 1e-3, float(lr.abs().max())
-    else:
-        assert bool((lr == 0).all()), float(lr.abs().max())
+    else:  # recomputed: exactly 0 on the CPU; on CUDA allow 1e-6 (a kernel may not be bitwise reproducible)
+        assert float(lr.abs().max()) <= (0.0 if gpu_device == "cpu" else 1e-6), float(lr.abs().max())
 
 
 @pytest.mark.gpu
@@ -130,4 +130,4 @@ def test_ratio_is_one_for_a_diffusers_unet_under_cuda_autocast(gpu_device, tmp_p
     if precision == "fp32":
         assert float(lr.abs().max()) < 1e-2, float(lr.abs().max())
     else:
-        assert bool((lr == 0).all()), float(lr.abs().max())
+        assert float(lr.abs().max()) <= (0.0 if gpu_device == "cpu" else 1e-6), float(lr.abs().max())

@@ -161,17 +161,17 @@ class Algorithm:
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs
 
-    @torch.no_grad()
     def recompute_log_prob_old(self, batch: RolloutBatch, mbs: list[Tensor]) -> Tensor:
         """log p_theta_old(x_{k+1} | x_k) of every pair [B, K], evaluated minibatch by minibatch and microbatch by
-        microbatch exactly as the update's forward passes will be (same pairs together, same precision)."""
+        microbatch exactly as the update's forward passes will be (same pairs together, same precision, and with
+        grad enabled as there, so that no kernel choice depends on it; each graph is dropped at once)."""
         ocfg, K = self.trainer.cfg.optim, batch.traj.num_steps
         out = batch.traj.log_probs.clone()
         for idx in mbs:
             micro = ocfg.microbatch or min(len(idx), ocfg.minibatch)
             for ms in range(0, len(idx), micro):
                 sub = idx[ms:ms + micro]
-                out[sub // K, sub % K] = self.make_minibatch(batch, sub // K, sub % K).log_prob
+                out[sub // K, sub % K] = self.make_minibatch(batch, sub // K, sub % K).log_prob.detach()
         return out
 
     def minibatch_size(self, n_pairs: int) -> int:
