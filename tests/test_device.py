@@ -76,3 +76,24 @@ def test_final_eval_and_ctrldiff_eval_use_the_run_device(tmp_path):
     with torch.device("meta"):
         doc = evaluate_setup(setup, parse_solvers("em:4"), n=8, device="cpu")
     assert doc == want
+
+
+@pytest.mark.parametrize("algo", ["ddpo", "dpok"])
+def test_diffusers_training_creates_no_tensor_off_the_run_device(tmp_path, algo):
+    """The same for a tiny SD 1.5-shaped pipeline: LoRA UNet with CFG, prompt embeddings, VAE decoding, the JPEG
+    reward, EMA, checkpoints and the final evaluation. (CTRL is left out until ctrl.py's surrogate minibatch draw,
+    ``torch.randint(..., generator=tr.cpu_gen)``, names its device.)"""
+    pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+    pytest.importorskip("peft", reason="the diffusers extra is not installed")
+    from ctrldiff.models.diffusers_tiny import save_tiny_pipeline
+
+    path = save_tiny_pipeline(tmp_path / "sd15", "sd15")
+    cfg = TrainConfig(algo=algo, model=str(path), reward="jpeg-compressibility", epochs=1, batch_size=4,
+                      sampler=dict(solver="ddim", eta=1.0, steps=3, guidance=2.0),
+                      optim=dict(lr=1e-4, minibatch=6, microbatch=3, ema_decay=0.9),
+                      log=_log(num_final_eval=2, num_eval_samples=2),
+                      diffusers=dict(prompts="simple-animals", lora_rank=2))
+    tr = Trainer(cfg, tmp_path / "run")
+    with torch.device("meta"):
+        tr.train()
+    assert json.loads((tmp_path / "run" / "final_eval.json").read_text())["after"]["n"] == 2
