@@ -78,14 +78,17 @@ def test_recompute_is_off_in_fp32_and_the_ratio_is_one():
     assert bool((_first_log_ratio(tr) == 0).all())
 
 
-def _sd_trainer(tmp_path, device: str, precision: str, recompute=None) -> Trainer:
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    """A tiny SD 1.5-shaped pipeline directory, built once for this module."""
     pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
     pytest.importorskip("peft", reason="the diffusers extra is not installed")
     from ctrldiff.models.diffusers_tiny import save_tiny_pipeline
 
-    path = tmp_path / "sd15"
-    if not path.exists():
-        save_tiny_pipeline(path, "sd15")
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "sd15", "sd15")
+
+
+def _sd_trainer(path, device: str, precision: str, recompute=None) -> Trainer:
     cfg = TrainConfig(algo="ddpo", model=str(path), reward="jpeg-compressibility", epochs=1, batch_size=4,
                       device=device, sampler=dict(solver="ddim", eta=1.0, steps=10),
                       optim=dict(lr=1e-4, minibatch=20, microbatch=10, recompute_log_prob_old=recompute),
@@ -94,14 +97,14 @@ def _sd_trainer(tmp_path, device: str, precision: str, recompute=None) -> Traine
     return Trainer(cfg)
 
 
-def test_ratio_is_exactly_one_for_a_diffusers_unet_under_cpu_bf16(tmp_path):
+def test_ratio_is_exactly_one_for_a_diffusers_unet_under_cpu_bf16(sd15):
     """The tiny SD 1.5-shaped UNet with diffusers.dtype=bf16 on the CPU: the rollout's log p_old differs from the
     update's forward passes (measured: |log ratio| up to 2.4e-4 at theta_old); recomputed, the ratio is exactly 1."""
-    tr = _sd_trainer(tmp_path, "cpu", "bf16")
+    tr = _sd_trainer(sd15, "cpu", "bf16")
     assert tr.recompute_log_prob_old
     lr = _first_log_ratio(tr)
     assert lr.numel() == 10 and bool((lr == 0).all()), float(lr.abs().max())
-    lr = _first_log_ratio(_sd_trainer(tmp_path, "cpu", "bf16", recompute=False))
+    lr = _first_log_ratio(_sd_trainer(sd15, "cpu", "bf16", recompute=False))
     assert float(lr.abs().max()) > 1e-6  # the rollout's own log p_old: more than fp32 rounding apart
 
 
@@ -121,10 +124,10 @@ def test_ratio_is_one_under_cuda_autocast(gpu_device, precision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_ratio_is_one_for_a_diffusers_unet_under_cuda_autocast(gpu_device, tmp_path, precision):
+def test_ratio_is_one_for_a_diffusers_unet_under_cuda_autocast(gpu_device, sd15, precision):
     if gpu_device == "cpu" and precision == "fp16":
         pytest.skip("diffusers.dtype=fp16 needs CUDA (the CPU dry run of gpu_check.py)")
-    tr = _sd_trainer(tmp_path, gpu_device, precision)
+    tr = _sd_trainer(sd15, gpu_device, precision)
     assert tr.recompute_log_prob_old == (precision != "fp32")
     lr = _first_log_ratio(tr)
     if precision == "fp32":
