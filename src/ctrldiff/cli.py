@@ -169,7 +169,7 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
     choice("solver", solver, SOLVERS)
     check(steps >= 1, f"--steps must be >= 1, got {steps}")
     check(n >= 1, f"--n must be >= 1, got {n}")
-    check(eta is None or solver == "ddim", f"--eta applies to the ddim solver only, not {solver!r}")
+    check(eta is None or solver in ("ddim", "eta"), f"--eta applies to the ddim and eta solvers only, not {solver!r}")
     check(eta is None or eta >= 0, f"--eta must be >= 0, got {eta}")
     model = load_model(model_path or default_digits_model_path())
     meta = getattr(model, "metadata", {}) or {}
