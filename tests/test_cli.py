@@ -77,7 +77,7 @@ def test_sample_2d_model_scatter(tmp_path):
     (["sample", "--n", "-1"], "--n must be >= 1"),
     (["sample", "--label", "12"], "--label must lie in 0..9"),
     (["sample", "--label", "seven"], "--label must be an integer"),
-    (["sample", "--solver", "em", "--eta", "0.5"], "--eta applies to the ddim solver only"),
+    (["sample", "--solver", "em", "--eta", "0.5"], "--eta applies to the ddim and eta solvers only"),
     (["sample", "--steps", "many"], "'many' is not a valid integer"),
     (["pretrain", "mnist"], "'mnist' is not one of"),
     (["pretrain", "gmm2", "--lr", "-1"], "invalid lr"),
