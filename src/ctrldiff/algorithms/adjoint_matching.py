@@ -11,9 +11,9 @@ correction is regressed onto it:
       = E sum_k 2 w_k || (eps_theta - eps_ref)(t_k, x_k) - sigma_k a~_{k+1} ||^2,      s = -eps / sigma,
 with w_k = int_k (1/2) g^2 / sigma^2 dtau (:func:`ctrldiff.solvers.kl_weights`, the same quadrature as KL_path).
 The weights do not move the fixed point (each (t_k, x_k) is its own regression); they share the network's capacity
-between the steps. On the 2-D yardstick (50k queries) the left-Riemann weights dtau_k g_k^2 / sigma_k^2 were not
-better: quadratic gaps 0.156 / 0.135 / 0.108 (seeds 0-2) against 0.133 / 0.163 / 0.133 with these, mode switch
-0.266 against 0.128 (seed 0); seed noise dominates (docs/BASELINES.md).
+between the steps. On the 2-D yardstick (50k queries) the left-Riemann weights dtau_k g_k^2 / sigma_k^2 gave
+quadratic gaps 0.156 / 0.135 / 0.108 (seeds 0-2) against 0.133 / 0.163 / 0.133 with these (comparable), mode switch
+0.266 against 0.128 (seed 0, worse); docs/BASELINES.md.
 The control at step k moves x_{k+1}, so its target is the adjoint of x_{k+1}. Sign: J = E r - beta KL_path has the
 optimal control s* = s_ref + grad_x V / beta (V the value function, V(t_min) = r), and E[a~ | x] = -grad_x V / beta
 at the optimum, so the fixed point s_theta - s_ref = -E[a~_{k+1} | x_k] is s*. Its terminal law is the tilted
