@@ -51,7 +51,8 @@ MODES = {
                   robust=[("em", 5), ("em", 20), ("em", 100), ("ddim", 50), ("heun", 25), ("dpmpp-2m", 20)],
                   ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True,
                   algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"],
-                  bl_algos=["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft"], bl_seeds=[0]),
+                  bl_algos=["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft", "diffusion-nft-kl1"],
+                  bl_seeds=[0]),
     "full": dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000, 50000], seeds=[0, 1, 2], n_eval=2000,
                  robust=None, ql_epochs=150, ql_seeds=[0, 1, 2], ql_algos=["ddpo", "dpok", "ctrl-a", "ctrl-b"],
                  lasro=True, algos=None, bl_algos=None, bl_seeds=[0, 1, 2]),
@@ -113,7 +114,7 @@ def _algos_2d(mode: dict) -> list[str]:
 
     names = [a for a, spec in yardstick2d.ALGOS.items() if spec["algo"] in ALGORITHMS]
     if mode["algos"] is None:  # full mode: every baseline but the newest, which have their own section
-        return [a for a in names if a not in yardstick2d.NEW_ALGOS]
+        return [a for a in names if a not in yardstick2d.NEW_ALGOS + yardstick2d.VARIANTS]
     return [a for a in names if a in mode["algos"]]
 
 
@@ -432,8 +433,9 @@ def section_baselines(mode: dict) -> dict:
 def render_baselines(data: dict, mode: dict, fig_dir: Path) -> str:
     out = ["Adjoint Matching (memoryless EM rollouts, lean adjoint with the reference's vector-Jacobian products), "
            "Flow-GRPO (groups of 8, PPO-clip on the summed per-step log-density, KL to the reference with the run's "
-           "beta), Flow-GRPO-Fast (ODE steps with a random window of 4 SDE steps, eta = 1) and DiffusionNFT (clean "
-           "samples and rewards only, old policy an EMA). Seeds: " + ", ".join(map(str, mode["bl_seeds"])) + ". "
+           "beta), Flow-GRPO-Fast (ODE steps with a random window of 4 SDE steps in the first 10, eta = 1) and "
+           "DiffusionNFT (clean samples and rewards only, old policy an EMA; defaults, and kl_coef = 1). Seeds: "
+           + ", ".join(map(str, mode["bl_seeds"])) + ". "
            "See docs/BASELINES.md for what each run means and the longer 3-seed tables.\n"]
     rows = [[fl["reward"], f"{fl['solver']} {fl['steps']}", f"{fl['J_star']:.4f}"]
             + [f"{fl[k]:.3f}" for k in ("reward_mean", "kl_path", "objective", "gap", "mmd")] for fl in data["floors"]]

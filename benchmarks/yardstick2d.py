@@ -64,7 +64,8 @@ ALGOS = {
     "adjoint-matching-lr3e-4": dict(algo="adjoint-matching", optim=dict(lr=3e-4)),
     "diffusion-nft-kl1": dict(algo="diffusion-nft", diffusion_nft=dict(kl_coef=1.0)),
 }
-NEW_ALGOS = ["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft"]
+NEW_ALGOS = ["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft", "diffusion-nft-kl1"]
+VARIANTS = ["adjoint-matching-lr3e-4", "flow-grpo-fast-anywhere"]  # diagnostics only, in no default set
 DEFAULT_ALGOS = ["ctrl-a", "ctrl-b", "ddpo", "dpok"]
 BATCH = 256
 

@@ -69,3 +69,20 @@ def test_check_flags_changed_numbers_and_ignores_timings(suite):
     n, eq, diffs = suite.check_against(old, new)
     assert (n, eq) == (2, 1) and diffs == ["/s/runs[0]/robust/em:5: 1 -> 1.25"]
     assert suite.cell([1.0, 3.0]) == "2.000 ± 1.414" and suite.cell([]) == "—"
+
+
+def test_baselines_section_smoke(suite, tmp_path):
+    """The section 9 baselines on the yardstick: the discretisation floor first, then each method's rows."""
+    threads = torch.get_num_threads()
+    try:
+        res = suite.main(["--smoke", "--sections", "baselines", "--json", str(tmp_path / "b.json"),
+                          "--doc", str(tmp_path / "B.md")])
+    finally:
+        torch.set_num_threads(threads)
+    data = res["sections"]["baselines"]
+    assert [r["algo"] for r in data["runs"]] == ["adjoint-matching", "diffusion-nft"]
+    fl = data["floors"][0]
+    assert fl["reward"] == "mode_switch" and 0 < fl["gap"] < 0.3 and fl["kl_path"] > 0
+    page = (tmp_path / "B.md").read_text()
+    assert "Discretisation floor" in page and "| adjoint-matching | 512 |" in page
+    assert (tmp_path / "benchmarks" / "baselines_mode_switch.png").exists()
