@@ -13,6 +13,8 @@ from pydantic import BaseModel
 ALGO_SECTIONS = {"ctrl": "ctrl", "ddpo": "ddpo", "ddpo-sf": "ddpo", "dpok": "dpok", "q-learning": "qlearning",
                  "reward-backprop": "reward_backprop", "diffusion-dpo": "diffusion_dpo", "lasro": "lasro"}
 COMMON_SECTIONS = ("sampler", "optim", "log", "diffusers")
+# where the plain defaults do not make a valid config for an algorithm: the setting its docs start from
+ALGO_DEFAULTS = {"lasro": {"model": "digits-2step", "sampler": {"solver": "ddim", "steps": 2, "eta": 0.0}}}
 WIDTH = 118
 
 
@@ -32,7 +34,7 @@ def _choices(annotation) -> list | None:
 
 
 def _comment(text: str, indent: str) -> list[str]:
-    return [indent + "# " + line for line in textwrap.wrap(text, WIDTH - len(indent) - 2)]
+    return [indent + "# " + line for line in textwrap.wrap(text, WIDTH - len(indent) - 2, break_on_hyphens=False)]
 
 
 def _section_lines(model: BaseModel, indent: str = "") -> list[str]:
@@ -60,12 +62,14 @@ def config_yaml(algo: str = "ctrl", all_sections: bool = False) -> str:
     from .train.config import ALGOS, TrainConfig
 
     choice("--algo", algo, ALGOS)
-    cfg = TrainConfig(algo=algo)
+    cfg = TrainConfig(algo=algo, **ALGO_DEFAULTS.get(algo, {}))
     own = ALGO_SECTIONS[algo]
     skipped = sorted({s for s in ALGO_SECTIONS.values() if s != own})
     head = [f"# ctrldiff train config: every field with its default for --algo {algo}.",
             "# Save it, edit what you need (delete the rest) and run: ctrldiff train --config my.yaml",
             "# Any field can also be set on the command line: --set section.field=value"]
+    if algo in ALGO_DEFAULTS:
+        head.append(f"# For {algo} the plain defaults are not a valid setup; set here: {ALGO_DEFAULTS[algo]}")
     if not all_sections:
         head.append(f"# Left out (other algorithms' sections): {', '.join(skipped)}; `ctrldiff config --all` shows them.")
     lines = list(head)

@@ -39,8 +39,9 @@ class Trackers:
                 (self._open_tensorboard if name == "tensorboard" else self._open_wandb)()
             except ImportError as e:
                 self.names.remove(name)
-                log.warning("%s logging is off: %s is not installed (%s; or leave it out of log.trackers)", name,
-                            getattr(e, "name", None) or name, INSTALL_HINT[name])
+                log.warning("%s logging is off: the %s package is not installed or not importable (%s; or leave it "
+                            "out of log.trackers)", name, name, INSTALL_HINT[name])
+                log.debug("importing %s failed: %s", name, e)
 
     def _open_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -53,9 +54,9 @@ class Trackers:
         id_file = self.out / "wandb_run_id"  # a resumed run continues the same wandb run
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         if run_id is None:
-            from wandb.util import generate_id
+            import uuid
 
-            run_id = generate_id()
+            run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
         self._wandb = wandb.init(project=self.project, name=self.out.name, id=run_id, resume="allow",
                                  dir=str(self.out), config=self.config, reinit="create_new")
