@@ -52,6 +52,9 @@ def test_busy_cores_is_measured_and_threads_respect_omp_num_threads(monkeypatch)
 
     assert cli._busy_cores(0.05) >= 0.0
     before = torch.get_num_threads()
+    cli._threads(None)
+    assert torch.get_num_threads() == before  # torch was loaded before the CLI (as here): its setting is kept
+    monkeypatch.setattr(cli, "AUTO_THREADS", True)
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(2)

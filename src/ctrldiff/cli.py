@@ -11,9 +11,12 @@ import shlex
 import sys
 from pathlib import Path
 
-# idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP; an explicit setting wins): a
-# spinning thread burns a core another process needs, and both slow down
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The command line owns the thread settings only when it is what loads torch (the `ctrldiff` process); a program
+# or test that imported torch first and then calls the CLI keeps its own. Idle OpenMP threads then sleep instead
+# of spinning (an explicit OMP_WAIT_POLICY wins): a spinning thread burns a core another process needs.
+AUTO_THREADS = "torch" not in sys.modules
+if AUTO_THREADS:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 import torch  # noqa: E402
@@ -118,13 +121,13 @@ def default_threads(cores: int | None = None, busy: float | None = None) -> int:
 
 
 def _threads(n: int | None, processes: int = 1) -> None:
-    """--threads N; without it (and without OMP_NUM_THREADS) :func:`default_threads`, or with ``processes`` > 1
-    training processes on this machine their share of the cores."""
+    """--threads N; without it (and without OMP_NUM_THREADS, in a process whose torch the CLI loaded)
+    :func:`default_threads`, or with ``processes`` > 1 training processes on this machine their share of the cores."""
     if n is not None:
         if n < 1:
             raise CtrlDiffError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
-    elif not os.environ.get("OMP_NUM_THREADS"):
+    elif AUTO_THREADS and not os.environ.get("OMP_NUM_THREADS"):
         if processes > 1:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, min(MAX_DEFAULT_THREADS, cores // processes)))
