@@ -75,6 +75,8 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
     """
     import sys
 
+    import torch
+
     from .launcher import accelerate_cpu_processes, launch_env, spawn_workers
     from .train.trainer import Trainer, load_run_config
 
@@ -117,7 +119,8 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
         return
     procs = f", {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     echo(f"run directory: {out_dir}  (algo {cfg.algo}, model {trainer.task.name}, reward "
-         f"{trainer.reward.name}, {cfg.epochs} epochs x {cfg.batch_size} samples x {cfg.sampler.steps} steps{procs})")
+         f"{trainer.reward.name}, {cfg.epochs} epochs x {cfg.batch_size} samples x {cfg.sampler.steps} steps{procs}, "
+         f"{torch.get_num_threads()} torch threads)")
     try:
         records = trainer.train()
     except KeyboardInterrupt:

@@ -91,6 +91,13 @@ def _columns(conditions: list[str] | None, n: int, max_columns: int, per_column:
     return list(cols.items())
 
 
+def _nanmean(a) -> float:
+    """Mean of the finite entries (NaN, and no warning, when there are none: a skipped reward batch)."""
+    a = np.asarray(a, dtype=float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
 def _fmt_r(v: float) -> str:
     """A reward as shown under a sample (2 decimals, no '-0.00')."""
     if not np.isfinite(v):
@@ -127,7 +134,7 @@ def before_after_figure(before: Tensor, after: Tensor, r_before: Tensor, r_after
     rb, ra = r_before.detach().float().cpu().numpy(), r_after.detach().float().cpu().numpy()
     n = len(rb)
     better = int(sum(_fmt_r(a) != _fmt_r(b) and a > b for a, b in zip(ra, rb, strict=True)))
-    summary = (f"reward {reward_name}: mean {np.nanmean(rb):.3f} before -> {np.nanmean(ra):.3f} after; "
+    summary = (f"reward {reward_name}: mean {_nanmean(rb):.3f} before -> {_nanmean(ra):.3f} after; "
                f"higher after for {better} of {n} noise draws")
     if before.ndim == 4:
         cols = _columns(conditions, n, max_columns, per_column)
@@ -175,11 +182,12 @@ def before_after_figure(before: Tensor, after: Tensor, r_before: Tensor, r_after
     else:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True, sharey=True)
         pts = [before.detach().cpu().numpy(), after.detach().cpu().numpy()]
-        lo, hi = np.nanmin(np.concatenate([rb, ra])), np.nanmax(np.concatenate([rb, ra]))
+        finite = np.concatenate([rb, ra])[np.isfinite(np.concatenate([rb, ra]))]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (None, None)
         for ax, p, r, lab in zip(axes, pts, (rb, ra), ("before (reference)", after_label), strict=True):
             sc = ax.scatter(p[:, 0], p[:, 1], c=r, s=5, cmap="viridis", vmin=lo, vmax=hi)
             ax.set_aspect("equal")
-            ax.set_title(f"{lab}\nmean reward {np.nanmean(r):.3f}", fontsize=10)
+            ax.set_title(f"{lab}\nmean reward {_nanmean(r):.3f}", fontsize=10)
         fig.colorbar(sc, ax=list(axes), label=f"reward {reward_name}", shrink=0.85)
         fig.suptitle(f"Same noise, before and after fine-tuning; colour: reward per sample\n{summary}", fontsize=10)
         fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -191,8 +199,8 @@ def before_after_figure(before: Tensor, after: Tensor, r_before: Tensor, r_after
 
     doc = {"reward": reward_name, "n": n, "higher_after": better, "reward_before": [num(v) for v in rb],
            "reward_after": [num(v) for v in ra], "conditions": conditions,
-           "columns": [{"condition": name, "samples": ix, "mean_before": num(np.nanmean(rb[ix])),
-                        "mean_after": num(np.nanmean(ra[ix]))} for name, ix in shown]}
+           "columns": [{"condition": name, "samples": ix, "mean_before": num(_nanmean(rb[ix])),
+                        "mean_after": num(_nanmean(ra[ix]))} for name, ix in shown]}
     path.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     return path
 
