@@ -20,9 +20,9 @@ if AUTO_THREADS:
 
 import click  # noqa: E402
 import torch  # noqa: E402
-from pydantic import ValidationError
+from pydantic import ValidationError  # noqa: E402
 
-from .errors import CtrlDiffError
+from .errors import CtrlDiffError  # noqa: E402
 
 
 def _validation_message(e: ValidationError) -> str:

@@ -127,7 +127,9 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
         if created and remove_unstarted_run(out_dir):
             echo(f"interrupted before the first epoch finished; removed {out_dir} (nothing to resume)", err=True)
         else:
-            echo(interrupted_message(out_dir, trainer.epoch, cfg.epochs, threads), err=True)
+            echo(interrupted_message(out_dir, trainer.epoch, cfg.epochs, threads)
+                 + (f" (under the same launcher, {trainer.dist.world_size} processes)" if trainer.dist.enabled else ""),
+                 err=True)
         sys.exit(130)
     except BaseException:
         if created:
