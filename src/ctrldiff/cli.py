@@ -44,7 +44,7 @@ class _Group(click.Group):
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("error: aborted", err=True)
+            click.echo("error: interrupted (Ctrl-C)", err=True)
             sys.exit(1)
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
