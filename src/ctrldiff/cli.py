@@ -84,21 +84,23 @@ def main() -> None:
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--cond-drop", type=float, default=0.1, show_default=True, help="label dropout for CFG")
 @click.option("--process", default="vp", show_default=True, help="noise process: vp, vp-cosine, rf")
+@click.option("--prediction", default="eps", show_default=True,
+              help="network output: eps, v (on --process rf: the flow-matching velocity eps - x0) or x0")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--log-every", type=int, default=200, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt if it exists")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, checkpoint_every, log_every, out, seed,
-             resume, threads) -> None:
+def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, prediction, checkpoint_every, log_every,
+             out, seed, resume, threads) -> None:
     """Pretrain a denoiser on DATASET by denoising score matching (EMA weights saved to OUT/model.*)."""
     from .train.pretrain import PretrainConfig
     from .train.pretrain import pretrain as run
 
     _threads(threads)
     cfg = PretrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                         cond_drop=cond_drop, process=process, checkpoint_every=checkpoint_every, log_every=log_every,
+                         cond_drop=cond_drop, process=process, prediction=prediction, checkpoint_every=checkpoint_every, log_every=log_every,
                          out=out, seed=seed, resume=resume, command=_command_line())
     res = run(cfg, log=click.echo)
     click.echo(f"model: {res.model_path}")

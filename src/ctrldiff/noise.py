@@ -87,9 +87,8 @@ class NoiseProcess:
             eps = -s * pred
         elif kind == "x0":
             eps = (x - a * pred) / s
-        else:  # v = alpha eps - sigma x0  (for alpha^2 + sigma^2 = 1; general form below)
-            # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2), eps = (sigma x + alpha v) / (alpha^2+sigma^2)
-            eps = (s * x + a * pred) / (a * a + s * s)
+        else:
+            eps = self._eps_from_v(pred, a, s, x)
         if to == "eps":
             return eps
         if to == "score":
@@ -97,7 +96,16 @@ class NoiseProcess:
         x0 = (x - s * eps) / a
         if to == "x0":
             return x0
-        return a * eps - s * x0
+        return self.velocity(x0, eps, t)
+
+    def velocity(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The 'v' target of this process at x_t = alpha_t x0 + sigma_t eps. VP processes: v = alpha eps - sigma x0
+        (Salimans & Ho 2022: the velocity of the angle parameterisation, alpha^2 + sigma^2 = 1)."""
+        return _bcast(self.alpha(t), x0) * eps - _bcast(self.sigma(t), x0) * x0
+
+    def _eps_from_v(self, v: Tensor, a: Tensor, s: Tensor, x: Tensor) -> Tensor:
+        """eps from v = alpha eps - sigma x0 at x = alpha x0 + sigma eps: eps = (sigma x + alpha v) / (alpha^2 + sigma^2)."""
+        return (s * x + a * v) / (a * a + s * s)
 
     def tweedie_x0(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """x0_hat = (x + sigma_t^2 * score) / alpha_t."""
@@ -171,11 +179,42 @@ class VPCosine(NoiseProcess):
 
 @dataclass
 class RectifiedFlow(NoiseProcess):
-    """Linear interpolant / rectified flow: alpha_t = 1 - t, sigma_t = t."""
+    r"""Linear interpolant / rectified flow (METHODS section 8): alpha_t = 1 - t, sigma_t = t,
+        f = -1 / (1 - t),  g^2 = 2t / (1 - t)  (infinite at t = 1).
+
+    'v' here is the flow-matching velocity v = dx_t/dt = eps - x0 (what SD3 / FLUX transformers predict):
+        eps_hat = x + (1 - t) v,  x0_hat = x - t v,  score = -(x + (1 - t) v) / t,
+    and the probability-flow ODE is dY = -v dtau (``ode-euler`` on it is the Euler flow sampler).
+
+    Grid: because g^2 diverges at t = 1, sampling starts at t_max = 0.999 < 1 from N(0, t_max^2 I) and
+    ``time_grid`` is uniform from t_max to t_min (the ODE solvers, ddim(eta) and the Girsanov KL need nothing
+    more; the start is not treated apart). Euler-Maruyama's first step is stiff there: its effective state
+    coefficient is 1 - dtau / (1 - t), so with dtau >> 1 - t_max the first EM step over-shoots; use ddim
+    (eta = 1: the exact Gaussian posterior step) or the eta-family sampler for stochastic rollouts on flows.
+    """
 
     name: str = "rf"
     t_min: float = 1e-3
     t_max: float = 0.999
+
+    def __post_init__(self):
+        if not 0 < self.t_min < self.t_max < 1:
+            raise CtrlDiffError(f"rectified flow needs 0 < t_min < t_max < 1 (g^2 diverges at t = 1), got "
+                                f"t_min={self.t_min}, t_max={self.t_max}")
+
+    def velocity(self, x0, eps, t):
+        """v = eps - x0 (independent of t)."""
+        return eps - x0
+
+    def _eps_from_v(self, v, a, s, x):
+        """eps = x + (1 - t) v = x + alpha_t v."""
+        return x + a * v
+
+    def config(self):
+        cfg = {"name": self.name}
+        if (self.t_min, self.t_max) != (1e-3, 0.999):
+            cfg |= {"t_min": self.t_min, "t_max": self.t_max}
+        return cfg
 
     def log_alpha(self, t):
         return torch.log1p(-torch.as_tensor(t))
