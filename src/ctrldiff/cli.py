@@ -100,7 +100,8 @@ def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, pred
 
     _threads(threads)
     cfg = PretrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                         cond_drop=cond_drop, process=process, prediction=prediction, checkpoint_every=checkpoint_every, log_every=log_every,
+                         cond_drop=cond_drop, process=process, prediction=prediction,
+                         checkpoint_every=checkpoint_every, log_every=log_every,
                          out=out, seed=seed, resume=resume, command=_command_line())
     res = run(cfg, log=click.echo)
     click.echo(f"model: {res.model_path}")

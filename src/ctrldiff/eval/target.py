@@ -124,9 +124,8 @@ def _diffusers_run_weights(run: Path, task) -> tuple[nn.Module, str]:
 
 
 def _build(spec: str, process: str = "vp", device: str = "cpu"):
-    from ..train.task import build_task
-
     from ..assets import SHIPPED_MODELS
+    from ..train.task import build_task
 
     if spec not in SHIPPED_MODELS and not spec.endswith("-exact"):
         p = Path(spec)

@@ -3,7 +3,8 @@ r"""Pretraining by denoising score matching, and training the digits classifier.
 DSM with the eps parameterisation:  t ~ U[t_min, 1],  x_t = alpha_t x_0 + sigma_t eps,
     L(theta) = E || eps_theta(x_t, t, c~) - eps ||^2,
 or with ``prediction='v'`` the regression on the process's v target (flow matching on the rectified flow:
-v = eps - x0, L = E || v_theta(x_t, t, c~) - (eps - x0) ||^2), or on x0 with ``prediction='x0'``; where c~ is the label replaced by the null token with probability ``cond_drop`` (so one network
+v = eps - x0, L = E || v_theta(x_t, t, c~) - (eps - x0) ||^2), or on x0 with ``prediction='x0'``; where c~ is the
+label replaced by the null token with probability ``cond_drop`` (so one network
 learns both the conditional and the unconditional model that classifier-free guidance mixes).
 AdamW with linear warm-up and cosine decay, an EMA of the weights (the EMA model is the one that
 is saved), gradient clipping, and atomic periodic checkpoints (EMA + raw + optimizer + step).

@@ -47,6 +47,9 @@ class Task:
         """The model's condition -> the reward's (text-to-image: prompt indices -> list[str] of prompts)."""
         return cond
 
+    def check_sampler(self, sampler) -> None:
+        """Raise a one-line CtrlDiffError for a sampler setting (solver, steps, ...) this model cannot use."""
+
     def condition_names(self) -> list[str] | None:
         """Names of conditions 0..num_classes-1 for per-condition metrics (None: the label numbers)."""
         return None
