@@ -227,3 +227,19 @@ def test_prompt_cache_and_dropping_the_text_encoders(pipes, tmp_path):
     ea, pa = a.prompt_emb.lookup(idx, 4)
     eb, pb = b.prompt_emb.lookup(idx, 4)
     assert torch.equal(ea, eb) and torch.equal(pa, pb)
+
+
+def test_gpu_flow_lora_benchmark_cpu_dry_run():
+    """benchmarks/gpu_flow_lora.py --cpu: the SD3.5-Medium benchmark's code path (in-memory pipeline, prompt cache,
+    dropped text encoders, bf16-ready LoRA CTRL epoch) at tiny widths."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_flow_lora.py"
+    spec = importlib.util.spec_from_file_location("gpu_flow_lora", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--cpu", "--no-write", "--max-sequence-length", "16", "--batch", "2", "--steps", "2"])
+    assert out["cpu_dry_run"] and out["updates"] == 1 and out["epoch_s"] > 0 and out["lora_parameters"] > 0
+    assert out["latent_shape"] == [4, 8, 8] and out["shift"] == 3.0
+    assert mod.SD35M_TRANSFORMER["num_layers"] == 24 and mod.SD35M_TRANSFORMER["joint_attention_dim"] == 4096

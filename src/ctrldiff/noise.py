@@ -245,9 +245,10 @@ class FlowMatch(RectifiedFlow):
     ``time_grid(K)``: u uniform from shift^{-1}(t_max) to shift^{-1}(t_min), mapped by the shift, so the grid runs from
     t_max = 0.995 (< 1: g^2 = 2t / (1 - t) diverges at 1; and the solvers' step x' = A x + B eps_hat with
     eps_hat = x + (1 - t) v has A = 1 + dtau / (1 - t), which amplifies float32 rounding by ~dtau / (1 - t_max):
-    0.995 keeps a 4-step Euler rollout within 1e-5 of the pipeline's) to t_min. Passing u[:K] to the scheduler as ``sigmas`` gives
-    its sigmas = this grid's first K points (the scheduler appends 0 as its last point; ctrldiff's last step ends at
-    t_min, and the Tweedie x0_hat(t_{K-1}, x_{K-1}) = x_{K-1} - t_{K-1} v is the scheduler's final Euler step to 0).
+    0.995 keeps a 4-step Euler rollout within 1e-5 of the pipeline's) to t_min. Passing u[:K] to the scheduler as
+    ``sigmas`` gives its sigmas = this grid's first K points (the scheduler appends 0 as its last point; ctrldiff's
+    last step ends at t_min, and the Tweedie x0_hat(t_{K-1}, x_{K-1}) = x_{K-1} - t_{K-1} v is the scheduler's final
+    Euler step to 0).
     """
 
     shift: float = 1.0

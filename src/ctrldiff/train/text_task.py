@@ -70,12 +70,18 @@ class TextToImageTask(Task):
         return path
 
 
-def text_to_image_task(model: str, cfg: DiffusersConfig | None = None, device: str = "cpu") -> TextToImageTask:
+def text_to_image_task(model: str, cfg: DiffusersConfig | None = None, device: str = "cpu",
+                       pipeline=None, kind: str | None = None) -> TextToImageTask:
+    """The task of pipeline ``model`` (a directory or hub id), or of an already built ``pipeline`` object of family
+    ``kind`` ('sd', 'sdxl', 'sd3', 'flux'; ``model`` is then only its name)."""
     from ..data.prompts import load_prompts
 
     cfg = cfg or DiffusersConfig()
     prompts = load_prompts(cfg.prompts)
-    backend = load_diffusers_model(model, prompts, cfg, device)
+    if pipeline is None:
+        backend = load_diffusers_model(model, prompts, cfg, device)
+    else:
+        backend = DiffusersModel(model, pipeline, kind, prompts, cfg, device)
     return TextToImageTask(name=model, model=backend.model, ref=backend.ref, process=backend.process,
                            sample_shape=backend.latent_shape, num_classes=len(prompts), trainable=backend.trainable,
                            config_defaults=dict(TEXT_TO_IMAGE_DEFAULTS) | (FLOW_DEFAULTS if backend.family.flow else {}),
