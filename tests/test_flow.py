@@ -95,7 +95,7 @@ CASES = [
     ("gmm2-rf-exact", "dpok", dict(sampler=dict(solver="ode-euler", steps=6, policy_std=0.1))),
     ("scratch-gmm2", "q-learning", dict(process="rf", sampler=dict(solver="em", steps=8))),
     ("digits-rf", "ctrl", dict(reward="digit-correct", batch_size=8, sampler=dict(steps=4))),
-    ("digits-rf", "dpok", dict(reward="digit-correct", batch_size=8, sampler=dict(steps=4))),
+    ("digits-rf", "dpok", dict(reward="digit-alignment", batch_size=8, sampler=dict(steps=4))),
     ("digits-rf", "reward-backprop", dict(reward="digit-alignment", batch_size=8, sampler=dict(steps=4))),
     ("digits-rf", "lasro", dict(reward="digit-correct", batch_size=8, sampler=dict(solver="ddim", eta=0.0, steps=2),
                                 lasro=dict(initial_surrogate_steps=2, surrogate_steps=2, gen_batch=8, pairs=16))),
@@ -113,3 +113,14 @@ def test_every_algorithm_runs_on_flow_models(model, algo, kw):
     assert _residual_changed(tr, before), "nothing was trained"
     kl = rec.get("kl_path", 0.0)
     assert math.isnan(kl) or (math.isfinite(kl) and kl >= 0)
+
+
+def test_flow_models_default_to_the_exact_gaussian_rollout_step():
+    tr = Trainer(TrainConfig(model="gmm2-rf-exact", reward="toy2d-mode-switch", epochs=1,
+                             log=dict(progress=False, tensorboard=False)))
+    assert (tr.cfg.sampler.solver, tr.cfg.sampler.eta) == ("ddim", 1.0)
+    tr = Trainer(TrainConfig(model="gmm2-rf-exact", reward="toy2d-mode-switch", epochs=1, sampler=dict(solver="em"),
+                             log=dict(progress=False, tensorboard=False)))
+    assert tr.cfg.sampler.solver == "em"  # an explicit choice is kept
+    assert Trainer(TrainConfig(model="gmm2-exact", reward="toy2d-mode-switch", epochs=1,
+                               log=dict(progress=False, tensorboard=False))).cfg.sampler.solver == "em"

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CtrlDiffError
-from ..noise import NoiseProcess, make_process, process_from_config
+from ..noise import NoiseProcess, RectifiedFlow, make_process, process_from_config
 
 
 @dataclass
@@ -80,6 +80,10 @@ def _process_of(model: nn.Module) -> NoiseProcess:
     meta = getattr(model, "metadata", {}) or {}
     return process_from_config(meta["process"]) if "process" in meta else make_process("vp")
 
+
+# rectified-flow models: stochastic rollouts by the exact Gaussian (DDPM-posterior) step unless the user picks a
+# sampler; Euler-Maruyama's first step from t_max = 0.999 scales the state by 1 - dtau / (1 - t) (unstable at few steps)
+FLOW_SAMPLER_DEFAULTS = {"sampler.solver": "ddim", "sampler.eta": 1.0}
 
 SCRATCH_2D_SIZE = 10_000  # points in the fixed (seed 0) data set of a 'scratch-<2-D data set>' task
 
@@ -171,7 +175,8 @@ def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=N
         residual = MLPScoreModel(dim=2, hidden=128, depth=3, zero_init=True, prediction=pred)
         policy = ExactGMMScore(gmm, proc, residual, prediction=pred).to(device)
         ref = ExactGMMScore(gmm, proc, None, prediction=pred).to(device)
-        return Task(model, policy, ref, proc, (2,), 0, list(residual.parameters()))
+        return Task(model, policy, ref, proc, (2,), 0, list(residual.parameters()),
+                    config_defaults=dict(FLOW_SAMPLER_DEFAULTS) if flow else {})
     if model in SHIPPED_MODELS:
         from ..assets import load_shipped_model
 
@@ -192,5 +197,7 @@ def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=N
     else:
         res = cfg.get("resolution", cfg.get("image_size", 8))
         shape = (cfg.get("in_channels", cfg.get("channels", 1)), res, res)
-    return Task(name, net, _freeze(net), _process_of(net), shape, int(cfg.get("num_classes", 0)),
-                [p for p in net.parameters() if p.requires_grad])
+    process = _process_of(net)
+    return Task(name, net, _freeze(net), process, shape, int(cfg.get("num_classes", 0)),
+                [p for p in net.parameters() if p.requires_grad],
+                config_defaults=dict(FLOW_SAMPLER_DEFAULTS) if isinstance(process, RectifiedFlow) else {})
