@@ -174,7 +174,10 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
     check(n >= 1, f"--n must be >= 1, got {n}")
     check(eta is None or solver == "ddim", f"--eta applies to the ddim solver only, not {solver!r}")
     check(eta is None or eta >= 0, f"--eta must be >= 0, got {eta}")
-    model = load_model(model_path or default_digits_model_path())
+    from .assets import SHIPPED_MODELS, load_shipped_model
+
+    model = load_shipped_model(model_path) if model_path in SHIPPED_MODELS else \
+        load_model(model_path or default_digits_model_path())
     meta = getattr(model, "metadata", {}) or {}
     process = process_from_config(meta["process"]) if "process" in meta else make_process("vp")
     if "data_shape" in meta:
@@ -242,7 +245,7 @@ def _parse_label(value: str, num_classes: int) -> int | None:
 
 @main.command()
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
-              help="model .safetensors/.json (default: the shipped digits model)")
+              help="model .safetensors/.json or a shipped model: digits (default), digits-2step, digits-rf")
 @click.option("--solver", default="em", show_default=True, help="em, ddim, ode-euler, heun or dpmpp-2m")
 @click.option("--eta", type=float, default=None, help="DDIM stochasticity (ddim only; 0 = deterministic)")
 @click.option("--steps", type=int, default=50, show_default=True)
