@@ -147,7 +147,8 @@ def _weights(task):
 
 
 ALGOS = [("sd3", "ctrl", ""), ("flux", "ctrl", ""), ("sd3", "ddpo", ""), ("flux", "dpok", ""), ("sd3", "ctrl", "b"),
-         ("flux", "reward-backprop", "diff"), ("sd3", "diffusion-dpo", ""), ("flux", "ddpo", "")]
+         ("flux", "reward-backprop", "diff"), ("sd3", "diffusion-dpo", ""), ("flux", "ddpo", ""),
+         ("sd3", "dpok", "bf16")]
 
 
 @pytest.mark.parametrize("kind,algo,extra", ALGOS)
@@ -157,6 +158,9 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
         kw, reward = dict(ctrl=dict(estimator="b", value=dict(epochs=1, reward_term="true"))), brightness
     elif extra == "diff":
         reward = brightness
+    elif extra == "bf16":  # frozen weights in bf16 + autocast, trainable LoRA in fp32, gradient checkpointing
+        kw["diffusers"] = dict(prompts=_prompt_file(tmp_path), lora_rank=2, resolution=RES, max_sequence_length=16,
+                               dtype="bf16", gradient_checkpointing=True)
     if algo == "diffusion-dpo":
         kw["batch_size"] = 8
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), kind, **kw), reward=reward)
@@ -168,6 +172,10 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
     assert changed, "nothing was trained"
     assert all(".lora_" in k for k in changed), sorted(k for k in changed if ".lora_" not in k)[:3]
     assert any(".lora_B." in k for k in changed) and rec["reward_queries"] >= 4
+    if extra == "bf16":
+        net = tr.task.backend.net
+        assert net.is_gradient_checkpointing and all(p.dtype == torch.float32 for p in tr.task.trainable)
+        assert any(p.dtype == torch.bfloat16 for p in net.parameters() if not p.requires_grad)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
