@@ -148,7 +148,8 @@ def _weights(task):
 
 ALGOS = [("sd3", "ctrl", ""), ("flux", "ctrl", ""), ("sd3", "ddpo", ""), ("flux", "dpok", ""), ("sd3", "ctrl", "b"),
          ("flux", "reward-backprop", "diff"), ("sd3", "diffusion-dpo", ""), ("flux", "ddpo", ""),
-         ("sd3", "dpok", "bf16")]
+         ("sd3", "dpok", "bf16"), ("flux", "ctrl", "b"), ("sd3", "reward-backprop", "diff"),
+         ("flux", "diffusion-dpo", ""), ("sd3", "ddpo-sf", ""), ("flux", "ddpo-sf", "")]
 
 
 @pytest.mark.parametrize("kind,algo,extra", ALGOS)
