@@ -10,7 +10,8 @@ projections, bf16 + autocast, gradient checkpointing, CTRL estimator (a), JPEG-c
 
     python benchmarks/gpu_flow_lora.py                       # on a GPU (largest of --resolution that fits)
     python benchmarks/gpu_flow_lora.py --cpu                 # CPU dry run: the same code path at tiny widths
-Prints and writes benchmarks/results/gpu_flow_lora[_cpu].json; ``run(args)`` returns the record.
+Prints and writes benchmarks/results/gpu_flow_lora[_cpu].json (or ``--out PATH``, as benchmarks/gpu_check.py's
+FLOW_CHECKS expects); ``run(args)`` returns the record.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def run(args) -> dict:
         "torch": torch.__version__,
     }
     print(json.dumps(out, indent=1))
-    if args.write:
+    if args.out:  # benchmarks/gpu_check.py's FLOW_CHECKS protocol: one JSON object at --out
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    elif args.write:
         res_dir = Path(__file__).parent / "results"
         res_dir.mkdir(exist_ok=True)
         (res_dir / f"gpu_flow_lora{'_cpu' if args.cpu else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -153,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", dest="write", action="store_false", help="do not write the results JSON")
+    ap.add_argument("--out", default=None, help="write the JSON record here (instead of benchmarks/results/)")
     return ap
 
 

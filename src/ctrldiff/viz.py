@@ -17,7 +17,7 @@ def image_grid(x: Tensor, nrow: int | None = None, pad: int = 1, scale: int = 4)
     n, c, h, w = x.shape
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     ncol = int(math.ceil(n / nrow))
-    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad, device="cpu")
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]

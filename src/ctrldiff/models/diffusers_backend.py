@@ -268,7 +268,10 @@ class PromptEmbeddings:
     @torch.no_grad()
     def _encode(self, idx: list[int]) -> None:
         texts = [self.prompts[i] for i in idx if i != self.null_index] or [""]
-        emb, pooled, null, null_pooled = self.encode_fn(texts)
+        # the tokenizers make their tensors on the default device, which the pipeline then moves to its device:
+        # give them the CPU they assume, whatever the caller's default device
+        with torch.device("cpu"):
+            emb, pooled, null, null_pooled = self.encode_fn(texts)
         j = 0
         for i in idx:
             if i == self.null_index:

@@ -31,9 +31,9 @@ def unpack(z: Tensor, h: int, w: int) -> Tensor:
 
 def image_ids(h: int, w: int, device, dtype) -> Tensor:
     """Rotary ids of the packed patches [(h/2)(w/2), 3]: (0, row, col)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = torch.arange(h // 2)[:, None]
-    ids[..., 2] = torch.arange(w // 2)[None, :]
+    ids = torch.zeros(h // 2, w // 2, 3, device="cpu")
+    ids[..., 1] = torch.arange(h // 2, device="cpu")[:, None]
+    ids[..., 2] = torch.arange(w // 2, device="cpu")[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 

@@ -38,7 +38,7 @@ class UNetDenoiser(PipelineDenoiser):
             LatentConsistencyModelPipeline,
         )
 
-        w = torch.full((batch,), self.embedded_guidance - 1.0)
+        w = torch.full((batch,), self.embedded_guidance - 1.0, device="cpu")
         emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
         return emb.to(device=device, dtype=dtype)
 

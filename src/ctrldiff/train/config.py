@@ -41,11 +41,18 @@ class OptimConfig(Strict):
                               "linearly from lr / warmup_steps to lr (0: none). Adam's first steps move every "
                               "parameter by about lr whatever the gradient, which a few-step generator feels most")
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
-    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step (ddpo-sf takes one step over "
+                           "all batch_size * steps pairs, in passes of this many)")
     reuse_rollout_graph: bool = Field(
         False, description="keep the rollout's autograd graph and take the (single) policy step through it, "
         "instead of evaluating the policy again: saves one model forward per (sample, step). Needs memory for every "
         "step's activations, inner_epochs=1 and minibatch >= batch_size * steps")
+    recompute_log_prob_old: bool | None = Field(
+        None, description="recompute log p_old of every (sample, step) pair at theta_old with the update's own "
+        "forward passes (same minibatches, same precision; one extra forward without grad per pair), and keep that "
+        "partition into minibatches for every inner epoch: so the ratio is exactly 1 at theta_old also under fp16 / "
+        "bf16 autocast, where the rollout's eps (other batches, other kernels) differs by rounding. None: on when the "
+        "policy runs in reduced precision (autocast or fp16/bf16 weights)")
     microbatch: int | None = Field(None, ge=1, description="pairs per forward/backward pass: a minibatch is split "
                                    "into microbatches whose gradients are accumulated (same update, less memory); "
                                    "also the chunk size of the reference model's evaluation. None: the whole minibatch")

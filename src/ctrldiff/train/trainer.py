@@ -137,6 +137,8 @@ class Trainer:
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in self.trainable_parameters]
             self.optimizer.register_step_post_hook(lambda *_: self._update_ema())
+        rc = cfg.optim.recompute_log_prob_old
+        self.recompute_log_prob_old = runs_reduced_precision(self.task.model) if rc is None else rc
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         if cfg.optim.reuse_rollout_graph:
             from ..algorithms.base import Algorithm
@@ -145,7 +147,7 @@ class Trainer:
                 raise CtrlDiffError(f"optim.reuse_rollout_graph works with the shared policy-update loop; {cfg.algo!r} "
                                     "has its own update")
             n_pairs = cfg.batch_size * cfg.sampler.steps
-            if self.algo.inner_epochs() != 1 or cfg.optim.minibatch < n_pairs:
+            if self.algo.inner_epochs() != 1 or self.algo.minibatch_size(n_pairs) < n_pairs:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
                                     f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
@@ -448,7 +450,7 @@ class Trainer:
         cond = self.task.eval_conditions(n)
         kw = dict(sample_shape=self.task.sample_shape, n=n, solver=s.solver, steps=s.steps, eta=s.eta, cond=cond,
                   beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
-                  reward_cond=self.task.reward_cond)
+                  reward_cond=self.task.reward_cond, device=self.device)
         res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
@@ -547,6 +549,14 @@ class Trainer:
         import json
 
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def runs_reduced_precision(model: torch.nn.Module) -> bool:
+    """Whether ``model`` computes in fp16 / bf16: a module of it autocasts (``autocast_dtype`` set, as the
+    diffusers backend's denoiser with diffusers.dtype fp16/bf16) or holds half-precision floating weights."""
+    half = (torch.float16, torch.bfloat16)
+    return any(getattr(m, "autocast_dtype", None) in half for m in model.modules()) or any(
+        p.dtype in half for p in model.parameters())
 
 
 def apply_config_defaults(cfg: TrainConfig, defaults: dict) -> None:
