@@ -303,8 +303,8 @@ class FlowMatch(RectifiedFlow):
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
         if steps < 1:
             raise CtrlDiffError(f"steps must be >= 1, got {steps}")
-        ends = self.unshift_time(torch.tensor([self.t_max, self.t_min], dtype=torch.float64))
-        u = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64)
+        ends = self.unshift_time(torch.tensor([self.t_max, self.t_min], dtype=torch.float64, device="cpu"))
+        u = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64, device="cpu")
         return self.shift_time(u).to(device=device, dtype=dtype)
 
     def timestep(self, t: Tensor) -> Tensor:
