@@ -303,9 +303,9 @@ class FlowMatch(RectifiedFlow):
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
         if steps < 1:
             raise CtrlDiffError(f"steps must be >= 1, got {steps}")
-        ends = self.unshift_time(torch.tensor([self.t_max, self.t_min], dtype=torch.float64, device="cpu"))
-        u = torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64, device="cpu")
-        return self.shift_time(u).to(device=device, dtype=dtype)
+        u0, u1 = (t / (self.shift - (self.shift - 1) * t) for t in (self.t_max, self.t_min))  # unshift_time
+        u = torch.linspace(u0, u1, steps + 1, dtype=torch.float64, device="cpu")
+        return (self.shift * u / (1 + (self.shift - 1) * u)).to(device=device, dtype=dtype)
 
     def timestep(self, t: Tensor) -> Tensor:
         """The network's timestep argument N t (SD3; FLUX's transformer takes t itself)."""
