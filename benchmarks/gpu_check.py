@@ -13,8 +13,8 @@ one part still leaves the others' results):
                   CFG 7.5, bf16, gradient checkpointing): setup and epoch wall time, peak CUDA memory
                   (torch.cuda.max_memory_allocated; goal < 10 GB), then the run's final evaluation on the
                   device (4 samples before / after: what crashed a --device cuda run before).
-  flow            the same epoch for the flow architectures (SD 3.5, FLUX): FLOW_CHECKS below, filled in by the
-                  flow-models work; reported as "pending" until then.
+  flow            the same epoch for the flow architectures (FLOW_CHECKS below: SD3.5-Medium through
+                  benchmarks/gpu_flow_lora.py, 1024 px, bf16, LoRA): time and peak memory.
 
     python benchmarks/gpu_check.py                  # on a GPU machine (exit status 1 if any part failed)
     python benchmarks/gpu_check.py --cpu            # dry run of every part on the CPU at tiny sizes (~30 s)
@@ -46,7 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # benchmarks/gpu_sd15_lora_ctrl.py: epoch_s, setup_s, max_memory_allocated_gb, ...) to the path given by --out, which
 # gpu_check appends. Example, once benchmarks/gpu_flow_lora_ctrl.py exists:
 #     "sd35": (["benchmarks/gpu_flow_lora_ctrl.py", "--arch", "sd35"], 240, ["--tiny"]),
-FLOW_CHECKS: dict[str, tuple[list[str], int, list[str]]] = {}
+FLOW_CHECKS: dict[str, tuple[list[str], int, list[str]]] = {
+    # SD3.5-Medium architecture from its config (random weights), 1024 px, bf16, LoRA rank 16: one CTRL epoch
+    "sd35_medium": (["benchmarks/gpu_flow_lora.py", "--dtype", "bf16"], 240,
+                    ["--cpu", "--max-sequence-length", "16", "--batch", "2", "--steps", "2"]),
+}
 
 
 def _env(cpu: bool) -> dict:

@@ -12,6 +12,9 @@ improvement J* - J_ref.
     python benchmarks/yardstick2d.py --quick         # 1 seed, budgets 5k and 20k
     python benchmarks/yardstick2d.py --algos reward-backprop diffusion-dpo diffusion-dpo-bt --budgets 5000 20000 \
         --out benchmarks/results/yardstick2d_baselines.json       # the two baselines (METHODS section 2)
+    python benchmarks/yardstick2d.py --flow --quick --out benchmarks/results/yardstick2d_rf.json
+        # the rectified-flow yardstick 'gmm2-rf-exact' (exact velocity + residual; rollouts and evaluation by
+        # ddim eta = 1, the exact Gaussian step, 20 steps; p* and J* are the same)
 Writes benchmarks/results/yardstick2d.json and prints a markdown table.
 """
 
@@ -71,19 +74,22 @@ BATCH = 256
 
 
 def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int,
-            return_trainer: bool = False, robust: bool = False) -> dict:
+            return_trainer: bool = False, robust: bool = False, flow: bool = False) -> dict:
     """Train ``algo`` until the largest budget, evaluating at each budget; ``return_trainer`` adds the trained
     Trainer under "trainer" (for further evaluation, e.g. with other solvers); ``robust`` adds E r, KL_path and J
-    of the final model under the solvers / step counts of benchmarks/robustness.py (the step-robustness table)."""
+    of the final model under the solvers / step counts of benchmarks/robustness.py (the step-robustness table).
+    ``flow``: the rectified-flow yardstick 'gmm2-rf-exact', sampled (training and evaluation) by ddim eta = 1."""
     make, beta = REWARDS[reward_name]
     reward = make()
     target = TiltedTarget(gmm_preset("gmm2"), reward, beta)
     j_ref = target.mean_reward_ref
     spec = dict(ALGOS[algo])
     optim = {"lr": 1e-3, "minibatch": 512, **spec.pop("optim", {})}  # an entry may override the optimiser
-    sampler = {"solver": "em", "steps": 20, **spec.pop("sampler", {})}  # ... and the rollout sampler
-    cfg = TrainConfig(model="gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1, batch_size=BATCH, seed=seed,
-                      sampler=sampler, optim=optim, log=dict(progress=False, tensorboard=False), **spec)
+    sampler = dict(solver="ddim", eta=1.0, steps=20) if flow else dict(solver="em", steps=20)
+    sampler.update(spec.pop("sampler", {}))  # an entry may override the rollout sampler
+    cfg = TrainConfig(model="gmm2-rf-exact" if flow else "gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1,
+                      batch_size=BATCH, seed=seed, sampler=sampler, optim=optim,
+                      log=dict(progress=False, tensorboard=False), **spec)
     tr = Trainer(cfg, reward=reward)
     curve, at_budget = [], {}
     todo = sorted(budgets)
@@ -91,7 +97,8 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
 
     def evaluate(samples: bool = False):
         ev = evaluate_policy(tr.policy, tr.ref, tr.process, reward, sample_shape=(2,), n=n_eval, steps=20,
-                             beta=beta, seed=10_000 + seed, return_samples=samples)
+                             solver=sampler["solver"], eta=sampler.get("eta", 0.0), beta=beta, seed=10_000 + seed,
+                             return_samples=samples)
         ev["gap"] = (target.J_star - ev["objective"]) / abs(target.J_star)
         ev["improvement_frac"] = (ev["objective"] - j_ref) / (target.J_star - j_ref)
         ev["queries"] = tr.reward_queries
@@ -110,9 +117,9 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
             curve.append({k: ev[k] for k in ("queries", "objective", "improvement_frac")})
     hit = next((c["queries"] for c in curve if c["improvement_frac"] >= 0.9), None)
     wall = time.perf_counter() - t0
-    res = {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
-           "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": wall,
-           "train_s_per_epoch": tr.wall_s / max(tr.epoch, 1), "epochs": tr.epoch}
+    res = {"reward": reward_name, "algo": algo, "seed": seed, "model": cfg.model, "beta": beta,
+           "J_star": target.J_star, "J_ref": j_ref, "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit,
+           "wall_s": wall, "train_s_per_epoch": tr.wall_s / max(tr.epoch, 1), "epochs": tr.epoch}
     if robust:
         from robustness import EVALS
 
@@ -212,6 +219,7 @@ def main() -> None:
     ap.add_argument("--robust", action="store_true", help="also evaluate each final model with other solvers / steps")
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flow", action="store_true", help="the rectified-flow yardstick gmm2-rf-exact (ddim eta = 1)")
     ap.add_argument("--out", default="benchmarks/results/yardstick2d.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,7 +236,8 @@ def main() -> None:
     for rname in args.rewards:
         for algo in args.algos:
             for seed in seeds:
-                res = run_one(rname, algo, seed, budgets, eval_every=5, n_eval=args.n_eval, robust=args.robust)
+                res = run_one(rname, algo, seed, budgets, eval_every=5, n_eval=args.n_eval, robust=args.robust,
+                              flow=args.flow)
                 last = res["at_budget"][max(budgets)]
                 print(f"{rname:12s} {algo:16s} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
                       f"(J* {res['J_star']:.4f}), 90% at {res['queries_to_90pct']} queries, {res['wall_s']:.0f} s",
@@ -237,7 +246,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": seeds, "budgets": budgets, "batch": BATCH, "total_s": time.perf_counter() - t0,
-            "threads": args.threads}
+            "threads": args.threads, "model": "gmm2-rf-exact" if args.flow else "gmm2-exact"}
     out.write_text(json.dumps({"meta": meta, "results": results, "floors": floors}, indent=1))
     print(table(json.loads(out.read_text())["results"], budgets, floors))
     print(f"\ntotal {meta['total_s']:.0f} s; wrote {out}")

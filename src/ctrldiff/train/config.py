@@ -68,7 +68,12 @@ class LogConfig(Strict):
     sample_every: int = Field(0, ge=0, description="write a sample grid every N epochs (0: start and end)")
     checkpoint_every: int = Field(5, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="experiment trackers that get every epoch's metrics and the sample grids: "
+        "tensorboard (RUN_DIR/tensorboard; pip install tensorboard), wandb (pip install wandb; WANDB_MODE=offline "
+        "keeps it local). A missing package turns its tracker off with a warning; [] for none")
+    tensorboard: bool = Field(True, description="kept for old configs: false removes tensorboard from trackers")
+    wandb_project: str = Field("ctrldiff", min_length=1, description="wandb project of the run (log.trackers: wandb)")
     progress: bool = True
     num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
     kl_path: bool = Field(True, description="evaluate the reference model along every rollout to log KL_path; "
@@ -76,6 +81,10 @@ class LogConfig(Strict):
                           "kl_path and objective are then logged as NaN")
     num_final_eval: int = Field(500, ge=0, description="fixed-noise samples scored before/after at the end "
                                 "(final_eval.json); 0 = skip")
+
+    def active_trackers(self) -> list[str]:
+        """``trackers`` without duplicates, less tensorboard when the old ``tensorboard: false`` switch is set."""
+        return [t for t in dict.fromkeys(self.trackers) if t != "tensorboard" or self.tensorboard]
 
 
 class TrainConfig(Strict):
