@@ -446,7 +446,7 @@ def render_baselines(data: dict, mode: dict, fig_dir: Path) -> str:
     rows = []
     for r in data["runs"]:
         rows.append([r["reward"], r["algo"], r["seed"], str(r["queries_to_90pct"] or "not reached"),
-                     f"{r.get('train_s_per_epoch', float('nan')):.3f}"])
+                     f"{r.get('train_per_epoch_s', float('nan')):.3f}"])
     out.append("\nQueries to 90% of J* - J_ref and training wall-clock per epoch (256 rollouts of 20 steps):\n")
     out.append(md_table(["reward", "algo", "seed", "queries to 90%", "s / epoch"], rows))
     return "\n".join(out)

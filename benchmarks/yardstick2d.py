@@ -119,7 +119,7 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
     wall = time.perf_counter() - t0
     res = {"reward": reward_name, "algo": algo, "seed": seed, "model": cfg.model, "beta": beta,
            "J_star": target.J_star, "J_ref": j_ref, "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit,
-           "wall_s": wall, "train_s_per_epoch": tr.wall_s / max(tr.epoch, 1), "epochs": tr.epoch}
+           "wall_s": wall, "train_per_epoch_s": tr.wall_s / max(tr.epoch, 1), "epochs": tr.epoch}
     if robust:
         from robustness import EVALS
 
@@ -202,7 +202,7 @@ def table(results: list[dict], budgets: list[int], floors: list[dict] | None = N
         for algo in ALGOS:
             ra = [r for r in rs if r["algo"] == algo]
             if ra:
-                per_epoch = [r["train_s_per_epoch"] for r in ra if "train_s_per_epoch" in r]
+                per_epoch = [r["train_per_epoch_s"] for r in ra if "train_per_epoch_s" in r]
                 lines.append(f"| {algo} | " + ", ".join(str(r["queries_to_90pct"] or "not reached") for r in ra)
                              + f" | {_ms(per_epoch)} |")
     return "\n".join(lines)

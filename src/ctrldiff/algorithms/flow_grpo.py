@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..config import Strict
 from ..errors import CtrlDiffError
+from ..noise import RectifiedFlow
 from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
 
 
@@ -40,7 +41,9 @@ class FlowGRPOConfig(Strict):
                                "ODE steps elsewhere, training on the window only (None: SDE at every step)")
     window_range: tuple[int, int] | None = Field(None, description="[lo, hi): the window lies within steps lo .. hi - 1 "
                                                  "(None: the first half of the steps, [0, ceil(K / 2)), as Flow-GRPO-"
-                                                 "Fast's sde_window_range: noise where the sample is still undecided)")
+                                                 "Fast's sde_window_range: noise where the sample is still undecided; "
+                                                 "from step 1 on rectified flow, whose first step from t ~ 1 is "
+                                                 "singular for eta > 0)")
 
 
 def group_advantages(rewards: Tensor, group_size: int, adv_clip: float | None = None) -> Tensor:
@@ -67,7 +70,9 @@ class FlowGRPO(Algorithm):
         return None if cond is None else cond.repeat_interleave(G, 0)
 
     def window_bounds(self, K: int) -> tuple[int, int]:
-        lo, hi = self.acfg.window_range or (0, -(-K // 2))
+        # rectified flow: the first step from t_max ~ 1 has g^2 ~ 2 / (1 - t_max) and is no place for SDE noise
+        first = 1 if isinstance(self.trainer.process, RectifiedFlow) and K > 1 else 0
+        lo, hi = self.acfg.window_range or (first, max(-(-K // 2), first + self.acfg.window))
         if not 0 <= lo < hi <= K or hi - lo < self.acfg.window:
             raise CtrlDiffError(f"flow_grpo.window_range [{lo}, {hi}) must lie in [0, {K}] (the steps) and hold the "
                                 f"window of {self.acfg.window} steps")

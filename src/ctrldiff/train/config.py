@@ -151,7 +151,7 @@ class TrainConfig(Strict):
             if s.solver != "eta" or s.eta <= 0:
                 raise ValueError("flow_grpo.window (Flow-GRPO-Fast) runs the eta sampler: set sampler.solver=eta and "
                                  f"sampler.eta > 0, got {s.solver!r} (eta={s.eta})")
-            lo, hi = self.flow_grpo.window_range or (0, -(-s.steps // 2))
+            lo, hi = self.flow_grpo.window_range or (0, max(-(-s.steps // 2), self.flow_grpo.window))
             if not 0 <= lo < hi <= s.steps or hi - lo < self.flow_grpo.window:
                 raise ValueError(f"flow_grpo.window ({self.flow_grpo.window} steps) must fit in flow_grpo.window_range "
                                  f"[{lo}, {hi}) within the {s.steps} sampler steps")
