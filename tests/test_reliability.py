@@ -375,7 +375,7 @@ def no_compute(monkeypatch):
     (["--set", "optim.lr=.inf"], ["optim.lr", "finite number"]),
     (["--set", "beta=.nan"], ["beta", "finite number"]),
     (["--set", "algo=nope"], ["algo", "Input should be 'ctrl', 'ddpo', 'ddpo-sf', 'dpok'", "'nope'"]),
-    (["--set", "sampler.solver=rk4"], ["sampler.solver", "'em', 'ddim' or 'ode-euler'"]),
+    (["--set", "sampler.solver=rk4"], ["sampler.solver", "'em', 'ddim', 'ode-euler' or 'eta'"]),
     (["--algo", "ddpo", "--solver", "ode-euler"], ["algo 'ddpo' needs stochastic rollouts", "sampler.solver",
                                                    "policy_std"]),
     (["--algo", "dpok", "--solver", "ddim", "--set", "sampler.eta=0"], ["algo 'dpok'", "eta=0", "policy_std"]),
