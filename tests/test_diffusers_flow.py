@@ -149,7 +149,8 @@ def _weights(task):
 ALGOS = [("sd3", "ctrl", ""), ("flux", "ctrl", ""), ("sd3", "ddpo", ""), ("flux", "dpok", ""), ("sd3", "ctrl", "b"),
          ("flux", "reward-backprop", "diff"), ("sd3", "diffusion-dpo", ""), ("flux", "ddpo", ""),
          ("sd3", "dpok", "bf16"), ("flux", "ctrl", "b"), ("sd3", "reward-backprop", "diff"),
-         ("flux", "diffusion-dpo", ""), ("sd3", "ddpo-sf", ""), ("flux", "ddpo-sf", "")]
+         ("flux", "diffusion-dpo", ""), ("sd3", "ddpo-sf", ""), ("flux", "ddpo-sf", ""),
+         ("sd3", "adjoint-matching", "diff"), ("flux", "flow-grpo", ""), ("sd3", "diffusion-nft", "")]
 
 
 @pytest.mark.parametrize("kind,algo,extra", ALGOS)
@@ -164,6 +165,8 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
                                dtype="bf16", gradient_checkpointing=True)
     if algo == "diffusion-dpo":
         kw["batch_size"] = 8
+    if algo in ("flow-grpo", "diffusion-nft"):  # groups of 2 rollouts per prompt
+        kw[algo.replace("-", "_")] = dict(group_size=2)
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), kind, **kw), reward=reward)
     assert tr.cfg.sampler.solver == "ddim" and tr.cfg.sampler.eta == 1.0  # the flow families' rollout default
     before = _weights(tr.task)

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 # the config section each algorithm reads (besides the common ones)
 ALGO_SECTIONS = {"ctrl": "ctrl", "ddpo": "ddpo", "ddpo-sf": "ddpo", "dpok": "dpok", "q-learning": "qlearning",
-                 "reward-backprop": "reward_backprop", "diffusion-dpo": "diffusion_dpo", "lasro": "lasro"}
+                 "reward-backprop": "reward_backprop", "diffusion-dpo": "diffusion_dpo", "lasro": "lasro",
+                 "adjoint-matching": "adjoint_matching", "flow-grpo": "flow_grpo", "diffusion-nft": "diffusion_nft"}
 COMMON_SECTIONS = ("sampler", "optim", "log", "diffusers")
 # where the plain defaults do not make a valid config for an algorithm: the setting its docs start from
 ALGO_DEFAULTS = {"lasro": {"model": "digits-2step", "sampler": {"solver": "ddim", "steps": 2, "eta": 0.0}}}
