@@ -7,6 +7,7 @@ equations in METHODS.md — and optionally ``prepare(batch)`` (fit a value netwo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,7 @@ class Algorithm:
     name = "base"
     needs_log_prob = True  # the update needs stochastic transitions (EM, DDIM eta > 0 or policy noise)
     needs_reference = True  # the update uses eps_ref / kl_rate (else the trainer may skip them: log.kl_path=false)
+    any_grid = True  # the update holds on any time grid (sampler.random_grid may redraw it every epoch)
 
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
@@ -112,7 +114,10 @@ class Algorithm:
             if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
                                     f"optim.minibatch >= batch_size * steps ({B * K})")
+        stopped = False
         for _ in range(self.inner_epochs()):
+            if stopped:
+                break
             for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
                 tr.optimizer.zero_grad(set_to_none=True)
                 micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
@@ -136,14 +141,61 @@ class Algorithm:
                 loss, info = torch.tensor(total), infos
                 tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
+                prev = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
                 tr.optimizer.step()
+                if prev is not None:  # trust region: past max_update_kl, step back to it and end the epoch
+                    kl, stopped = self.enforce_trust_region(batch, idx, prev)
+                    info["update_kl"] = kl
                 info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}
                 for key, v in info.items():
                     info_sums[key] = info_sums.get(key, 0.0) + float(v)
                 n_updates += 1
+                if stopped:
+                    break
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in info_sums.items()}
         out["train/updates"] = n_updates
+        if self.max_update_kl() > 0:
+            out["train/trust_region_stop"] = float(stopped)
         return out
+
+    def max_update_kl(self) -> float:
+        """Trust region (nats per trajectory) on the Girsanov KL_path between the policy being updated and the
+        sampling policy; 0 = none (see :meth:`enforce_trust_region`)."""
+        return 0.0
+
+    @torch.no_grad()
+    def update_kl(self, batch: RolloutBatch, idx: Tensor) -> float:
+        """KL_path(P_theta || P_old) per trajectory, from the pairs ``idx``: K * mean over the pairs of
+        int_k (1/2) g^2 ||s_theta - s_old||^2 dtau (the closed-form Girsanov KL; averaged over processes)."""
+        tr, traj = self.trainer, batch.traj
+        K = traj.num_steps
+        w = kl_weights(tr.process, traj.times)
+        micro = tr.cfg.optim.microbatch or len(idx)
+        tot = torch.zeros((), dtype=torch.float64, device=traj.states.device)
+        for s in range(0, len(idx), micro):
+            sub = idx[s:s + micro]
+            b, k = sub // K, sub % K
+            cond = traj.cond[b] if isinstance(traj.cond, Tensor) else traj.cond
+            eps = model_eps(tr.policy, tr.process, traj.states[b, k], traj.times[k], cond)
+            tot += (w[k].to(eps.dtype) * (eps - traj.outputs[b, k]).flatten(1).pow(2).sum(1)).double().sum()
+        kl = tr.dist.all_reduce_mean((tot / max(len(idx), 1) * K).reshape(1))
+        return float(kl)
+
+    def enforce_trust_region(self, batch: RolloutBatch, idx: Tensor, prev: list[Tensor]) -> tuple[float, bool]:
+        """After a policy step: if the policy is now more than ``max_update_kl`` nats (per trajectory, on this
+        minibatch's pairs) from the sampling policy, move the parameters back along the step to the limit (the KL
+        grows quadratically along it: theta = prev + sqrt(limit / kl) (theta - prev)) and report that the epoch's
+        updates stop. So a step's size is set in nats, not by the learning rate or the reward's scale.
+        Returns (the KL before any step back, whether to stop)."""
+        limit = self.max_update_kl()
+        kl = self.update_kl(batch, idx)
+        if kl <= limit:
+            return kl, False
+        a = math.sqrt(limit / kl)
+        with torch.no_grad():
+            for p, q in zip(self.trainer.trainable_parameters, prev, strict=True):
+                p.copy_(q + a * (p - q))
+        return kl, True
 
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs

@@ -27,6 +27,11 @@ class SamplerConfig(Strict):
     eta: float = Field(1.0, ge=0, description="DDIM eta")
     policy_std: float = Field(0.0, ge=0, description="Gaussian policy noise on the action (eps units)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (None: off)")
+    random_grid: bool | None = Field(
+        None, description="draw a fresh time grid every epoch (each interior time uniform between the midpoints to "
+        "its neighbours on the fixed grid), so that an update cannot fit one grid's discretisation error: the "
+        "Girsanov ratios, KL_path and TD advantages hold on any grid. None (auto): on for continuous-time processes "
+        "and algorithms whose update holds on any grid (not lasro / q-learning, not discrete diffusers schedules)")
 
 
 class OptimConfig(Strict):
