@@ -23,7 +23,9 @@ class SamplerConfig(Strict):
     solver: Literal["em", "ddim", "ode-euler"] = Field(
         "em", description="rollout solver; RL updates need stochastic transitions: em, ddim with eta > 0, "
         "or an ODE solver (ddim eta=0, ode-euler) with policy_std > 0")
-    steps: int = Field(10, ge=1, le=1000)
+    steps: int = Field(20, ge=1, le=1000, description="solver steps of the rollouts (the shipped digits model is within "
+                       "a few % of its continuous-time J from 20 EM steps on; at 10 it is only 72% recognisable, and a "
+                       "fine-tune there spends its KL repairing the grid)")
     eta: float = Field(1.0, ge=0, description="DDIM eta")
     policy_std: float = Field(0.0, ge=0, description="Gaussian policy noise on the action (eps units)")
     guidance: float | None = Field(None, ge=0, description="classifier-free guidance scale (None: off)")
@@ -77,7 +79,9 @@ class TrainConfig(Strict):
                        "q-learning: scratch-gmm2, scratch-gmm4-cond, scratch-digits, ...), a saved model path, or a "
                        "diffusers pipeline: a directory with model_index.json or a hub id (section 'diffusers')")
     process: Literal["vp", "vp-cosine", "rf"] = Field("vp", description="noise process for *-exact and scratch-* models")
-    reward: str = Field("digit-alignment", description="built-in name, module:function, or weighted sum")
+    reward: str = Field("digit-confidence", description="built-in name, module:function, or weighted sum (default: "
+                        "the digit classifier's log-odds of the conditioned label, which keeps headroom in continuous "
+                        "time where log p(c | x) is saturated)")
     reward_errors: Literal["raise", "skip"] = Field(
         "raise", description="a reward batch with NaN/inf/wrong shape/exception: stop, or skip it (counted)")
     beta: float = Field(0.05, ge=0, description="KL_path weight in J = E r - beta KL_path")
