@@ -126,6 +126,26 @@ def _ms(v: list[float]) -> str:
     return f"{v[0]:.4f}" if len(v) == 1 else f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}"
 
 
+def _grid_row(task: str, scale: float, rs: list[dict]) -> str:
+    by = {a: [r for r in rs if r["algo"] == a] for a in ("ctrl", "dpok")}
+    sv = list(rs[0]["ft"])  # the training solver and em:100
+    c, d = by["ctrl"], by["dpok"]
+
+    def cell(runs, which="ft"):
+        return " / ".join(_ms([r[which][s]["objective"] for r in runs]) for s in sv) if runs else "—"
+
+    def below(runs):
+        return "/".join(str(sum(r["ft"][s]["objective"] < r["ref"][s]["objective"] for r in runs)) for s in sv) \
+            if runs else "—"
+
+    def wall(runs):
+        return f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
+
+    calls = f"{c[0]['reward_queries']} ({c[0]['value_reward_queries']})" if c else "—"
+    return (f"| {task} | {scale:g} | {len(c) or len(d)} | {cell(c or d, 'ref')} | {cell(c)} | {cell(d)} | {below(c)} | "
+            f"{below(d)} | {calls} | {d[0]['reward_queries'] if d else '—'} | {wall(c)} | {wall(d)} |")
+
+
 def render() -> str:
     out = []
     p = RESULTS / "ctrl_promises_robustness.json"
@@ -146,30 +166,10 @@ def render() -> str:
         out += ["\n**Never below the start, and against DPOK** (same defaults everywhere; J at the training solver / "
                 "at em:100; `below` counts seeds with J < J_ref)\n",
                 "| reward | scale | seeds | J_ref | CTRL J | DPOK J | CTRL below start | DPOK below start | "
-                "CTRL reward calls (value) | DPOK calls | CTRL s | DPOK s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "CTRL reward calls (value) | DPOK calls | CTRL s | DPOK s |", "|---" * 12 + "|"]
         cells = sorted({(r["task"], r["scale"]) for r in runs}, key=lambda c: (list(TASKS).index(c[0]), c[1]))
         for task, scale in cells:
-            rs = [r for r in runs if r["task"] == task and r["scale"] == scale]
-            by = {a: [r for r in rs if r["algo"] == a] for a in ("ctrl", "dpok")}
-            sv = list(rs[0]["ft"])
-
-            def js(a, s):
-                return [r["ft"][s]["objective"] for r in by[a]]
-
-            def below(a):
-                return "/".join(str(sum(r["ft"][s]["objective"] < r["ref"][s]["objective"] for r in by[a])) for s in sv)
-
-            def cell(a):
-                return " / ".join(_ms(js(a, s)) for s in sv) if by[a] else "—"
-
-            jref = " / ".join(_ms([r["ref"][s]["objective"] for r in by["ctrl"] or by["dpok"]]) for s in sv)
-            c, d = by["ctrl"], by["dpok"]
-            out.append(f"| {task} | {scale:g} | {len(c) or len(d)} | {jref} | {cell('ctrl')} | {cell('dpok')} | "
-                       f"{below('ctrl') if c else '—'} | {below('dpok') if d else '—'} | "
-                       f"{c[0]['reward_queries'] if c else '—'} ({c[0]['value_reward_queries'] if c else '—'}) | "
-                       f"{d[0]['reward_queries'] if d else '—'} | "
-                       f"{statistics.mean(r['wall_s'] for r in c) if c else float('nan'):.0f} | "
-                       f"{statistics.mean(r['wall_s'] for r in d) if d else float('nan'):.0f} |")
+            out.append(_grid_row(task, scale, [r for r in runs if r["task"] == task and r["scale"] == scale]))
     return "\n".join(out)
 
 
