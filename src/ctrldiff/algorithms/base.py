@@ -114,10 +114,8 @@ class Algorithm:
             if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
                                     f"optim.minibatch >= batch_size * steps ({B * K})")
-        stopped = False
+        start = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
         for _ in range(self.inner_epochs()):
-            if stopped:
-                break
             for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
                 tr.optimizer.zero_grad(set_to_none=True)
                 micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
@@ -141,21 +139,15 @@ class Algorithm:
                 loss, info = torch.tensor(total), infos
                 tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
-                prev = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
                 tr.optimizer.step()
-                if prev is not None:  # trust region: past max_update_kl, step back to it and end the epoch
-                    kl, stopped = self.enforce_trust_region(batch, idx, prev)
-                    info["update_kl"] = kl
                 info = {"loss": float(loss.detach()), "grad_norm": float(gnorm), **info}
                 for key, v in info.items():
                     info_sums[key] = info_sums.get(key, 0.0) + float(v)
                 n_updates += 1
-                if stopped:
-                    break
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in info_sums.items()}
         out["train/updates"] = n_updates
-        if self.max_update_kl() > 0:
-            out["train/trust_region_stop"] = float(stopped)
+        if start is not None:  # the epoch's update, measured in nats, is kept within max_update_kl
+            out.update(self.enforce_trust_region(batch, start))
         return out
 
     def max_update_kl(self) -> float:
@@ -181,21 +173,28 @@ class Algorithm:
         kl = tr.dist.all_reduce_mean((tot / max(len(idx), 1) * K).reshape(1))
         return float(kl)
 
-    def enforce_trust_region(self, batch: RolloutBatch, idx: Tensor, prev: list[Tensor]) -> tuple[float, bool]:
-        """After a policy step: if the policy is now more than ``max_update_kl`` nats (per trajectory, on this
-        minibatch's pairs) from the sampling policy, move the parameters back along the step to the limit (the KL
-        grows quadratically along it: theta = prev + sqrt(limit / kl) (theta - prev)) and report that the epoch's
-        updates stop. So a step's size is set in nats, not by the learning rate or the reward's scale.
-        Returns (the KL before any step back, whether to stop)."""
-        limit = self.max_update_kl()
-        kl = self.update_kl(batch, idx)
-        if kl <= limit:
-            return kl, False
-        a = math.sqrt(limit / kl)
-        with torch.no_grad():
-            for p, q in zip(self.trainer.trainable_parameters, prev, strict=True):
-                p.copy_(q + a * (p - q))
-        return kl, True
+    def enforce_trust_region(self, batch: RolloutBatch, start: list[Tensor], pairs: int = 512,
+                             tries: int = 3) -> dict:
+        """After an epoch's policy steps: if the policy is more than ``max_update_kl`` nats (per trajectory,
+        measured on ``pairs`` random (sample, step) pairs of the batch) from the sampling policy, move the parameters
+        back along the epoch's step towards where they started. The KL grows quadratically along it, so
+        theta <- start + sqrt(limit / kl) (theta - start), repeated while still outside (at most ``tries`` times).
+        So an update's size is set in nats, not by the learning rate or the reward's scale."""
+        limit, tr = self.max_update_kl(), self.trainer
+        B, K = batch.traj.batch_size, batch.traj.num_steps
+        idx = torch.randperm(B * K, generator=tr.cpu_gen)[:pairs].to(batch.traj.states.device)
+        kl0 = kl = self.update_kl(batch, idx)
+        scale = 1.0
+        for _ in range(tries):
+            if kl <= limit:
+                break
+            a = math.sqrt(limit / kl)
+            scale *= a
+            with torch.no_grad():
+                for p, q in zip(tr.trainable_parameters, start, strict=True):
+                    p.copy_(q + a * (p - q))
+            kl = self.update_kl(batch, idx)
+        return {"train/update_kl": kl0, "train/trust_region_scale": scale}
 
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs

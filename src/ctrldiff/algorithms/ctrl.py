@@ -43,9 +43,10 @@ class ValueConfig(Strict):
         "queries), a learned surrogate fitted on terminal rewards, or none. auto: true if the reward is "
         "differentiable, else surrogate")
     lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(5, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
+    epochs: int = Field(3, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
     minibatch: int = Field(1024, ge=1)
-    surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
+    surrogate_steps: int = Field(20, ge=0, description="surrogate regression steps per epoch (it keeps learning across "
+                                 "epochs from its replay buffer; each step sees value.minibatch pairs)")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
     u_sees_x0: bool = Field(True, description="feed the Tweedie prediction x0_hat to U_phi as an input")
     tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
@@ -57,11 +58,11 @@ class CTRLConfig(Strict):
     gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
                               "(unbiased whatever the critic)")
-    max_update_kl: float = Field(0.5, ge=0, description="estimator (a): trust region in nats. After each policy step "
-                                 "the Girsanov KL_path between the updated and the sampling policy (per trajectory, "
-                                 "closed form from the scores at the minibatch's states) is measured; past the limit "
-                                 "the step is scaled back to it and the epoch's updates end, so the size of an update "
-                                 "does not depend on the reward's scale or the learning rate. 0 = no limit")
+    max_update_kl: float = Field(0.5, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
+                                 "steps the Girsanov KL_path between the updated and the sampling policy (per "
+                                 "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
+                                 "past the limit the update is scaled back to it, so its size does not depend on the "
+                                 "reward's scale or the learning rate. 0 = no limit")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
