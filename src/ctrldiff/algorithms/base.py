@@ -182,7 +182,7 @@ class Algorithm:
         So an update's size is set in nats, not by the learning rate or the reward's scale."""
         limit, tr = self.max_update_kl(), self.trainer
         B, K = batch.traj.batch_size, batch.traj.num_steps
-        idx = torch.randperm(B * K, generator=tr.cpu_gen)[:pairs].to(batch.traj.states.device)
+        idx = torch.randperm(B * K, generator=tr.cpu_gen, device="cpu")[:pairs].to(batch.traj.states.device)
         kl0 = kl = self.update_kl(batch, idx)
         scale = 1.0
         for _ in range(tries):

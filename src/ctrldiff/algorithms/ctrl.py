@@ -129,7 +129,7 @@ class CTRL(Algorithm):
         loss = torch.zeros(())
         for _ in range(vcfg.surrogate_steps):
             n_mb = min(tr.dist.local_size(vcfg.minibatch), len(rs))
-            i = torch.randint(0, len(rs), (n_mb,), generator=tr.cpu_gen).to(rs.device)
+            i = torch.randint(0, len(rs), (n_mb,), generator=tr.cpu_gen, device="cpu").to(rs.device)
             loss = (self.surrogate(xs[i], None if cs is None else cs[i]) - rs[i]).pow(2).mean()
             self.surrogate_opt.zero_grad(set_to_none=True)
             loss.backward()
