@@ -140,27 +140,3 @@ def test_digit_confidence_is_the_classifier_log_odds():
     lp = torch.log_softmax(r.classifier(x), -1)[torch.arange(6), c]
     torch.testing.assert_close(r(x, c), lp - torch.log1p(-lp.exp()), atol=1e-4, rtol=1e-4)
     assert r.differentiable
-
-
-def test_regression_update_steps_by_grad_v_over_beta_on_a_linear_value():
-    """With advantages from a linear value V(x) = c . x, A_k = c . (x_{k+1} - E[x_{k+1} | x_k]), the regression
-    target's score step A xi / (beta g sqrt(dtau)) averages to c / beta (Stein's lemma), the step of estimator (b);
-    with zero advantages the target is the sampling policy itself (rho = 0: the reference; here policy == ref)."""
-    tr = Trainer(_cfg(algo="ctrl", batch_size=4096, ctrl=dict(update="regression", proximal=0.0)))
-    batch = tr.collect()
-    B, K = batch.traj.batch_size, batch.traj.num_steps
-    c = torch.tensor([0.7, -0.3])
-    traj = batch.traj
-    k = 3
-    mean_old = traj.step_mean(k, traj.outputs[:, k], traj.states[:, k])
-    adv = torch.zeros(B, K)
-    adv[:, k] = (traj.states[:, k + 1] - mean_old) @ c
-    batch.advantages = adv
-    idx = torch.arange(B) * K + k
-    mb = tr.algo.make_minibatch(batch, idx // K, idx % K)
-    eps_t = tr.algo.regression_target(mb)
-    sigma = float(tr.process.sigma(traj.times[k].double()))
-    score_step = -(eps_t - mb.eps_ref) / sigma  # s* - s_ref in score units
-    torch.testing.assert_close(score_step.mean(0), c / tr.cfg.beta, atol=0.12 / tr.cfg.beta, rtol=0)
-    batch.advantages = torch.zeros(B, K)
-    torch.testing.assert_close(tr.algo.regression_target(mb), mb.eps_old, atol=1e-6, rtol=0)

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import kl_weights, model_eps
+from ..solvers import model_eps
 from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
 from .value import RewardSurrogate, StructuredValue, value_weight
 
@@ -63,12 +63,6 @@ class CTRLConfig(Strict):
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
                                  "past the limit the update is scaled back to it, so its size does not depend on the "
                                  "reward's scale or the learning rate. 0 = no limit")
-    update: Literal["ppo", "regression"] = Field(
-        "ppo", description="estimator (a)'s policy step: ppo = the clipped likelihood-ratio surrogate plus the pathwise "
-        "KL term (Adam moves about lr per step whatever the reward's scale); regression = the same likelihood-ratio "
-        "signal as a KL-proximal regression target, eps* = (eps_ref + rho eps_old + A B xi / (2 beta w std)) / (1 + rho) "
-        "(the per-state maximiser of A log pi - beta KL to the reference - rho beta KL to the sampling policy): its "
-        "step scales with A / beta, so a weak or small reward moves the policy little")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -86,9 +80,8 @@ class CTRL(Algorithm):
         super().__init__(cfg, trainer)
         self.acfg: CTRLConfig = cfg.ctrl
         self.needs_log_prob = self.acfg.estimator == "a"
-        if (self.acfg.estimator == "b" or self.acfg.update == "regression") and cfg.beta <= 0:
-            raise CtrlDiffError("ctrl.estimator=b and ctrl.update=regression need beta > 0 (their update regresses "
-                                "onto a target s_ref + (grad V or A xi / g sqrt(dtau)) / beta)")
+        if self.acfg.estimator == "b" and cfg.beta <= 0:
+            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
         vcfg = self.acfg.value
         term = vcfg.reward_term
         if term == "auto":
@@ -259,8 +252,6 @@ class CTRL(Algorithm):
     # ---- the policy update -------------------------------------------------------------------------
     def loss(self, mb: Minibatch):
         K = mb.batch.traj.num_steps
-        if self.acfg.estimator == "a" and self.acfg.update == "regression":
-            return self._regression_loss(mb, K)
         if self.acfg.estimator == "a":
             ratio = torch.exp(mb.log_prob - mb.log_prob_old)
             adv = mb.batch.advantages[mb.b, mb.k]
@@ -282,32 +273,6 @@ class CTRL(Algorithm):
         err = self.step_kl_rate(mb, mb.eps, eps_target)
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
-
-    def _regression_loss(self, mb: Minibatch, K: int):
-        """Estimator (a) as a KL-proximal regression. Per visited state, with the transition
-        x_{k+1} = coef_a x_k + B eps + std xi, d log pi / d eps = B xi / std, and the step's KL weight w
-        (KL_k = w ||eps - eps'||^2), the maximiser over eps of
-            A_k (B xi / std) . (eps - eps_old) - beta w ||eps - eps_ref||^2 - rho beta w ||eps - eps_old||^2
-        is eps* = (eps_ref + rho eps_old + A_k B xi / (2 beta w std)) / (1 + rho); the network regresses onto it
-        (averaging the single-sample targets over nearby states). In score units the step is A xi / (beta g sqrt dtau),
-        whose mean is grad_x V / beta (Stein's lemma): the likelihood-ratio twin of estimator (b)."""
-        rho = self.acfg.proximal
-        eps_target = self.regression_target(mb)
-        loss = (1 + rho) * self.cfg.beta * self.step_kl_rate(mb, mb.eps, eps_target).mean() * K
-        return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
-
-    @torch.no_grad()
-    def regression_target(self, mb: Minibatch) -> Tensor:
-        """eps* of :meth:`_regression_loss` at the minibatch's pairs -> [N, D]."""
-        traj, beta, rho = mb.batch.traj, self.cfg.beta, self.acfg.proximal
-        shape = (-1, *[1] * (mb.eps.ndim - 1))
-        b_coef = traj.coef_b[mb.k].to(mb.eps.dtype).reshape(shape)
-        std = traj.std[mb.k].to(mb.eps.dtype).reshape(shape)
-        w = kl_weights(self.trainer.process, traj.times)[mb.k].to(mb.eps.dtype).reshape(shape)
-        xi = (mb.x_next - traj.step_mean(mb.k, mb.eps_old, mb.x)) / std
-        adv = mb.batch.advantages[mb.b, mb.k].to(mb.eps.dtype).reshape(shape)
-        step = adv * b_coef * xi / (2 * beta * w * std)
-        return (mb.eps_ref + rho * mb.eps_old + step) / (1 + rho)
 
     def max_update_kl(self) -> float:
         return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
