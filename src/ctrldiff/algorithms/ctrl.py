@@ -58,7 +58,7 @@ class CTRLConfig(Strict):
     gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
                               "(unbiased whatever the critic)")
-    max_update_kl: float = Field(0.5, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
+    max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
                                  "steps the Girsanov KL_path between the updated and the sampling policy (per "
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
                                  "past the limit the update is scaled back to it, so its size does not depend on the "
