@@ -80,6 +80,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--estimator", default="a", choices=["a", "b"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--final-eval", type=int, default=0, metavar="N",
+                    help="then the run's final evaluation (Trainer.final_eval: N fixed-noise samples of the reference "
+                    "and of the fine-tuned model, decoded and scored on the device); 0: skip")
+    ap.add_argument("--out", default=None, help="JSON file to write (default: benchmarks/results/"
+                    "gpu_sd15_lora_ctrl[_tiny].json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from ctrldiff.train.config import TrainConfig
@@ -101,8 +106,8 @@ def main() -> None:
             ctrl=dict(estimator=args.estimator, value=dict(epochs=1, minibatch=64, surrogate_steps=20)),
             diffusers=dict(prompts="simple-animals", resolution=res, lora_rank=4, dtype=dtype,
                            gradient_checkpointing=True, decode_chunk=2),
-            log=dict(progress=False, tensorboard=False, num_final_eval=0, num_eval_samples=2))
-        tr = Trainer(cfg)
+            log=dict(progress=False, tensorboard=False, num_final_eval=args.final_eval, num_eval_samples=2))
+        tr = Trainer(cfg, Path(tmp) / "run" if args.final_eval else None)
         setup_s = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
@@ -112,18 +117,27 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         epoch_s = time.perf_counter() - t1
+        final = None
+        if args.final_eval:
+            t2 = time.perf_counter()
+            res = tr.final_eval()
+            final = {"n": args.final_eval, "s": round(time.perf_counter() - t2, 2),
+                     "reward_before": res["before"]["reward_mean"], "reward_after": res["after"]["reward_mean"],
+                     "kl_path_after": res["after"]["kl_path"]}
     out = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", "tiny": args.tiny,
         "resolution": res, "batch": args.batch, "steps": steps, "dtype": dtype, "estimator": args.estimator,
         "lora_rank": 4, "gradient_checkpointing": True, "setup_s": round(setup_s, 2), "epoch_s": round(epoch_s, 2),
         "rollout_s": rec["rollout_s"], "updates": rec["train/updates"], "reward_mean": rec["reward_mean"],
+        "final_eval": final,
         "max_memory_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "torch": torch.__version__,
     }
     print(json.dumps(out, indent=1))
-    res_dir = Path(__file__).parent / "results"
-    res_dir.mkdir(exist_ok=True)
-    (res_dir / f"gpu_sd15_lora_ctrl{'_tiny' if args.tiny else ''}.json").write_text(json.dumps(out, indent=1) + "\n")
+    dest = Path(args.out) if args.out else Path(__file__).parent / "results" / \
+        f"gpu_sd15_lora_ctrl{'_tiny' if args.tiny else ''}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1) + "\n")
     if cuda and out["max_memory_allocated_gb"] >= 10:
         print(f"WARNING: peak memory {out['max_memory_allocated_gb']} GB is over the 10 GB goal")
 

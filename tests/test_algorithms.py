@@ -168,3 +168,56 @@ def test_build_task_rejects_unknown_model():
 
     with pytest.raises(CtrlDiffError, match="neither"):
         build_task("no-such-model")
+
+
+@pytest.mark.parametrize("microbatch", [None, 7])
+def test_ddpo_sf_takes_one_score_function_step_per_batch(microbatch):
+    """DDPO_SF (Black et al. 2023): one gradient step per batch at theta = theta_old, on
+    grad -(1/B) sum_b A_b sum_k log p_theta(x_{k+1} | x_k) over every (sample, step) pair, whatever optim.minibatch
+    (here 5 pairs: the passes accumulate; before, each minibatch was its own off-policy step: 6 steps)."""
+    tr = Trainer(_cfg(algo="ddpo-sf", batch_size=8, sampler=dict(solver="em", steps=4),
+                      optim=dict(lr=1e-3, minibatch=5, microbatch=microbatch, grad_clip=1e9)))
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    B, K = batch.traj.batch_size, batch.traj.num_steps
+    idx = torch.arange(B * K)
+    mb = tr.algo.make_minibatch(batch, idx // K, idx % K)
+    logp = mb.log_prob.reshape(B, K).sum(1)
+    want = torch.autograd.grad(-(batch.advantages * logp).mean(), tr.trainable_parameters)
+    info = tr.algo.update(batch)
+    assert info["train/updates"] == 1
+    for p, g in zip(tr.trainable_parameters, want, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_ddpo_mean_reduction_is_ddpo_pytorchs_loss():
+    """``ddpo.logprob_reduction=mean`` with clip 1e-4 is the loss of ddpo-pytorch, written out here from its
+    definition: per pair, log p averaged over the dimensions (Normal(mean, std).log_prob(x_next).mean(dims)),
+    ratio = exp(new - old), loss = mean over pairs of max(-A ratio, -A clip(ratio, 1 - 1e-4, 1 + 1e-4))
+    (the mean over a sample's steps: accelerate's accumulation over the timesteps). Same value and gradient."""
+    tr = Trainer(_cfg(algo="ddpo", batch_size=16, sampler=dict(solver="em", steps=5),
+                      ddpo=dict(logprob_reduction="mean", clip=1e-4)))
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    with torch.no_grad():  # theta != theta_old: ratios off 1, some of them clipped
+        for p in tr.trainable_parameters:
+            p.add_(3e-4 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    traj = batch.traj
+    B, K = traj.batch_size, traj.num_steps
+    idx = torch.arange(B * K)
+    b, k = idx // K, idx % K
+    mb = tr.algo.make_minibatch(batch, b, k)
+    loss, info = tr.algo.loss(mb)
+    ours = torch.autograd.grad(loss, tr.trainable_parameters, retain_graph=True)
+
+    def logp(eps):  # ddpo-pytorch's ddim_step_with_logprob: the Gaussian log-density, averaged over dims
+        mean = traj.coef_a[k, None] * traj.states[b, k] + traj.coef_b[k, None] * eps
+        return torch.distributions.Normal(mean, traj.std[k, None]).log_prob(traj.states[b, k + 1]).mean(1)
+
+    adv = batch.advantages[b]
+    ratio = torch.exp(logp(mb.eps) - logp(traj.outputs[b, k]))
+    want = torch.mean(torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - 1e-4, 1 + 1e-4)))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-8)
+    for g, w in zip(ours, torch.autograd.grad(want, tr.trainable_parameters), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-8)
+    assert 0.05 < info["clipfrac"] < 0.95, info["clipfrac"]

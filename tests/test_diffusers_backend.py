@@ -70,8 +70,86 @@ def test_discrete_vp_matches_alphas_cumprod(schedule):
     sch.set_timesteps(10)
     grid = proc.timestep(proc.time_grid(10, dtype=torch.float64))
     assert grid[:-1].round().long().tolist() == sch.timesteps.tolist() and float(grid[-1]) == pytest.approx(0.0)
-    with pytest.raises(CtrlDiffError, match="1..999"):
-        proc.time_grid(1000)
+    with pytest.raises(CtrlDiffError, match="1..1000"):
+        proc.time_grid(1001)
+
+
+def test_discrete_time_grid_is_strictly_decreasing_for_every_step_count():
+    """Every K = 1..N: K + 1 strictly decreasing times (float64 and float32), the K starts are diffusers' trailing
+    timesteps, the end is timestep 0 (t_min) or, once timestep 0 is the last start (K >= 667), t = 1 / (2N).
+    (Before, K = 667..999 repeated t_min and every solver refused the grid.)"""
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        timestep_spacing="trailing", set_alpha_to_one=False)
+    proc = DiscreteVP.from_scheduler_config(sch.config)
+    N = proc.N
+    for K in range(1, N + 1):
+        grid = proc.time_grid(K, dtype=torch.float64)
+        assert grid.shape == (K + 1,) and bool((grid[1:] < grid[:-1]).all()), K
+        g32 = proc.time_grid(K)
+        assert bool((g32[1:] < g32[:-1]).all()), K
+        sch.set_timesteps(K)
+        # (for 62 of the K, e.g. 61, numpy's float arange gives diffusers one more timestep, -1: not a timestep)
+        theirs = sch.timesteps.tolist()
+        assert theirs[K:] in ([], [-1]), K
+        assert proc.timestep(grid[:-1]).round().long().tolist() == theirs[:K], K
+        last_start = theirs[K - 1]
+        assert float(grid[-1]) == (1 / N if last_start > 0 else 0.5 / N), K
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    for K in (666, 667, 999, 1000):  # every solver takes these grids
+        traj = ddim(lambda x, t, c=None: 0.1 * x, x, proc.time_grid(K), proc, eta=1.0,
+                    generator=torch.Generator().manual_seed(1))
+        assert traj.num_steps == K and bool(torch.isfinite(traj.final).all())
+
+
+class _AnalyticEps(torch.nn.Module):
+    """eps(x, n) = 0.5 sin(x) + n / 2000 for the UNet timestep n = N t - 1: a smooth stand-in for a UNet."""
+
+    prediction = "eps"
+
+    def __init__(self, proc):
+        super().__init__()
+        self.proc = proc
+
+    def forward(self, x, t, cond=None):
+        n = self.proc.timestep(t.double()).to(x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        return 0.5 * torch.sin(x) + n / 2000
+
+
+def _diffusers_ddim(sch, model, x, K):
+    sch.set_timesteps(K)
+    x = x * sch.init_noise_sigma
+    for n in sch.timesteps:
+        eps = 0.5 * torch.sin(x) + float(n) / 2000
+        x = sch.step(eps, n, x, eta=0.0).prev_sample
+    return x
+
+
+def test_ddim_matches_diffusers_scheduler_where_k_divides_n():
+    """DDIM(eta=0) from the same noise (start std 1, diffusers' init_noise_sigma) equals DDIMScheduler(trailing,
+    set_alpha_to_one=False) for every K dividing N (to 1e-5 relative). The stated limit for other K: diffusers steps to
+    n_k - N // K, which differs from the next timestep n_{k+1} (ctrldiff's target) by exactly one timestep in
+    some steps and by nothing more."""
+    from diffusers import DDIMScheduler
+
+    sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                        timestep_spacing="trailing", set_alpha_to_one=False)
+    proc = DiscreteVP.from_scheduler_config(sch.config)
+    assert proc.prior_std() == sch.init_noise_sigma == 1.0
+    model = _AnalyticEps(proc)
+    z = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for K in (1, 2, 4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500):
+        ours = ddim(model, z * proc.prior_std(), proc.time_grid(K, dtype=torch.float64), proc, eta=0.0).final
+        theirs = _diffusers_ddim(sch, model, z.float(), K).double()
+        assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5, K  # diffusers computes in float32
+    for K in (3, 7, 30, 300):
+        sch.set_timesteps(K)
+        starts = sch.timesteps.tolist()
+        theirs = [n - proc.N // K for n in starts]  # diffusers' prev_timestep (-1: alphas_cumprod[0], timestep 0)
+        ours = proc.timestep(proc.time_grid(K, dtype=torch.float64)[1:]).round().long().tolist()
+        diff = [a - max(b, 0) for a, b in zip(ours, theirs, strict=True)]
+        assert set(diff) == {0, -1}, (K, diff)
 
 
 # ---- rollouts match diffusers' own DDIM -------------------------------------------------------------

@@ -6,15 +6,23 @@ and exit with status 1 (2 for usage errors), never a traceback.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
-import click
-import torch
-from pydantic import ValidationError
+# The command line owns the thread settings only when it is what loads torch (the `ctrldiff` process); a program
+# or test that imported torch first and then calls the CLI keeps its own. Idle OpenMP threads then sleep instead
+# of spinning (an explicit OMP_WAIT_POLICY wins): a spinning thread burns a core another process needs.
+AUTO_THREADS = "torch" not in sys.modules
+if AUTO_THREADS:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import CtrlDiffError
+import click  # noqa: E402
+import torch  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from .errors import CtrlDiffError  # noqa: E402
 
 
 def _validation_message(e: ValidationError) -> str:
@@ -30,12 +38,13 @@ class _Group(click.Group):
     """A click group that turns user errors raised by any command into one line on stderr."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _cwd_on_path()
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
         except click.Abort:
-            click.echo("error: aborted", err=True)
+            click.echo("error: interrupted (Ctrl-C)", err=True)
             sys.exit(1)
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
@@ -51,6 +60,17 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+def _cwd_on_path() -> None:
+    """Make ``--reward mymod:fn`` import ``mymod.py`` from the current directory, as ``python -m`` would: the
+    ``ctrldiff`` console script puts its own bin directory, not the working directory, on ``sys.path``. Appended,
+    so a local file never shadows an installed package."""
+    import os
+
+    cwd = os.getcwd()
+    if not any(p in ("", ".", cwd) for p in sys.path):
+        sys.path.append(cwd)
+
+
 def _process_tag() -> str:
     """'(process R) ' in the workers R > 0 of a multi-process run (each process reports its own errors)."""
     import os
@@ -63,11 +83,56 @@ def _command_line() -> str:
     return "ctrldiff " + shlex.join(sys.argv[1:])
 
 
-def _threads(n: int | None) -> None:
+MAX_DEFAULT_THREADS = 4
+
+
+def _busy_cores(seconds: float = 0.25) -> float:
+    """How many cores other processes keep busy right now: the machine's non-idle CPU time over ``seconds``
+    (/proc/stat) less this process's own, divided by the time. 0.0 where /proc/stat cannot be read."""
+    import time
+
+    def read() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            vals = [float(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+        own = sum(os.times()[:2])
+        return sum(vals[:8]) - idle, own, time.monotonic()
+
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        b0, o0, t0 = read()
+        time.sleep(seconds)
+        b1, o1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, ((b1 - b0) / hz - (o1 - o0)) / max(t1 - t0, 1e-3))
+
+
+def default_threads(cores: int | None = None, busy: float | None = None) -> int:
+    """torch CPU threads when neither --threads nor OMP_NUM_THREADS is given: the cores other processes leave idle
+    at start-up, at most 4 (the small models gain little beyond), at least 1. Taking a core another process is
+    using makes every parallel region wait for a descheduled thread: beside one busy process on 2 cores the
+    torch default of 2 threads ran the main job several times slower than 1 thread (README, --threads)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if busy is None:
+        busy = _busy_cores()
+    return max(1, min(MAX_DEFAULT_THREADS, cores, int(cores - busy + 0.5)))
+
+
+def _threads(n: int | None, processes: int = 1) -> None:
+    """--threads N; without it (and without OMP_NUM_THREADS, in a process whose torch the CLI loaded)
+    :func:`default_threads`, or with ``processes`` > 1 training processes on this machine their share of the cores."""
     if n is not None:
         if n < 1:
             raise CtrlDiffError(f"--threads must be >= 1, got {n}")
         torch.set_num_threads(n)
+    elif AUTO_THREADS and not os.environ.get("OMP_NUM_THREADS"):
+        if processes > 1:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, min(MAX_DEFAULT_THREADS, cores // processes)))
+        else:
+            torch.set_num_threads(default_threads())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,21 +236,29 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
     check(n >= 1, f"--n must be >= 1, got {n}")
     check(eta is None or solver == "ddim", f"--eta applies to the ddim solver only, not {solver!r}")
     check(eta is None or eta >= 0, f"--eta must be >= 0, got {eta}")
-    model = load_model(model_path or default_digits_model_path())
-    meta = getattr(model, "metadata", {}) or {}
-    process = process_from_config(meta["process"]) if "process" in meta else make_process("vp")
-    if "data_shape" in meta:
-        shape = tuple(meta["data_shape"])
-    elif hasattr(model, "resolution"):
-        shape = (model.in_channels, model.resolution, model.resolution)
+    from .eval.target import is_run_dir
+
+    if model_path is not None and Path(model_path).is_dir():
+        check(is_run_dir(model_path), f"{model_path} is a directory but not a ctrldiff run directory (no config.yaml); "
+              "give a run directory or a model .safetensors/.json file")
+        model, process, shape, num_classes, guidance = _run_model(model_path, guidance)
     else:
-        shape = (model.dim,)
-    num_classes = int(getattr(model, "num_classes", 0))
+        model = load_model(model_path or default_digits_model_path())
+        meta = getattr(model, "metadata", {}) or {}
+        process = process_from_config(meta["process"]) if "process" in meta else make_process("vp")
+        if "data_shape" in meta:
+            shape = tuple(meta["data_shape"])
+        elif hasattr(model, "resolution"):
+            shape = (model.in_channels, model.resolution, model.resolution)
+        else:
+            shape = (model.dim,)
+        num_classes = int(getattr(model, "num_classes", 0))
+        if num_classes and guidance is None:
+            guidance = DEFAULT_GUIDANCE
     cond = None
     if num_classes:
         lab = _parse_label(label, num_classes)
         cond = torch.arange(n) % num_classes if lab is None else torch.full((n,), lab, dtype=torch.long)
-        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     else:
         check(label == "all", f"this model is unconditional: --label {label!r} cannot be used")
         guidance = None
@@ -210,6 +283,22 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
     else:
         _scatter(x, png)
     return {"grid": png, "tensors": tpath}
+
+
+def _run_model(run_dir: str, guidance: float | None):
+    """A run directory's newest weights (final model or latest checkpoint, as ``ctrldiff eval`` takes them), its
+    noise process, data shape and class count; guidance: the given scale, else the run's training one."""
+    from .eval.target import load_setup
+    from .train.task import _is_diffusers_spec
+    from .train.trainer import load_run_config
+
+    cfg = load_run_config(run_dir)
+    if _is_diffusers_spec(cfg.model):
+        raise CtrlDiffError(f"{run_dir} fine-tuned a diffusers pipeline: sample it with diffusers "
+                            f"(pipe.load_lora_weights('{run_dir}/lora')) or `ctrldiff export`")
+    setup = load_setup(run_dir, guidance=None)  # None: the bare policy (guidance is applied by the caller)
+    return (setup.policy, setup.process, setup.sample_shape, setup.num_classes,
+            cfg.sampler.guidance if guidance is None else guidance)
 
 
 def _scatter(x: torch.Tensor, path: Path) -> None:
@@ -238,8 +327,9 @@ def _parse_label(value: str, num_classes: int) -> int | None:
 
 
 @main.command()
-@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
-              help="model .safetensors/.json (default: the shipped digits model)")
+@click.argument("model_or_run", required=False, default=None)
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help="model .safetensors/.json or a run directory (default: the shipped digits model)")
 @click.option("--solver", default="em", show_default=True, help="em, ddim, ode-euler, heun or dpmpp-2m")
 @click.option("--eta", type=float, default=None, help="DDIM stochasticity (ddim only; 0 = deterministic)")
 @click.option("--steps", type=int, default=50, show_default=True)
@@ -251,9 +341,16 @@ def _parse_label(value: str, num_classes: int) -> int | None:
 @click.option("--out", type=click.Path(file_okay=False), default="samples", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "pt"]), default="safetensors", show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads")
-def sample(model_path, solver, eta, steps, guidance, seed, label, n, out, fmt, threads) -> None:
-    """Sample from a pretrained model; writes OUT/samples.png and OUT/samples.(safetensors|pt)."""
+def sample(model_or_run, model_path, solver, eta, steps, guidance, seed, label, n, out, fmt, threads) -> None:
+    """Sample from MODEL_OR_RUN (a model .safetensors/.json or a run directory: its final model or latest
+    checkpoint, with its training guidance; default: the shipped digits model); writes OUT/samples.png and
+    OUT/samples.(safetensors|pt)."""
     _threads(threads)
+    if model_or_run and model_path:
+        raise CtrlDiffError("give the model either as MODEL_OR_RUN or with --model, not both")
+    model_path = model_path or model_or_run
+    if model_path == "digits":
+        model_path = None
     paths = run_sample(model_path=model_path, solver=solver, eta=eta, steps=steps, guidance=guidance, seed=seed,
                        label=label, n=n, out=Path(out), fmt=fmt)
     for kind, p in paths.items():
@@ -270,7 +367,9 @@ def verify_assets() -> None:
 
 
 def _register_subcommands() -> None:
+    from .cli_config import config_cmd
     from .cli_eval import eval_cmd, report_cmd
+    from .cli_export import export_cmd
     from .cli_serve import serve_reward_cmd
     from .cli_train import train_cmd
 
@@ -278,6 +377,8 @@ def _register_subcommands() -> None:
     main.add_command(eval_cmd)
     main.add_command(report_cmd)
     main.add_command(serve_reward_cmd)
+    main.add_command(config_cmd)
+    main.add_command(export_cmd)
 
 
 _register_subcommands()

@@ -64,15 +64,18 @@ def format_eval(doc: dict) -> str:
 @click.option("--ref", default=None, help="Reference model (default: the run's model, else the model itself).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--device", default="cpu", show_default=True, help="Where the models run: cpu, cuda, cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (nothing else) to stdout.")
 def eval_cmd(model_or_run, solver, steps, solver_list, eta, n, reward, beta, guidance, ref, seed, threads,
-             as_json) -> None:
+             device, as_json) -> None:
     """Evaluate MODEL_OR_RUN ('digits', '<gmm>-exact', a model file or a run directory): reward, KL_path to the
     reference by Girsanov, J = E r - beta KL_path per solver; digits: classifier accuracy, diversity and
     Frechet distance to held-out digits; '<gmm>-exact': optimality gap to the exact optimum and MMD to p*.
 
     For deterministic solvers (ddim with eta 0, heun, dpmpp-2m, ode-euler) KL_path is the Girsanov integrand
     averaged along the ODE paths; J is then not a lower bound on J* and the gap can be negative."""
+    import torch
+
     from .cli import _threads
     from .eval.run_eval import evaluate_setup, parse_solvers
     from .eval.target import load_setup
@@ -80,14 +83,19 @@ def eval_cmd(model_or_run, solver, steps, solver_list, eta, n, reward, beta, gui
     _threads(threads)
     if solver_list and (solver or steps):
         raise CtrlDiffError("give either --solvers or --solver/--steps, not both")
-    setup = load_setup(model_or_run, reward=reward, beta=beta, guidance=_guidance(guidance), ref=ref)
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 - unknown device string, CUDA not available, ...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CtrlDiffError(f"--device {device!r} cannot be used here ({why})") from None
+    setup = load_setup(model_or_run, reward=reward, beta=beta, guidance=_guidance(guidance), ref=ref, device=device)
     run = setup.sampler
     if steps is not None and steps < 1:
         raise CtrlDiffError(f"--steps must be >= 1, got {steps}")
     specs = parse_solvers(solver_list or solver or run.get("solver", "em"), steps or run.get("steps", 50))
     if eta is None:  # a run trained with DDIM is evaluated with its eta unless told otherwise
         eta = run["eta"] if run.get("solver") == "ddim" else 0.0
-    doc = evaluate_setup(setup, specs, n=n, seed=seed, eta=eta)
+    doc = evaluate_setup(setup, specs, n=n, seed=seed, eta=eta, device=device)
     click.echo(json.dumps(doc, indent=1, allow_nan=False) if as_json else format_eval(doc))
 
 

@@ -53,8 +53,14 @@ def format_validation_error(e: ValidationError, what: str = "config", cls: type[
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
+            hint = ""
+            if err["type"] == "literal_error" and isinstance(got, str):
+                expected = str(err.get("ctx", {}).get("expected", "")).replace(" or ", ", ")
+                options = [o.strip().strip("'") for o in expected.split(", ")]
+                near = difflib.get_close_matches(got, options, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
             got = "" if isinstance(got, dict) or not loc else f" (got {_short.repr(got)})"
-            msgs.append(f"{loc}: {msg}{got}" if loc else msg)
+            msgs.append(f"{loc}: {msg}{got}{hint}" if loc else msg)
     for i, m in enumerate(msgs):
         if isinstance(m, tuple):
             names = [".".join(str(p) for p in (*m, k)) for k in unknown[m]]
@@ -107,7 +113,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise CtrlDiffError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise CtrlDiffError(f"config file {p} is not valid YAML: {yaml_error_text(e)}") from None
     except UnicodeDecodeError:
         raise CtrlDiffError(f"config file {p} is not a text (UTF-8) file") from None
     except RecursionError:
@@ -120,6 +126,19 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise CtrlDiffError(f"config file {p} must hold a mapping of keys to values")
     return data
+
+
+def yaml_error_text(e: Exception) -> str:
+    """A PyYAML error as 'line L, column C: problem (context at line L2)' (lines and columns from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or ["syntax error"])[0]
+    if mark is None:
+        return problem
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None and cmark.line != mark.line:
+        text += f" ({ctx} started at line {cmark.line + 1})"
+    return text
 
 
 def build_config(cls: type[T], data: dict, what: str = "config") -> T:

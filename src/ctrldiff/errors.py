@@ -25,5 +25,13 @@ def choice(name: str, value: str, allowed) -> str:
     """Validate ``value`` against ``allowed`` names and return it; the error lists the choices."""
     allowed = sorted(allowed)
     if value not in allowed:
-        raise CtrlDiffError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
+        raise CtrlDiffError(f"unknown {name} {value!r}{did_you_mean(value, allowed)}; choose one of: {', '.join(allowed)}")
     return value
+
+
+def did_you_mean(value: str, names) -> str:
+    """'; did you mean 'x'?' for the closest of ``names`` to a mistyped ``value`` (difflib), or ''."""
+    import difflib
+
+    near = difflib.get_close_matches(str(value), [str(n) for n in names], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""

@@ -20,6 +20,12 @@ from .errors import CtrlDiffError, choice
 PREDICTIONS = ("eps", "score", "x0", "v")
 
 
+def _as_t(t, dtype: torch.dtype | None = None) -> Tensor:
+    """A time argument as a tensor: a tensor stays where it is, a Python number becomes a CPU scalar (never a tensor
+    on the default device: a run's tensors are placed explicitly)."""
+    return torch.as_tensor(t, dtype=dtype, device=t.device if isinstance(t, Tensor) else "cpu")
+
+
 def _bcast(t: Tensor | float, x: Tensor) -> Tensor:
     """Broadcast a scalar or [B] time-like tensor against x of shape [B, ...]."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
@@ -61,7 +67,7 @@ class NoiseProcess:
 
     def prior_std(self) -> float:
         """Std of the Gaussian that sampling starts from at t_max."""
-        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64)))
+        return float(self.sigma(torch.tensor(self.t_max, dtype=torch.float64, device="cpu")))
 
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
         """Uniform grid from t_max down to t_min with ``steps`` intervals ([steps + 1])."""
@@ -123,17 +129,17 @@ class VPLinear(NoiseProcess):
         return self.beta_min + t * (self.beta_max - self.beta_min)
 
     def log_alpha(self, t):
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t)
 
     def sigma(self, t):
         return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
 
     def f(self, t):
-        return -0.5 * self.beta(torch.as_tensor(t))
+        return -0.5 * self.beta(_as_t(t))
 
     def g2(self, t):
-        return self.beta(torch.as_tensor(t))
+        return self.beta(_as_t(t))
 
     def config(self):
         return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
@@ -152,7 +158,7 @@ class VPCosine(NoiseProcess):
     t_max: float = 0.995
 
     def _u(self, t):
-        return 0.5 * math.pi * (torch.as_tensor(t) + self.s) / (1 + self.s)
+        return 0.5 * math.pi * (_as_t(t) + self.s) / (1 + self.s)
 
     def log_alpha(self, t):
         return torch.log(torch.cos(self._u(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
@@ -179,19 +185,19 @@ class RectifiedFlow(NoiseProcess):
     t_max: float = 0.999
 
     def log_alpha(self, t):
-        return torch.log1p(-torch.as_tensor(t))
+        return torch.log1p(-_as_t(t))
 
     def alpha(self, t):
-        return 1.0 - torch.as_tensor(t)
+        return 1.0 - _as_t(t)
 
     def sigma(self, t):
-        return torch.as_tensor(t) * 1.0
+        return _as_t(t) * 1.0
 
     def f(self, t):
-        return -1.0 / (1.0 - torch.as_tensor(t))
+        return -1.0 / (1.0 - _as_t(t))
 
     def g2(self, t):
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         return 2.0 * t + 2.0 * t * t / (1.0 - t)
 
 
@@ -206,11 +212,12 @@ def discrete_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     if n < 2:
         raise CtrlDiffError(f"a discrete schedule needs num_train_timesteps >= 2, got {n}")
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64, device="cpu")
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64, device="cpu") ** 2
     ab = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    return torch.tensor([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    return torch.tensor([min(1 - ab((i + 1) / n) / ab(i / n), 0.999) for i in range(n)], dtype=torch.float64,
+                        device="cpu")
 
 
 @dataclass
@@ -223,10 +230,17 @@ class DiscreteVP(NoiseProcess):
     beta(t) = -d log alpha_bar / dt ~ -N log(1 - beta_n) near t_n, and continuous):
         alpha_t^2 = alpha_bar(t),  sigma_t^2 = 1 - alpha_bar(t),  f = (1/2) d log alpha_bar / dt,  g^2 = -2 f.
     So alpha_t^2 equals the scheduler's alphas_cumprod[n] exactly at t_n, and every solver (2nd-order ones
-    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` is diffusers'
-    "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1, ending at t_min = 1 / N
-    (timestep 0, alphas_cumprod[0]): DDIM(eta = 0) on it is diffusers' DDIMScheduler(timestep_spacing=
-    "trailing", set_alpha_to_one=False) step for step.
+    keep their order: f is continuous) and the Girsanov KL work unchanged. ``time_grid(K)`` (K = 1..N) is
+    diffusers' "trailing" spacing, t_k = (n_k + 1) / N with n_k = round(N - k N / K) - 1 for k < K, ending at
+    t_min = 1 / N (timestep 0, alphas_cumprod[0]). Sampling starts from N(0, I) (``prior_std() = 1``: diffusers'
+    init_noise_sigma, and the std of x_1 for unit-variance data, alpha^2 + sigma^2 = 1).
+
+    DDIM(eta = 0) on this grid is diffusers' DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False) step
+    for step when K divides N. Limits: (i) for other K, diffusers steps from timestep n_k to n_k - N // K, which is not
+    the next timestep n_{k+1} it evaluates (for K = 3: 666 -> 333, then it evaluates 332); ctrldiff's step k goes
+    to t_{k+1}, so the two differ by one timestep in some steps' targets. (ii) For K > 2N / 3 the last trailing
+    timestep is already 0 and diffusers' last step, to alphas_cumprod[0], is the identity; here the grid then ends at
+    t = 1 / (2N) (between timestep 0 and the data) so that all K steps have positive length.
     """
 
     num_train_timesteps: int = 1000
@@ -244,7 +258,7 @@ class DiscreteVP(NoiseProcess):
                                 "prior to start sampling from)")
         self.N = int(self.num_train_timesteps)
         # log alpha_bar at t = 0, 1/N, ..., 1 (the node t = 0 is the data: alpha_bar = 1)
-        self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+        self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64, device="cpu"), torch.cumsum(torch.log1p(-betas), 0)])
         lab = self._log_ab
         self._slope = torch.cat([lab[1:2] - lab[:1], 0.5 * (lab[2:] - lab[:-2]), lab[-1:] - lab[-2:-1]])
         self.t_min = 1.0 / self.N
@@ -267,16 +281,16 @@ class DiscreteVP(NoiseProcess):
 
     def timestep(self, t: Tensor) -> Tensor:
         """The model's (continuous) timestep argument  N t - 1  for t in [0, 1]."""
-        return torch.as_tensor(t) * self.N - 1.0
+        return _as_t(t) * self.N - 1.0
 
     def time_of_timestep(self, n) -> Tensor:
         """Continuous time of training timestep n: (n + 1) / N."""
-        return (torch.as_tensor(n, dtype=torch.float64) + 1.0) / self.N
+        return (_as_t(n, torch.float64) + 1.0) / self.N
 
     def _hermite(self, t, deriv: bool):
         """The C^1 cubic Hermite interpolant of log alpha_bar through the nodes (slopes by central differences):
         exact at every node, and f is continuous, so 2nd-order solvers keep their order."""
-        t = torch.as_tensor(t)
+        t = _as_t(t)
         out_dtype = t.dtype if t.dtype.is_floating_point else torch.float32
         u = t.double() * self.N
         i = torch.clamp(torch.floor(u.detach()), 0, self.N - 1).long()
@@ -302,12 +316,20 @@ class DiscreteVP(NoiseProcess):
     def g2(self, t):
         return -2.0 * self.f(t)
 
+    def prior_std(self) -> float:
+        """1, as diffusers' init_noise_sigma (sigma(1) = sqrt(1 - alphas_cumprod[N-1]) is 0.99785 for SD)."""
+        return 1.0
+
     def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
-        if not 1 <= steps < self.N:
-            raise CtrlDiffError(f"a discrete schedule with {self.N} training timesteps takes 1..{self.N - 1} "
+        """The trailing timesteps (class docstring) and the end point -> [steps + 1], strictly decreasing."""
+        if not 1 <= steps <= self.N:
+            raise CtrlDiffError(f"a discrete schedule with {self.N} training timesteps takes 1..{self.N} "
                                 f"sampling steps, got {steps}")
-        n = torch.round(torch.arange(self.N, 0, -self.N / steps, dtype=torch.float64))[:steps] - 1
-        times = torch.cat([self.time_of_timestep(n), torch.tensor([self.t_min], dtype=torch.float64)])
+        import numpy as np  # numpy's arange and round-half-to-even, as diffusers: the same timesteps for every K
+
+        n = torch.from_numpy(np.round(np.arange(self.N, 0, -self.N / steps))[:steps] - 1).to(torch.float64)
+        end = self.t_min if n[-1] > 0 else 0.5 / self.N  # timestep 0 is already the last start: end below it
+        times = torch.cat([self.time_of_timestep(n), torch.tensor([end], dtype=torch.float64, device="cpu")])
         return times.to(device=device, dtype=dtype)
 
     def config(self):

@@ -108,19 +108,32 @@ class Algorithm:
         info_sums: dict[str, float] = {}
         n_updates = 0
         graph = batch.extras.pop("outputs_graph", None)  # optim.reuse_rollout_graph: the rollout's eps with grad
+        size = self.minibatch_size(tr.cfg.batch_size * K)
         mbs = None
         if graph is not None:
-            mbs = list(tr.minibatches(B * K, ocfg.minibatch, traj.states.device))
+            mbs = list(tr.minibatches(B * K, size, traj.states.device))
             if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
                                     f"optim.minibatch >= batch_size * steps ({B * K})")
+        elif self.needs_log_prob and tr.recompute_log_prob_old:
+            # one partition into minibatches for every inner epoch, and log p_old recomputed on exactly those
+            # forward passes: theta_old's own log-density in the update's precision (ratio == 1 at theta_old)
+            mbs = list(tr.minibatches(B * K, size, traj.states.device))
+            batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
         start = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
         for _ in range(self.inner_epochs()):
-            for idx in mbs if mbs is not None else tr.minibatches(B * K, ocfg.minibatch, traj.states.device):
+            if mbs is None:
+                epoch_mbs = tr.minibatches(B * K, size, traj.states.device)
+            elif graph is None:  # the fixed partition of recompute_log_prob_old, in a fresh order every inner epoch
+                epoch_mbs = [mbs[i] for i in torch.randperm(len(mbs), generator=tr.cpu_gen, device="cpu").tolist()]
+            else:
+                epoch_mbs = mbs
+            for idx in epoch_mbs:
                 tr.optimizer.zero_grad(set_to_none=True)
-                micro = ocfg.microbatch or len(idx)  # gradient accumulation: same update, less memory
-                if graph is not None:
-                    micro = len(idx)  # the graph is in memory already: one backward pass through it
+                # gradient accumulation over microbatches: same update, less memory (never more pairs per pass than
+                # optim.minibatch, also when an algorithm's policy step spans more pairs); with the rollout's graph
+                # in memory already, one backward pass through it
+                micro = len(idx) if graph is not None else ocfg.microbatch or min(len(idx), ocfg.minibatch)
                 total, infos = 0.0, {}
                 for ms in range(0, len(idx), micro):
                     sub = idx[ms:ms + micro]
@@ -136,7 +149,7 @@ class Algorithm:
                     total += float(loss.detach()) * frac
                     for key, v in info.items():
                         infos[key] = infos.get(key, 0.0) + float(v) * frac
-                loss, info = torch.tensor(total), infos
+                loss, info = torch.tensor(total, device="cpu"), infos
                 tr.sync_grads(tr.optimizer)  # several processes: clip the averaged gradient
                 gnorm = torch.nn.utils.clip_grad_norm_(tr.trainable_parameters, ocfg.grad_clip)
                 tr.optimizer.step()
@@ -199,6 +212,23 @@ class Algorithm:
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs
 
+    def recompute_log_prob_old(self, batch: RolloutBatch, mbs: list[Tensor]) -> Tensor:
+        """log p_theta_old(x_{k+1} | x_k) of every pair [B, K], evaluated minibatch by minibatch and microbatch by
+        microbatch exactly as the update's forward passes will be (same pairs together, same precision, and with
+        grad enabled as there, so that no kernel choice depends on it; each graph is dropped at once)."""
+        ocfg, K = self.trainer.cfg.optim, batch.traj.num_steps
+        out = batch.traj.log_probs.clone()
+        for idx in mbs:
+            micro = ocfg.microbatch or min(len(idx), ocfg.minibatch)
+            for ms in range(0, len(idx), micro):
+                sub = idx[ms:ms + micro]
+                out[sub // K, sub % K] = self.make_minibatch(batch, sub // K, sub % K).log_prob.detach()
+        return out
+
+    def minibatch_size(self, n_pairs: int) -> int:
+        """(sample, step) pairs per policy step, of the epoch's ``n_pairs`` = batch_size * K (all processes)."""
+        return self.trainer.cfg.optim.minibatch
+
     def make_minibatch(self, batch: RolloutBatch, b: Tensor, k: Tensor, eps: Tensor | None = None) -> Minibatch:
         """Pairs (b, k) with the policy's eps at them (``eps``: already evaluated, with its graph, by a rollout
         with optim.reuse_rollout_graph; the policy is unchanged since, so it is the same function of theta)."""
@@ -212,7 +242,7 @@ class Algorithm:
         if self.needs_log_prob:
             mean = traj.step_mean(k, eps, x)
             log_prob = gaussian_log_prob(x_next, mean, traj.std[k])
-            log_prob_old = traj.log_probs[b, k]
+            log_prob_old = batch.extras.get("log_prob_old", traj.log_probs)[b, k]
         return Minibatch(b=b, k=k, t=t, x=x, x_next=x_next, cond=cond, eps=eps, eps_old=traj.outputs[b, k],
                          eps_ref=batch.eps_ref[b, k], log_prob=log_prob, log_prob_old=log_prob_old, batch=batch)
 

@@ -77,7 +77,7 @@ class DiffusionDPOConfig(Strict):
 def condition_groups(cond, n: int) -> list[Tensor]:
     """Indices of the samples that share a condition (labels, embeddings or prompts; None: one group) -> [n_c]."""
     if cond is None:
-        return [torch.arange(n)]
+        return [torch.arange(n, device="cpu")]
     if isinstance(cond, Tensor):
         keys = [int(c) if c.ndim == 0 else tuple(c.flatten().tolist()) for c in cond.detach().cpu()]
     else:
@@ -85,7 +85,7 @@ def condition_groups(cond, n: int) -> list[Tensor]:
     groups: dict = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)
-    return [torch.tensor(v) for v in groups.values()]
+    return [torch.tensor(v, device="cpu") for v in groups.values()]
 
 
 def preference_pairs(rewards: Tensor, cond, group_size: int, mode: str, margin: float,
@@ -94,7 +94,7 @@ def preference_pairs(rewards: Tensor, cond, group_size: int, mode: str, margin: 
     r = rewards.detach().cpu()
     wins, loses = [], []
     for idx in condition_groups(cond, len(r)):
-        idx = idx[torch.randperm(len(idx), generator=generator)]
+        idx = idx[torch.randperm(len(idx), generator=generator, device="cpu")]
         for s in range(0, len(idx), group_size):
             g = idx[s:s + group_size]
             if len(g) < 2:
@@ -105,12 +105,12 @@ def preference_pairs(rewards: Tensor, cond, group_size: int, mode: str, margin: 
                     wins.append(g[:1])
                     loses.append(g[-1:])
                 continue
-            i, j = torch.triu_indices(len(g), len(g), 1)  # i < j: g[i] ranked above g[j]
+            i, j = torch.triu_indices(len(g), len(g), 1, device=g.device)  # i < j: g[i] ranked above g[j]
             keep = r[g[i]] - r[g[j]] > margin
             wins.append(g[i[keep]])
             loses.append(g[j[keep]])
     if not wins:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device="cpu"), torch.zeros(0, dtype=torch.long, device="cpu")
     return torch.cat(wins), torch.cat(loses)
 
 
@@ -180,12 +180,12 @@ class DiffusionDPO(Algorithm):
         proc = self.trainer.process
         if self.acfg.t_sampling == "grid":
             K = times.numel() - 1
-            k = torch.randint(0, K, (n,), generator=self.gen)
+            k = torch.randint(0, K, (n,), generator=self.gen, device="cpu")
             w = kl_weights(proc, times.cpu())
             return times.cpu()[k].to(device), (K * w[k]).to(device)
-        lam_hi = proc.log_snr(torch.tensor(proc.t_min, dtype=torch.float64))
-        lam_lo = proc.log_snr(torch.tensor(proc.t_max, dtype=torch.float64))
-        lam = lam_lo + (lam_hi - lam_lo) * torch.rand(n, generator=self.gen, dtype=torch.float64)
+        lam_hi = proc.log_snr(torch.tensor(proc.t_min, dtype=torch.float64, device="cpu"))
+        lam_lo = proc.log_snr(torch.tensor(proc.t_max, dtype=torch.float64, device="cpu"))
+        lam = lam_lo + (lam_hi - lam_lo) * torch.rand(n, generator=self.gen, dtype=torch.float64, device="cpu")
         t = t_of_log_snr(proc, lam)
         return t.float().to(device), (lam_hi - lam_lo).float().expand(n).to(device)
 

@@ -201,10 +201,10 @@ class ReplayBuffer:
         cs = self.cond.cpu()[order]
         _, counts = torch.unique_consecutive(cs, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # group of sorted position
-        pos_i = torch.randint(0, N, (4 * n,), generator=generator)
+        group = torch.repeat_interleave(torch.arange(len(counts), device="cpu"), counts)  # group of sorted position
+        pos_i = torch.randint(0, N, (4 * n,), generator=generator, device="cpu")
         g = group[pos_i]
-        pos_j = starts[g] + (torch.rand(4 * n, generator=generator) * counts[g]).long().clamp(max=N - 1)
+        pos_j = starts[g] + (torch.rand(4 * n, generator=generator, device="cpu") * counts[g]).long().clamp(max=N - 1)
         i, j = order[pos_i].to(self.r.device), order[pos_j].to(self.r.device)
         ri, rj = self.r[i], self.r[j]
         keep = ri != rj

@@ -235,8 +235,8 @@ class QLearning(Algorithm):
         """TD(lambda) regression of J(t_k, y_k) (all states flattened b (K + 1) + k) on fixed targets."""
         tr, ccfg = self.trainer, self.acfg.critic
         B, K = run.shape
-        src = (torch.arange(B)[:, None] * (K + 1) + torch.arange(K)[None]).reshape(-1).to(y.device)
-        loss = torch.zeros(())
+        src = (torch.arange(B, device=y.device)[:, None] * (K + 1) + torch.arange(K, device=y.device)[None]).reshape(-1)
+        loss = torch.zeros((), device=y.device)
         for _ in range(ccfg.epochs):
             J = self._critic_values(t, y, cond, h).reshape(B, K + 1)
             G, nxt = torch.empty_like(run), J[:, K]  # G_K = J_K = beta_q h(y_K), exact
@@ -284,7 +284,8 @@ class QLearning(Algorithm):
             base = -w * ((e1 - mu_old) * (e2 - mu_old)).flatten(2).sum(-1) + q0
             bk = traj.coef_b.to(dt).reshape(1, K, *[1] * (u.ndim - 2))
             y0 = (traj.states[:, 1:] - bk * u).reshape(B * K, *u.shape[2:])
-            i_next = (torch.arange(B)[:, None] * (K + 1) + torch.arange(1, K + 1)[None]).reshape(-1).to(y.device)
+            i_next = (torch.arange(B, device=y.device)[:, None] * (K + 1)
+                      + torch.arange(1, K + 1, device=y.device)[None]).reshape(-1)
             c0 = None if cond is None else cond[i_next]
             h0 = self._reward_term(y0, t[i_next], c0, None)
             j0 = self._critic_values(t[i_next], y0, c0, h0).reshape(B, K)

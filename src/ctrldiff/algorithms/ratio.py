@@ -31,6 +31,8 @@ Everything is computed in float64 with ||x - a y||^2 = ||x||^2 - 2 a x.y + a^2 |
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -65,7 +67,7 @@ def ratio_score(x: Tensor, t: Tensor | float, data: Tensor, process: NoiseProces
     dist2 = (xf.pow(2).sum(1, keepdim=True) - 2 * a * (xf @ y.T) + a * a * y.pow(2).sum(1)[None]).clamp(min=0)
     logits = -(dist2 - d * s2) / (2 * s2)  # [N, m]
     if floor > 0:  # w_j = exp(l_j) / (sum_k exp(l_k) + floor): a pseudo point at x0 = 0 with weight floor
-        floor_col = torch.full((n, 1), float(torch.log(torch.tensor(floor, dtype=torch.float64))),
+        floor_col = torch.full((n, 1), math.log(floor),
                                dtype=torch.float64, device=x.device)
         w = torch.softmax(torch.cat([logits, floor_col], 1), 1)[:, :m]
     else:
@@ -100,14 +102,14 @@ class RatioScoreEstimator:
         size = n // copies if self.m is None else min(self.m, n // copies)
         if size < 1:
             raise CtrlDiffError(f"{n} data points cannot give {copies} disjoint ratio-estimator subsets")
-        perm = idx[torch.randperm(n, generator=self.generator)]
+        perm = idx[torch.randperm(n, generator=self.generator, device=idx.device)]
         return [perm[i * size:(i + 1) * size] for i in range(copies)]
 
     def scores(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None, copies: int = 1) -> list[Tensor]:
         """``copies`` independent estimates s_hat(t, x [| c]) from disjoint data subsets, each [N, *D]."""
         if self.labels is None:
             return [ratio_score(x, t, self.data[i], self.process, floor=self.floor)
-                    for i in self._subsets(torch.arange(self.data.shape[0]), copies)]
+                    for i in self._subsets(torch.arange(self.data.shape[0], device="cpu"), copies)]
         if cond is None:
             raise CtrlDiffError("this ratio estimator is conditional (its data carry labels): pass cond")
         t = _per_row(torch.as_tensor(t, dtype=torch.float64, device=x.device), x.shape[0]).to(x.device)

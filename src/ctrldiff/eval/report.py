@@ -116,6 +116,42 @@ def _final_eval(fe: dict) -> str:
             f"<small>n {after.get('n')}, {html.escape(str(after.get('solver')))}:{after.get('steps')}</small>")
 
 
+def unusable_run(path: str | Path) -> str | None:
+    """Why ``path`` cannot be reported (not a directory, no config.yaml, no finished epoch), or None."""
+    p = Path(path)
+    if not p.is_dir():
+        return "not a directory"
+    if not (p / "config.yaml").exists():
+        return "not a ctrldiff run directory (no config.yaml)"
+    m = p / "metrics.jsonl"
+    if not m.exists() or not read_jsonl(m):
+        return "no finished epoch (metrics.jsonl is missing or empty)"
+    return None
+
+
+def _before_after_table(run: RunInfo) -> str:
+    """Mean reward per condition before -> after on the figure's samples (samples/before_after.json)."""
+    f = run.path / "samples" / "before_after.json"
+    try:
+        doc = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return ""
+    cols = doc.get("columns") or []
+    head = "<tr><th class=l>condition</th>" + "".join(f"<th>{html.escape(str(c['condition']))}</th>" for c in cols)
+    rows = [head + "</tr>"]
+    for key, name in (("mean_before", "reward before"), ("mean_after", "reward after")):
+        cells = []
+        for c in cols:
+            v, b = c.get(key), c.get("mean_before")
+            style = ""
+            if key == "mean_after" and v is not None and b is not None and v != b:
+                style = ' style="color:#1a7f37"' if v > b else ' style="color:#cf222e"'
+            cells.append(f"<td{style}>{_num(v, '.3f')}</td>")
+        rows.append(f"<tr><th class=l>{name}</th>{''.join(cells)}</tr>")
+    return (f"<p>reward <b>{html.escape(str(doc.get('reward')))}</b> on these {doc.get('n')} same-noise samples: higher "
+            f"after fine-tuning for <b>{doc.get('higher_after')} of {doc.get('n')}</b></p><table>{''.join(rows)}</table>")
+
+
 def robustness_table(runs: list[RunInfo], docs: list[dict | Exception]) -> str:
     """Rows: runs; columns: solver:steps; cells J with E r, KL_path (and gap / accuracy when known)."""
     labels = next((tuple(r["label"] for r in d["results"]) for d in docs if isinstance(d, dict)), ())
@@ -161,7 +197,17 @@ def build_report(run_dirs: list[str | Path], *, solvers: list[SolverSpec] | None
     """The HTML page (a string). ``solvers`` None skips the robustness table."""
     if not run_dirs:
         raise CtrlDiffError("report needs at least one run directory")
-    runs = [RunInfo(p) for p in run_dirs]
+    runs, skipped = [], []
+    for p in run_dirs:  # `ctrldiff report runs/*` passes whatever runs/ holds: skip what is not a (started) run
+        why = unusable_run(p)
+        if why:
+            skipped.append(f"{p}: {why}")
+            log(f"skipping {p}: {why}")
+        else:
+            runs.append(RunInfo(p))
+    if not runs:
+        raise CtrlDiffError("nothing to report: " + "; ".join(skipped[:3]) + (f" (and {len(skipped) - 3} more)"
+                                                                             if len(skipped) > 3 else ""))
     parts = [f"<h1>ctrldiff report</h1><p class=note>{len(runs)} run(s), generated {time.strftime('%Y-%m-%d %H:%M')}."
              " J = E r - beta KL_path; KL_path is the Girsanov path KL to the reference model.</p>",
              "<h2>Training curves</h2>", f'<img alt="training curves" src="{png_data_uri(curves_png(runs))}">',
@@ -175,12 +221,14 @@ def build_report(run_dirs: list[str | Path], *, solvers: list[SolverSpec] | None
                   "dpmpp-2m) KL_path is the Girsanov integrand averaged along ODE paths, which matches the sampled "
                   "distribution only for a consistent score: there J may exceed J* (negative gap).</p>",
                   robustness_table(runs, docs)]
-    parts.append("<h2>Samples before / after fine-tuning</h2>")
+    parts.append("<h2>Samples before / after fine-tuning</h2><p class=note>The same noise through the reference model "
+                 "(top block) and the tuned one (bottom block), one column per condition; under each sample its reward "
+                 "(green: higher than the same noise's before-sample, red: lower).</p>")
     for run in runs:
         img = run.path / "samples" / "before_after.png"
         body = (f'<img alt="before/after {html.escape(run.label)}" src="{png_data_uri(img.read_bytes())}">'
                 if img.exists() else "<p class=note>no samples/before_after.png (run not finished?)</p>")
-        parts.append(f"<div class=run><h3>{html.escape(run.label)}</h3>{body}</div>")
+        parts.append(f"<div class=run><h3>{html.escape(run.label)}</h3>{_before_after_table(run)}{body}</div>")
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>ctrldiff report</title><style>{CSS}</style>"
             f"<script>{CHECK_JS}</script></head><body>{''.join(parts)}</body></html>")
 

@@ -112,13 +112,15 @@ def _exact_target(setup: EvalSetup):
 
 
 def evaluate_setup(setup: EvalSetup, solvers: list[SolverSpec], n: int = 512, seed: int = 0,
-                   eta: float = 0.0) -> dict:
-    """Evaluate ``setup`` with every solver (same seed: common random numbers) -> a JSON-ready document."""
+                   eta: float = 0.0, device: str = "cpu") -> dict:
+    """Evaluate ``setup`` with every solver (same seed: common random numbers) -> a JSON-ready document.
+    ``device``: where ``setup``'s models live (``load_setup(..., device=)``); the metrics are computed on the CPU."""
     check(n >= 2, f"--n must be >= 2, got {n}")
     check(eta >= 0, f"--eta must be >= 0, got {eta}")
     check(len(solvers) > 0, "no solver to evaluate")
-    digits = DigitsYardstick(n, seed) if setup.is_digits else None
-    target = _exact_target(setup) if setup.exact_preset else None
+    with torch.device("cpu"):  # the yardsticks (classifier features, exact target) are CPU computations
+        digits = DigitsYardstick(n, seed) if setup.is_digits else None
+        target = _exact_target(setup) if setup.exact_preset else None
     cond = setup.conditions(n)
     rows = []
     for spec in solvers:
@@ -127,15 +129,16 @@ def evaluate_setup(setup: EvalSetup, solvers: list[SolverSpec], n: int = 512, se
                               n=n, solver=spec.name, steps=spec.steps, eta=eta, cond=cond, seed=seed,
                               beta=setup.beta, return_samples=True, chunk=setup.chunk,
                               decode=None if task is None else task.decode,
-                              reward_cond=None if task is None else task.reward_cond)
+                              reward_cond=None if task is None else task.reward_cond, device=device)
         x = res.pop("samples")
         res["label"] = spec.label + (f" (eta {eta:g})" if spec.name == "ddim" else "")
-        if digits is not None:
-            res.update(digits.metrics(x, cond))
-        if target is not None:
-            res["optimality_gap"] = _gap(target.J_star, res["objective"])
-            dist = target.sample_distance(x, baseline=True, generator=torch.Generator().manual_seed(seed + 1))
-            res.update({k: dist[k] for k in ("mmd", "mmd_baseline", "hist_kl", "hist_kl_baseline")})
+        with torch.device("cpu"):  # samples and conditions are on the CPU here
+            if digits is not None:
+                res.update(digits.metrics(x, cond))
+            if target is not None:
+                res["optimality_gap"] = _gap(target.J_star, res["objective"])
+                dist = target.sample_distance(x, baseline=True, generator=torch.Generator().manual_seed(seed + 1))
+                res.update({k: dist[k] for k in ("mmd", "mmd_baseline", "hist_kl", "hist_kl_baseline")})
         rows.append(res)
     doc = {"model": setup.name, "weights": setup.source, "reference": setup.ref_name, "run_dir": _str(setup.run_dir),
            "reward": getattr(setup.reward, "name", str(setup.reward)), "beta": setup.beta, "guidance": setup.guidance,

@@ -58,7 +58,7 @@ class EvalSetup:
         """Balanced evaluation labels (or prompt indices) 0, 1, ..., C-1, 0, ... [n] (None for unconditional models)."""
         if self.task is not None:
             return self.task.eval_conditions(n)
-        return None if not self.num_classes else torch.arange(n) % self.num_classes
+        return None if not self.num_classes else torch.arange(n, device="cpu") % self.num_classes
 
     @property
     def prompts(self) -> list[str] | None:
@@ -76,7 +76,7 @@ def _frozen(m: nn.Module) -> nn.Module:
     return m.eval().requires_grad_(False)
 
 
-def _run_weights(run: Path, task) -> tuple[nn.Module, str]:
+def _run_weights(run: Path, task, device: str = "cpu") -> tuple[nn.Module, str]:
     """The run's newest weights: final_model.* or the latest checkpoint loaded into ``task.model``."""
     from ..models.base import load_model
     from ..train.checkpoint import latest_checkpoint
@@ -87,7 +87,7 @@ def _run_weights(run: Path, task) -> tuple[nn.Module, str]:
     if final.exists():
         meta = json.loads(final.with_suffix(".json").read_text()).get("metadata", {})
         if int(meta.get("epochs", 0)) >= ckpt_epoch:
-            return load_model(final), str(final)
+            return load_model(final).to(device), str(final)
     if ckpt is None:
         raise CtrlDiffError(f"run directory {run} has neither final_model.safetensors nor a checkpoint to evaluate")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -158,7 +158,7 @@ def load_setup(spec: str, *, reward: str | None = None, beta: float | None = Non
             chunk = max(cfg.rollout_chunk, 1)
         else:
             task = _build(cfg.model, cfg.process, device)
-            policy, source = _run_weights(run_dir, task)
+            policy, source = _run_weights(run_dir, task, device)
         ref_model, ref_name = task.ref, cfg.model
         sampler = {"solver": cfg.sampler.solver, "steps": cfg.sampler.steps, "eta": cfg.sampler.eta}
     else:

@@ -247,12 +247,16 @@ class PromptEmbeddings:
     @torch.no_grad()
     def _encode(self, idx: list[int]) -> None:
         texts = [self.prompts[i] for i in idx if i != self.null_index] or [""]
-        if self.kind == "sdxl":
-            emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
-                                                                   do_classifier_free_guidance=True)
-        else:
-            emb, neg = self.pipe.encode_prompt(texts, self.device, 1, True, None)
-            pooled = neg_pooled = None
+        # the tokenizers make their tensors on the default device, which the pipeline then moves to self.device:
+        # give them the CPU they assume, whatever the caller's default device
+        with torch.device("cpu"):
+            if self.kind == "sdxl":
+                emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(texts, device=self.device,
+                                                                       num_images_per_prompt=1,
+                                                                       do_classifier_free_guidance=True)
+            else:
+                emb, neg = self.pipe.encode_prompt(texts, self.device, 1, True, None)
+                pooled = neg_pooled = None
         j = 0
         for i in idx:
             if i == self.null_index:
@@ -324,7 +328,7 @@ class DiffusersDenoiser(nn.Module):
             LatentConsistencyModelPipeline,
         )
 
-        w = torch.full((batch,), self.embedded_guidance - 1.0)
+        w = torch.full((batch,), self.embedded_guidance - 1.0, device="cpu")
         emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
         return emb.to(device=device, dtype=dtype)
 

@@ -163,7 +163,9 @@ def make_reward(spec: str | Reward | Callable, **kwargs) -> Reward:
         return factory(*args, **kw, **kwargs)
     if sep:
         return _import_reward(name)
-    raise CtrlDiffError(f"unknown reward {name!r}; use one of: {', '.join(available())}, "
+    from ..errors import did_you_mean
+
+    raise CtrlDiffError(f"unknown reward {name!r}{did_you_mean(name, available())}; use one of: {', '.join(available())}, "
                         "or 'module:function' for your own callable")
 
 

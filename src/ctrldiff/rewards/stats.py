@@ -48,7 +48,7 @@ class PerConditionStats:
         for key in keys:
             buf = self.buffers.get(key, ())
             if len(buf) >= self.min_count:
-                v = torch.tensor(list(buf))
+                v = torch.tensor(list(buf), device="cpu")
                 means.append(v.mean())
                 stds.append(v.std(unbiased=False))
             else:

@@ -167,7 +167,7 @@ def decode_response(body: bytes, batch: int) -> tuple[Tensor, str | None]:
         raise WireError(f"'rewards' must be a list of numbers, got {_short(r)}")
     if len(r) != batch:
         raise WireError(f"the answer holds {len(r)} rewards for {batch} samples")
-    out = torch.tensor(r, dtype=torch.float64)
+    out = torch.tensor(r, dtype=torch.float64, device="cpu")
     if not bool(torch.isfinite(out).all()):
         raise WireError(f"the answer holds {int((~torch.isfinite(out)).sum())} non-finite reward(s) (NaN/inf)")
     name = resp.get("reward")

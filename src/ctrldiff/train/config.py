@@ -48,11 +48,18 @@ class OptimConfig(Strict):
                               "linearly from lr / warmup_steps to lr (0: none). Adam's first steps move every "
                               "parameter by about lr whatever the gradient, which a few-step generator feels most")
     inner_epochs: int = Field(1, ge=1, description="passes over each epoch's rollouts")
-    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step")
+    minibatch: int = Field(256, ge=1, description="(sample, step) pairs per gradient step (ddpo-sf takes one step over "
+                           "all batch_size * steps pairs, in passes of this many)")
     reuse_rollout_graph: bool = Field(
         False, description="keep the rollout's autograd graph and take the (single) policy step through it, "
         "instead of evaluating the policy again: saves one model forward per (sample, step). Needs memory for every "
         "step's activations, inner_epochs=1 and minibatch >= batch_size * steps")
+    recompute_log_prob_old: bool | None = Field(
+        None, description="recompute log p_old of every (sample, step) pair at theta_old with the update's own "
+        "forward passes (same minibatches, same precision; one extra forward without grad per pair), and keep that "
+        "partition into minibatches for every inner epoch: so the ratio is exactly 1 at theta_old also under fp16 / "
+        "bf16 autocast, where the rollout's eps (other batches, other kernels) differs by rounding. None: on when the "
+        "policy runs in reduced precision (autocast or fp16/bf16 weights)")
     microbatch: int | None = Field(None, ge=1, description="pairs per forward/backward pass: a minibatch is split "
                                    "into microbatches whose gradients are accumulated (same update, less memory); "
                                    "also the chunk size of the reference model's evaluation. None: the whole minibatch")
@@ -62,7 +69,12 @@ class LogConfig(Strict):
     sample_every: int = Field(0, ge=0, description="write a sample grid every N epochs (0: start and end)")
     checkpoint_every: int = Field(5, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="experiment trackers that get every epoch's metrics and the sample grids: "
+        "tensorboard (RUN_DIR/tensorboard; pip install tensorboard), wandb (pip install wandb; WANDB_MODE=offline "
+        "keeps it local). A missing package turns its tracker off with a warning; [] for none")
+    tensorboard: bool = Field(True, description="kept for old configs: false removes tensorboard from trackers")
+    wandb_project: str = Field("ctrldiff", min_length=1, description="wandb project of the run (log.trackers: wandb)")
     progress: bool = True
     num_eval_samples: int = Field(100, ge=1, description="samples in the grids / scatter plots")
     kl_path: bool = Field(True, description="evaluate the reference model along every rollout to log KL_path; "
@@ -70,6 +82,10 @@ class LogConfig(Strict):
                           "kl_path and objective are then logged as NaN")
     num_final_eval: int = Field(500, ge=0, description="fixed-noise samples scored before/after at the end "
                                 "(final_eval.json); 0 = skip")
+
+    def active_trackers(self) -> list[str]:
+        """``trackers`` without duplicates, less tensorboard when the old ``tensorboard: false`` switch is set."""
+        return [t for t in dict.fromkeys(self.trackers) if t != "tensorboard" or self.tensorboard]
 
 
 class TrainConfig(Strict):

@@ -188,7 +188,7 @@ class Dist:
         number of minibatches (the smallest over the processes), so every optimizer step is taken everywhere.
         Single process: ``randperm(n)`` cut into ``min(size, n)`` slices (a partial last one unless drop_last)."""
         mb = min(self.local_size(size), n) if n else 1
-        perm = torch.randperm(n, generator=generator)
+        perm = torch.randperm(n, generator=generator, device=generator.device)
         if device is not None:
             perm = perm.to(device)
         starts = list(range(0, n - mb + 1, mb)) if drop_last else list(range(0, n, mb))

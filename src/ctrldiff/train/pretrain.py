@@ -158,12 +158,12 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] | None = print) -> 
     (the EMA weights) at the end. Returns the paths and the loss curve (mean per log window)."""
     log = log or (lambda s: None)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     process = make_process(cfg.process)
     data = DataSampler(cfg, gen)
     model = build_model(cfg)
+    out.mkdir(parents=True, exist_ok=True)  # after everything that can reject the config: no empty directory
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed, losses = 0, 0.0, []

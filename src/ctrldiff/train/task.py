@@ -30,11 +30,11 @@ class Task:
         """Balanced labels (each class equally often, shuffled) or None for unconditional models."""
         if not self.num_classes:
             return None
-        labels = torch.arange(n) % self.num_classes
-        return labels[torch.randperm(n, generator=generator)]
+        labels = torch.arange(n, device="cpu") % self.num_classes
+        return labels[torch.randperm(n, generator=generator, device="cpu")]
 
     def eval_conditions(self, n: int) -> Tensor | None:
-        return None if not self.num_classes else torch.arange(n) % self.num_classes
+        return None if not self.num_classes else torch.arange(n, device="cpu") % self.num_classes
 
     # ---- hooks the trainer calls (identity / defaults for the built-in models; see TextToImageTask) ------
     config_defaults: dict = field(default_factory=dict)  # dotted config keys -> values, for fields left unset

@@ -31,10 +31,10 @@ class TextToImageTask(Task):
 
     def sample_conditions(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n prompts drawn uniformly with replacement (as DDPO does) -> indices [n]."""
-        return torch.randint(0, len(self.prompts), (n,), generator=generator)
+        return torch.randint(0, len(self.prompts), (n,), generator=generator, device="cpu")
 
     def eval_conditions(self, n: int) -> Tensor:
-        return torch.arange(n) % len(self.prompts)
+        return torch.arange(n, device="cpu") % len(self.prompts)
 
     def decode(self, x: Tensor, grad: bool = False) -> Tensor:
         return self.backend.decode(x, grad=grad)

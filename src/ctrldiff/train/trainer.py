@@ -6,7 +6,7 @@ update rule (``ctrldiff.algorithms``). Launched as several processes (``accelera
 average their gradients, so the run is one process's run with the same global batch; process 0 writes the outputs.
 A run directory holds:
     config.yaml, metrics.jsonl, samples/, checkpoints/, final_model.{safetensors,json},
-    reward_curve.png, samples/before_after.png, tensorboard/ (if tensorboard is installed)
+    reward_curve.png, samples/before_after.png (+ .json: per-sample rewards), tensorboard/ and wandb/ (log.trackers)
 """
 
 from __future__ import annotations
@@ -48,13 +48,22 @@ def check_runtime_config(cfg: TrainConfig, device: str | None = None) -> torch.d
         torch.Generator(device=dev)
         torch.empty(0, device=dev)
     except Exception as e:  # noqa: BLE001 - unknown device string, CUDA not built/available, ...
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        why = _first_sentence(str(e)) or type(e).__name__
         raise CtrlDiffError(f"invalid config: device: {cfg.device!r} cannot be used here ({why}); "
                             "use cpu, or cuda / cuda:N on a machine with a GPU") from None
     if not -(2**63) <= cfg.seed <= 2**64 - 2:
         raise CtrlDiffError(f"invalid config: seed: must lie in [-2**63, 2**64 - 2] (torch generator range), "
                             f"got {cfg.seed}")
     return dev
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of an exception's message, cut at a word boundary (never mid-word) when too long."""
+    line = (text.strip().splitlines() or [""])[0]
+    line = line.split(". ")[0].rstrip(".")
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, create: bool = True) -> None:
@@ -136,6 +145,8 @@ class Trainer:
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in self.trainable_parameters]
             self.optimizer.register_step_post_hook(lambda *_: self._update_ema())
+        rc = cfg.optim.recompute_log_prob_old
+        self.recompute_log_prob_old = runs_reduced_precision(self.task.model) if rc is None else rc
         self.algo = ALGORITHMS[cfg.algo](cfg, self)
         if cfg.optim.reuse_rollout_graph:
             from ..algorithms.base import Algorithm
@@ -144,7 +155,7 @@ class Trainer:
                 raise CtrlDiffError(f"optim.reuse_rollout_graph works with the shared policy-update loop; {cfg.algo!r} "
                                     "has its own update")
             n_pairs = cfg.batch_size * cfg.sampler.steps
-            if self.algo.inner_epochs() != 1 or cfg.optim.minibatch < n_pairs:
+            if self.algo.inner_epochs() != 1 or self.algo.minibatch_size(n_pairs) < n_pairs:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: optim.inner_epochs=1 "
                                     f"and optim.minibatch >= batch_size * steps ({n_pairs})")
         s = cfg.sampler
@@ -163,7 +174,7 @@ class Trainer:
         self.value_reward_queries = 0
         self.reward_skipped = 0
         self.wall_s = 0.0
-        self._writer = None
+        self._trackers = None
         if self.out is not None:
             if resume:
                 self._resume()
@@ -339,6 +350,7 @@ class Trainer:
         end = cfg.epochs if epochs is None else self.epoch + epochs
         records = []
         main = self.dist.is_main  # with several processes, process 0 writes every output
+        done = self.is_complete()
         if self.out is not None and self.epoch == 0 and main:
             with self._writing("the start-of-run samples"):
                 self.save_samples("epoch_00000")
@@ -358,12 +370,18 @@ class Trainer:
                 if ckpt:
                     self.dist.barrier()  # no process runs ahead of a checkpoint being written
         bar.close()
-        if self.out is not None and self.epoch >= cfg.epochs:
+        if self.out is not None and self.epoch >= cfg.epochs and (records or not done):  # a finished run: no re-run
             if main:
                 with self._writing("the final outputs"):
                     self.finish()
             self.dist.barrier()
+        if self._trackers is not None:
+            self._trackers.close()
         return records
+
+    def is_complete(self) -> bool:
+        """The run reached ``epochs`` and wrote its final outputs (reward_curve.png is written last)."""
+        return self.out is not None and self.epoch >= self.cfg.epochs and (self.out / "reward_curve.png").exists()
 
     @contextmanager
     def _writing(self, what: str):
@@ -379,7 +397,7 @@ class Trainer:
     def _write_epoch(self, rec: dict, end: int, rank_states: list | None = None) -> None:
         cfg = self.cfg
         append_jsonl(self.out / "metrics.jsonl", rec)
-        self._tensorboard(rec)
+        self.trackers.log_scalars(rec, rec["epoch"])
         if cfg.log.sample_every and self.epoch % cfg.log.sample_every == 0:
             self.save_samples(f"epoch_{self.epoch:05d}")
         if self.epoch % cfg.log.checkpoint_every == 0 or self.epoch == end:
@@ -403,7 +421,8 @@ class Trainer:
         (self.out / "samples").mkdir(exist_ok=True)
         x = self.task.decode(self.eval_samples())
         nrow = min(self.task.num_classes, 10) or None
-        save_samples_figure(x, self.out / "samples" / f"{name}.png", nrow=nrow)
+        path = save_samples_figure(x, self.out / "samples" / f"{name}.png", nrow=nrow)
+        self.trackers.log_image("samples", path, self.epoch)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -428,18 +447,47 @@ class Trainer:
                     p.copy_(r)
 
     def _finish(self) -> None:
-        from ..viz import plot_curves, side_by_side
+        from ..viz import plot_curves
 
-        nrow = min(self.task.num_classes, 10) or None
-        dec = self.task.decode
-        side_by_side(dec(self.eval_samples(self.ref)), dec(self.eval_samples()), self.out / "samples" / "before_after.png",
-                     nrow=nrow, labels=("before (reference)", f"after {self.epoch} epochs of {self.cfg.algo}"))
+        self.before_after()
         self.final_eval()
+        meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
+        self.task.save_final(self.out, meta)
         recs = read_jsonl(self.out / "metrics.jsonl")
         plot_curves(recs, ["reward_mean", "kl_path", "objective"], self.out / "reward_curve.png",
                     title=f"{self.cfg.algo} on {self.task.name}, reward {self.reward.name}")
-        meta = {"process": self.process.config(), "fine_tuned_by": self.cfg.algo, "epochs": self.epoch}
-        self.task.save_final(self.out, meta)
+
+    @torch.no_grad()
+    def before_after(self, per_condition: int = 4) -> Path:
+        """samples/before_after.png (+ .json): the reference's and the tuned model's samples from the same noise,
+        one column per condition (up to 10), ``per_condition`` rows each, every sample with its reward.
+        Unconditional image models: up to 10 columns; 2-D data: two scatter panels coloured by reward."""
+        from ..viz import before_after_figure
+
+        conds = self.task.num_classes
+        names = self.task.condition_names() or [str(k) for k in range(conds)]
+        ncol = min(conds, 10) or 10
+        n = min(self.cfg.log.num_eval_samples, ncol * per_condition) if len(self.task.sample_shape) == 3 else \
+            self.cfg.log.num_eval_samples
+        cond = self.task.eval_conditions(n)  # the conditions eval_samples uses
+        xs, rs = [], []
+        for model in (self.ref, self.policy):
+            x = self.task.decode(self.eval_samples(model, n=n))
+            c = None if cond is None else cond.to(x.device)
+            try:
+                r = call_reward(self.reward, x, self.task.reward_cond(c), "of the before/after figure").detach()
+            except RewardError:
+                if self.cfg.reward_errors == "raise":
+                    raise
+                r = torch.full((n,), float("nan"))
+            xs.append(x.float().cpu())
+            rs.append(r.float().cpu())
+        labels = None if cond is None else [names[int(k)] for k in cond]
+        path = before_after_figure(xs[0], xs[1], rs[0], rs[1], self.out / "samples" / "before_after.png",
+                                   conditions=labels, reward_name=self.reward.name,
+                                   after_label=f"after {self.epoch} epochs of {self.cfg.algo}", max_columns=ncol)
+        self.trackers.log_image("before_after", path, self.epoch)
+        return path
 
     def final_eval(self) -> dict | None:
         """Score ``log.num_final_eval`` fixed-noise samples of the reference and of the fine-tuned model with the
@@ -455,27 +503,22 @@ class Trainer:
         cond = self.task.eval_conditions(n)
         kw = dict(sample_shape=self.task.sample_shape, n=n, solver=s.solver, steps=s.steps, eta=s.eta, cond=cond,
                   beta=self.cfg.beta, seed=4321, chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
-                  reward_cond=self.task.reward_cond)
+                  reward_cond=self.task.reward_cond, device=self.device)
         res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
         atomic_write_bytes(self.out / "final_eval.json", json.dumps(res, indent=1).encode())
         return res
 
-    def _tensorboard(self, rec: dict) -> None:
-        if not self.cfg.log.tensorboard:
-            return
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.cfg.log.tensorboard = False
-                return
-            self._writer = SummaryWriter(str(self.out / "tensorboard"))
-        for k, v in rec.items():
-            if isinstance(v, int | float) and k != "epoch":
-                self._writer.add_scalar(k, v, rec["epoch"])
-        self._writer.flush()
+    @property
+    def trackers(self):
+        """The run's experiment trackers (log.trackers), opened on first use by process 0."""
+        if self._trackers is None:
+            from .trackers import Trackers
+
+            self._trackers = Trackers(self.cfg.log.active_trackers() if self.out is not None else [], self.out or Path("."),
+                                      self.cfg.model_dump(mode="json"), self.cfg.log.wandb_project)
+        return self._trackers
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -554,6 +597,14 @@ class Trainer:
         import json
 
         atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+
+
+def runs_reduced_precision(model: torch.nn.Module) -> bool:
+    """Whether ``model`` computes in fp16 / bf16: a module of it autocasts (``autocast_dtype`` set, as the
+    diffusers backend's denoiser with diffusers.dtype fp16/bf16) or holds half-precision floating weights."""
+    half = (torch.float16, torch.bfloat16)
+    return any(getattr(m, "autocast_dtype", None) in half for m in model.modules()) or any(
+        p.dtype in half for p in model.parameters())
 
 
 def apply_config_defaults(cfg: TrainConfig, defaults: dict) -> None:
