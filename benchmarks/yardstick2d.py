@@ -12,6 +12,9 @@ improvement J* - J_ref.
     python benchmarks/yardstick2d.py --quick         # 1 seed, budgets 5k and 20k
     python benchmarks/yardstick2d.py --algos reward-backprop diffusion-dpo diffusion-dpo-bt --budgets 5000 20000 \
         --out benchmarks/results/yardstick2d_baselines.json       # the two baselines (METHODS section 2)
+    python benchmarks/yardstick2d.py --flow --quick --out benchmarks/results/yardstick2d_rf.json
+        # the rectified-flow yardstick 'gmm2-rf-exact' (exact velocity + residual; rollouts and evaluation by
+        # ddim eta = 1, the exact Gaussian step, 20 steps; p* and J* are the same)
 Writes benchmarks/results/yardstick2d.json and prints a markdown table.
 """
 
@@ -56,18 +59,20 @@ BATCH = 256
 
 
 def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_every: int, n_eval: int,
-            return_trainer: bool = False) -> dict:
+            return_trainer: bool = False, flow: bool = False) -> dict:
     """Train ``algo`` until the largest budget, evaluating at each budget; ``return_trainer`` adds the trained
-    Trainer under "trainer" (for further evaluation, e.g. with other solvers)."""
+    Trainer under "trainer" (for further evaluation, e.g. with other solvers). ``flow``: the rectified-flow
+    yardstick 'gmm2-rf-exact', sampled (training and evaluation) by ddim eta = 1."""
     make, beta = REWARDS[reward_name]
     reward = make()
     target = TiltedTarget(gmm_preset("gmm2"), reward, beta)
     j_ref = target.mean_reward_ref
     spec = dict(ALGOS[algo])
     optim = {"lr": 1e-3, "minibatch": 512, **spec.pop("optim", {})}  # an entry may override the optimiser
-    cfg = TrainConfig(model="gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1, batch_size=BATCH, seed=seed,
-                      sampler=dict(solver="em", steps=20), optim=optim, log=dict(progress=False, tensorboard=False),
-                      **spec)
+    sampler = dict(solver="ddim", eta=1.0, steps=20) if flow else dict(solver="em", steps=20)
+    cfg = TrainConfig(model="gmm2-rf-exact" if flow else "gmm2-exact", beta=beta, epochs=max(budgets) // BATCH + 1,
+                      batch_size=BATCH, seed=seed, sampler=sampler, optim=optim,
+                      log=dict(progress=False, tensorboard=False), **spec)
     tr = Trainer(cfg, reward=reward)
     curve, at_budget = [], {}
     todo = sorted(budgets)
@@ -75,7 +80,8 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
 
     def evaluate(samples: bool = False):
         ev = evaluate_policy(tr.policy, tr.ref, tr.process, reward, sample_shape=(2,), n=n_eval, steps=20,
-                             beta=beta, seed=10_000 + seed, return_samples=samples)
+                             solver=sampler["solver"], eta=sampler.get("eta", 0.0), beta=beta, seed=10_000 + seed,
+                             return_samples=samples)
         ev["gap"] = (target.J_star - ev["objective"]) / abs(target.J_star)
         ev["improvement_frac"] = (ev["objective"] - j_ref) / (target.J_star - j_ref)
         ev["queries"] = tr.reward_queries
@@ -93,7 +99,8 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
             ev = evaluate()
             curve.append({k: ev[k] for k in ("queries", "objective", "improvement_frac")})
     hit = next((c["queries"] for c in curve if c["improvement_frac"] >= 0.9), None)
-    res = {"reward": reward_name, "algo": algo, "seed": seed, "beta": beta, "J_star": target.J_star, "J_ref": j_ref,
+    res = {"reward": reward_name, "algo": algo, "seed": seed, "model": cfg.model, "beta": beta,
+           "J_star": target.J_star, "J_ref": j_ref,
            "at_budget": at_budget, "curve": curve, "queries_to_90pct": hit, "wall_s": time.perf_counter() - t0}
     if return_trainer:
         res["trainer"] = tr
@@ -146,6 +153,7 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=DEFAULT_ALGOS, choices=list(ALGOS))
     ap.add_argument("--n-eval", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flow", action="store_true", help="the rectified-flow yardstick gmm2-rf-exact (ddim eta = 1)")
     ap.add_argument("--out", default="benchmarks/results/yardstick2d.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,7 +164,7 @@ def main() -> None:
     for rname in args.rewards:
         for algo in args.algos:
             for seed in seeds:
-                res = run_one(rname, algo, seed, budgets, eval_every=5, n_eval=args.n_eval)
+                res = run_one(rname, algo, seed, budgets, eval_every=5, n_eval=args.n_eval, flow=args.flow)
                 last = res["at_budget"][max(budgets)]
                 print(f"{rname:12s} {algo:16s} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
                       f"(J* {res['J_star']:.4f}), 90% at {res['queries_to_90pct']} queries, {res['wall_s']:.0f} s",
@@ -165,7 +173,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"seeds": seeds, "budgets": budgets, "batch": BATCH, "total_s": time.perf_counter() - t0,
-            "threads": args.threads}
+            "threads": args.threads, "model": "gmm2-rf-exact" if args.flow else "gmm2-exact"}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(table(json.loads(out.read_text())["results"], budgets))
     print(f"\ntotal {meta['total_s']:.0f} s; wrote {out}")

@@ -133,7 +133,9 @@ def test_marginal_sampling_moments(name):
 def _truths(p, t, x0, eps):
     a, s = p.alpha(t)[:, None], p.sigma(t)[:, None]
     x = a * x0 + s * eps
-    return x, {"eps": eps, "score": -eps / s, "x0": x0, "v": a * eps - s * x0}
+    # v: alpha eps - sigma x0 on VP processes; the flow velocity eps - x0 on the rectified flows (rf, flow-match)
+    v = eps - x0 if isinstance(p, RectifiedFlow) else a * eps - s * x0
+    return x, {"eps": eps, "score": -eps / s, "x0": x0, "v": v}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -149,21 +149,24 @@ def main() -> None:
 @click.option("--ema-decay", type=float, default=0.999, show_default=True)
 @click.option("--cond-drop", type=float, default=0.1, show_default=True, help="label dropout for CFG")
 @click.option("--process", default="vp", show_default=True, help="noise process: vp, vp-cosine, rf")
+@click.option("--prediction", default="eps", show_default=True,
+              help="network output: eps, v (on --process rf: the flow-matching velocity eps - x0) or x0")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--log-every", type=int, default=200, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="continue from OUT/checkpoint.pt if it exists")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, checkpoint_every, log_every, out, seed,
-             resume, threads) -> None:
+def pretrain(dataset, steps, batch_size, lr, ema_decay, cond_drop, process, prediction, checkpoint_every, log_every,
+             out, seed, resume, threads) -> None:
     """Pretrain a denoiser on DATASET by denoising score matching (EMA weights saved to OUT/model.*)."""
     from .train.pretrain import PretrainConfig
     from .train.pretrain import pretrain as run
 
     _threads(threads)
     cfg = PretrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
-                         cond_drop=cond_drop, process=process, checkpoint_every=checkpoint_every, log_every=log_every,
+                         cond_drop=cond_drop, process=process, prediction=prediction,
+                         checkpoint_every=checkpoint_every, log_every=log_every,
                          out=out, seed=seed, resume=resume, command=_command_line())
     res = run(cfg, log=click.echo)
     click.echo(f"model: {res.model_path}")
@@ -236,6 +239,7 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
     check(n >= 1, f"--n must be >= 1, got {n}")
     check(eta is None or solver == "ddim", f"--eta applies to the ddim solver only, not {solver!r}")
     check(eta is None or eta >= 0, f"--eta must be >= 0, got {eta}")
+    from .assets import SHIPPED_MODELS, load_shipped_model
     from .eval.target import is_run_dir
 
     if model_path is not None and Path(model_path).is_dir():
@@ -243,7 +247,8 @@ def run_sample(model_path: str | None, solver: str, eta: float | None, steps: in
               "give a run directory or a model .safetensors/.json file")
         model, process, shape, num_classes, guidance = _run_model(model_path, guidance)
     else:
-        model = load_model(model_path or default_digits_model_path())
+        model = load_shipped_model(model_path) if model_path in SHIPPED_MODELS else \
+            load_model(model_path or default_digits_model_path())
         meta = getattr(model, "metadata", {}) or {}
         process = process_from_config(meta["process"]) if "process" in meta else make_process("vp")
         if "data_shape" in meta:
@@ -329,7 +334,8 @@ def _parse_label(value: str, num_classes: int) -> int | None:
 @main.command()
 @click.argument("model_or_run", required=False, default=None)
 @click.option("--model", "model_path", type=click.Path(), default=None,
-              help="model .safetensors/.json or a run directory (default: the shipped digits model)")
+              help="model .safetensors/.json, a shipped model (digits (default), digits-2step, digits-rf) or a run "
+                   "directory")
 @click.option("--solver", default="em", show_default=True, help="em, ddim, ode-euler, heun or dpmpp-2m")
 @click.option("--eta", type=float, default=None, help="DDIM stochasticity (ddim only; 0 = deterministic)")
 @click.option("--steps", type=int, default=50, show_default=True)

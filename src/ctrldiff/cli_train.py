@@ -98,7 +98,7 @@ def train_cmd(algo, config_file, out, overrides, resume_dir, overwrite, threads,
         cfg = build_train_config(algo, config_file, flags, list(overrides))
         if quiet:
             cfg.log.progress = False
-        model_tag = Path(cfg.model).stem if cfg.model not in ("digits",) else cfg.model
+        model_tag = Path(cfg.model).stem if cfg.model not in ("digits", "digits-2step", "digits-rf") else cfg.model
         out_dir = Path(out) if out else Path("runs") / f"{cfg.algo}-{model_tag}-{time.strftime('%Y%m%d-%H%M%S')}"
         if not out and launch_env()[1] > 1:  # every process uses process 0's time-stamped directory
             from .train.distributed import get_dist

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .errors import CtrlDiffError
+
 
 class ClassifierFreeGuidance(nn.Module):
     """out = out_uncond + scale * (out_cond - out_uncond).
@@ -31,7 +33,11 @@ class ClassifierFreeGuidance(nn.Module):
 
 
 def with_guidance(model: nn.Module, scale: float | None) -> nn.Module:
-    """Wrap ``model`` in CFG unless scale is None or 1."""
+    """Wrap ``model`` in CFG unless scale is None or 1. A model with a ``cfg_unsupported`` message (guidance-distilled
+    FLUX.1) raises it as a one-line error."""
     if scale is None or float(scale) == 1.0:
         return model
+    why = getattr(model, "cfg_unsupported", None)
+    if why:
+        raise CtrlDiffError(why)
     return ClassifierFreeGuidance(model, scale)

@@ -94,9 +94,8 @@ class NoiseProcess:
             eps = -s * pred
         elif kind == "x0":
             eps = (x - a * pred) / s
-        else:  # v = alpha eps - sigma x0  (for alpha^2 + sigma^2 = 1; general form below)
-            # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2), eps = (sigma x + alpha v) / (alpha^2+sigma^2)
-            eps = (s * x + a * pred) / (a * a + s * s)
+        else:
+            eps = self._eps_from_v(pred, a, s, x)
         if to == "eps":
             return eps
         if to == "score":
@@ -104,7 +103,16 @@ class NoiseProcess:
         x0 = (x - s * eps) / a
         if to == "x0":
             return x0
-        return a * eps - s * x0
+        return self.velocity(x0, eps, t)
+
+    def velocity(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The 'v' target of this process at x_t = alpha_t x0 + sigma_t eps. VP processes: v = alpha eps - sigma x0
+        (Salimans & Ho 2022: the velocity of the angle parameterisation, alpha^2 + sigma^2 = 1)."""
+        return _bcast(self.alpha(t), x0) * eps - _bcast(self.sigma(t), x0) * x0
+
+    def _eps_from_v(self, v: Tensor, a: Tensor, s: Tensor, x: Tensor) -> Tensor:
+        """eps from v = alpha eps - sigma x0 at x = alpha x0 + sigma eps: eps = (sigma x + alpha v) / (alpha^2 + sigma^2)."""
+        return (s * x + a * v) / (a * a + s * s)
 
     def tweedie_x0(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """x0_hat = (x + sigma_t^2 * score) / alpha_t."""
@@ -178,11 +186,42 @@ class VPCosine(NoiseProcess):
 
 @dataclass
 class RectifiedFlow(NoiseProcess):
-    """Linear interpolant / rectified flow: alpha_t = 1 - t, sigma_t = t."""
+    r"""Linear interpolant / rectified flow (METHODS section 8): alpha_t = 1 - t, sigma_t = t,
+        f = -1 / (1 - t),  g^2 = 2t / (1 - t)  (infinite at t = 1).
+
+    'v' here is the flow-matching velocity v = dx_t/dt = eps - x0 (what SD3 / FLUX transformers predict):
+        eps_hat = x + (1 - t) v,  x0_hat = x - t v,  score = -(x + (1 - t) v) / t,
+    and the probability-flow ODE is dY = -v dtau (``ode-euler`` on it is the Euler flow sampler).
+
+    Grid: because g^2 diverges at t = 1, sampling starts at t_max = 0.999 < 1 from N(0, t_max^2 I) and
+    ``time_grid`` is uniform from t_max to t_min (the ODE solvers, ddim(eta) and the Girsanov KL need nothing
+    more; the start is not treated apart). Euler-Maruyama's first step is stiff there: its effective state
+    coefficient is 1 - dtau / (1 - t), so with dtau >> 1 - t_max the first EM step over-shoots; use ddim
+    (eta = 1: the exact Gaussian posterior step) or the eta-family sampler for stochastic rollouts on flows.
+    """
 
     name: str = "rf"
     t_min: float = 1e-3
     t_max: float = 0.999
+
+    def __post_init__(self):
+        if not 0 < self.t_min < self.t_max < 1:
+            raise CtrlDiffError(f"rectified flow needs 0 < t_min < t_max < 1 (g^2 diverges at t = 1), got "
+                                f"t_min={self.t_min}, t_max={self.t_max}")
+
+    def velocity(self, x0, eps, t):
+        """v = eps - x0 (independent of t)."""
+        return eps - x0
+
+    def _eps_from_v(self, v, a, s, x):
+        """eps = x + (1 - t) v = x + alpha_t v."""
+        return x + a * v
+
+    def config(self):
+        cfg = {"name": self.name}
+        if (self.t_min, self.t_max) != (1e-3, 0.999):
+            cfg |= {"t_min": self.t_min, "t_max": self.t_max}
+        return cfg
 
     def log_alpha(self, t):
         return torch.log1p(-_as_t(t))
@@ -199,6 +238,83 @@ class RectifiedFlow(NoiseProcess):
     def g2(self, t):
         t = _as_t(t)
         return 2.0 * t + 2.0 * t * t / (1.0 - t)
+
+
+@dataclass
+class FlowMatch(RectifiedFlow):
+    r"""A flow-matching pipeline's scheduler (diffusers ``FlowMatchEulerDiscreteScheduler``: SD3 / SD3.5 / FLUX.1) as
+    a continuous-time process: the rectified flow x_t = (1 - t) x0 + t eps of :class:`RectifiedFlow`, with the
+    scheduler's timestep shift on the time grid. The scheduler maps a uniform u in (0, 1] to the noise level
+        t = shift u / (1 + (shift - 1) u)
+    (FLUX's resolution-dependent "exponential" shift exp(mu) / (exp(mu) + 1/u - 1) is the same map with shift =
+    exp(mu)), and steps Euler on the velocity: x <- x + (t_next - t) v(x, t), with the network's timestep N t.
+
+    ``time_grid(K)``: u uniform from shift^{-1}(t_max) to shift^{-1}(t_min), mapped by the shift, so the grid runs from
+    t_max = 0.995 (< 1: g^2 = 2t / (1 - t) diverges at 1; and the solvers' step x' = A x + B eps_hat with
+    eps_hat = x + (1 - t) v has A = 1 + dtau / (1 - t), which amplifies float32 rounding by ~dtau / (1 - t_max):
+    0.995 keeps a 4-step Euler rollout within 1e-5 of the pipeline's) to t_min. Passing u[:K] to the scheduler as
+    ``sigmas`` gives its sigmas = this grid's first K points (the scheduler appends 0 as its last point; ctrldiff's
+    last step ends at t_min, and the Tweedie x0_hat(t_{K-1}, x_{K-1}) = x_{K-1} - t_{K-1} v is the scheduler's final
+    Euler step to 0).
+    """
+
+    shift: float = 1.0
+    num_train_timesteps: int = 1000
+    name: str = "flow-match"
+    t_min: float = 1e-3
+    t_max: float = 0.995
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.shift > 0:
+            raise CtrlDiffError(f"flow-match shift must be > 0, got {self.shift}")
+
+    @classmethod
+    def from_scheduler_config(cls, config, image_seq_len: int | None = None) -> FlowMatch:
+        """From a ``FlowMatchEulerDiscreteScheduler`` config; with ``use_dynamic_shifting`` (FLUX.1-dev) the shift is
+        exp(mu) (or mu for time_shift_type 'linear'), mu interpolated linearly in ``image_seq_len`` between
+        (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as the pipelines compute it."""
+        get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+        for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                    "stochastic_sampling"):
+            if get(key, False):
+                raise CtrlDiffError(f"flow-match schedulers with {key}=True are not supported")
+        if get("shift_terminal", None):
+            raise CtrlDiffError("flow-match schedulers with shift_terminal are not supported")
+        shift = float(get("shift", 1.0))
+        if get("use_dynamic_shifting", False):
+            if image_seq_len is None:
+                raise CtrlDiffError("a dynamically shifted flow-match scheduler needs the image sequence length")
+            b_len, m_len = float(get("base_image_seq_len", 256)), float(get("max_image_seq_len", 4096))
+            b_shift, m_shift = float(get("base_shift", 0.5)), float(get("max_shift", 1.15))
+            mu = b_shift + (m_shift - b_shift) / (m_len - b_len) * (image_seq_len - b_len)
+            shift = math.exp(mu) if get("time_shift_type", "exponential") == "exponential" else mu
+        return cls(shift=shift, num_train_timesteps=int(get("num_train_timesteps", 1000)))
+
+    def shift_time(self, u: Tensor) -> Tensor:
+        """t = shift u / (1 + (shift - 1) u)."""
+        u = torch.as_tensor(u)
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def unshift_time(self, t: Tensor) -> Tensor:
+        """u = t / (shift - (shift - 1) t), the inverse of :meth:`shift_time`."""
+        t = torch.as_tensor(t)
+        return t / (self.shift - (self.shift - 1) * t)
+
+    def time_grid(self, steps: int, device=None, dtype=torch.float32) -> Tensor:
+        if steps < 1:
+            raise CtrlDiffError(f"steps must be >= 1, got {steps}")
+        u0, u1 = (t / (self.shift - (self.shift - 1) * t) for t in (self.t_max, self.t_min))  # unshift_time
+        u = torch.linspace(u0, u1, steps + 1, dtype=torch.float64, device="cpu")
+        return (self.shift * u / (1 + (self.shift - 1) * u)).to(device=device, dtype=dtype)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The network's timestep argument N t (SD3; FLUX's transformer takes t itself)."""
+        return torch.as_tensor(t) * self.num_train_timesteps
+
+    def config(self):
+        return {"name": self.name, "shift": self.shift, "num_train_timesteps": self.num_train_timesteps,
+                "t_min": self.t_min, "t_max": self.t_max}
 
 
 def discrete_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -337,11 +453,12 @@ class DiscreteVP(NoiseProcess):
                 "beta_end": self.beta_end, "beta_schedule": self.beta_schedule}
 
 
-PROCESSES = {"vp": VPLinear, "vp-cosine": VPCosine, "rf": RectifiedFlow, "vp-discrete": DiscreteVP}
+PROCESSES = {"vp": VPLinear, "vp-cosine": VPCosine, "rf": RectifiedFlow, "vp-discrete": DiscreteVP,
+             "flow-match": FlowMatch}
 
 
 def make_process(name: str = "vp", **kwargs) -> NoiseProcess:
-    """Build a noise process by name ('vp', 'vp-cosine', 'rf', 'vp-discrete')."""
+    """Build a noise process by name ('vp', 'vp-cosine', 'rf', 'vp-discrete', 'flow-match')."""
     return PROCESSES[choice("noise process", name, PROCESSES)](**kwargs)
 
 

@@ -1,5 +1,5 @@
-"""Shipped, pretrained assets: the class-conditional digits UNet, its 2-step distilled generator and the digits
-classifier.
+"""Shipped, pretrained assets: the class-conditional digits UNet, its 2-step distilled generator, the rectified-flow
+digits UNet (velocity prediction) and the digits classifier.
 
 ``manifest.json`` records, per asset, its files (name, sha256, size), the exact command that made
 it, its training time and its measured quality. :func:`verify_manifest` (CLI: ``ctrldiff
@@ -21,6 +21,7 @@ MANIFEST = ASSETS_DIR / "manifest.json"
 DIGITS_MODEL = "digits_unet"
 DIGIT_CLASSIFIER = "digit_classifier"
 DIGITS_2STEP = "digits_2step"
+DIGITS_RF = "digits_rf"
 # CFG scale and sampler at which the shipped digits model was measured (see manifest.json)
 DEFAULT_GUIDANCE = 2.0
 
@@ -60,6 +61,28 @@ def load_digits_2step_model(device: str = "cpu") -> nn.Module:
     """The shipped 2-step class-conditional digits generator (eps prediction, VP; CFG scale 2 distilled in:
     sample it with deterministic DDIM at 2 (or 1) steps and no guidance; eval mode, frozen)."""
     return _load(default_digits_2step_path(), "2-step digits generator").to(device).requires_grad_(False)
+
+
+def default_digits_rf_path() -> Path:
+    """Path of the shipped rectified-flow digits model's weights (``.safetensors``)."""
+    return ASSETS_DIR / f"{DIGITS_RF}.safetensors"
+
+
+def load_digits_rf_model(device: str = "cpu") -> nn.Module:
+    """The shipped class-conditional rectified-flow digits UNet: velocity prediction v = eps - x0 on the process 'rf'
+    (x_t = (1 - t) x0 + t eps); eval mode, frozen. Measured quality: manifest.json."""
+    return _load(default_digits_rf_path(), "rectified-flow digits model").to(device).requires_grad_(False)
+
+
+# model spec (``--model``) -> loader of the shipped model
+SHIPPED_MODELS = {"digits": load_digits_model, "digits-2step": load_digits_2step_model, "digits-rf": load_digits_rf_model}
+
+
+def load_shipped_model(name: str, device: str = "cpu") -> nn.Module:
+    """One of :data:`SHIPPED_MODELS` ('digits', 'digits-2step', 'digits-rf')."""
+    if name not in SHIPPED_MODELS:
+        raise CtrlDiffError(f"no shipped model {name!r}; shipped: {', '.join(SHIPPED_MODELS)}")
+    return SHIPPED_MODELS[name](device=device)
 
 
 def load_digit_classifier(device: str = "cpu") -> nn.Module:

@@ -66,6 +66,34 @@ class GaussianMixture:
         return (resp[..., None] * diff / var[..., None]).sum(1).to(x.dtype)
 
 
+    def velocity(self, x: Tensor, t, process: NoiseProcess) -> Tensor:
+        """Exact flow velocity E[eps - x0 | x_t = x] for x [N, d] (t scalar or [N]), closed form at every t in
+        [0, 1] (no division by alpha or sigma): per component E[eps | x, k] = sigma (x - alpha mu_k) / v_k and
+        E[x0 | x, k] = mu_k + alpha s_k^2 (x - alpha mu_k) / v_k, so
+            v(x, t) = sum_k r_k(x) [ (sigma - alpha s_k^2) (x - alpha mu_k) / v_k - mu_k ]."""
+        diff, var, logw = self._components(x, t, process)
+        logits = -0.5 * diff.pow(2).sum(-1) / var - 0.5 * self.dim * torch.log(var) + logw
+        resp = torch.softmax(logits, dim=1)
+        tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        a, s = process.alpha(tt).reshape(-1, 1), process.sigma(tt).reshape(-1, 1)  # [N|1, 1]
+        coef = (s - a * self.stds.to(x.device) ** 2) / var  # [N|1, K]
+        per = -coef[..., None] * diff - self.means.to(x.device)[None]  # [N, K, d]
+        return (resp[..., None] * per).sum(1).to(x.dtype)
+
+
+EXACT_FLOW_TAG = "-rf"
+
+
+def parse_exact_spec(spec: str) -> tuple[str, bool] | None:
+    """'<preset>-exact' -> (preset, False); '<preset>-rf-exact' (the rectified-flow yardstick: exact velocity, process
+    'rf') -> (preset, True); anything else -> None."""
+    if not spec.endswith("-exact"):
+        return None
+    name = spec.removesuffix("-exact")
+    flow = name.endswith(EXACT_FLOW_TAG)
+    return name.removesuffix(EXACT_FLOW_TAG) if flow else name, flow
+
+
 def _ring_means(k: int, radius: float) -> list[list[float]]:
     return [[radius * math.cos(2 * math.pi * i / k), radius * math.sin(2 * math.pi * i / k)] for i in range(k)]
 

@@ -52,7 +52,10 @@ class EvalSetup:
     @property
     def exact_preset(self) -> str | None:
         """'gmm2' for a 'gmm2-exact' task (the exact 2-D yardstick applies), else None."""
-        return self.model_spec.removesuffix("-exact") if self.model_spec.endswith("-exact") else None
+        from ..data.toy2d import parse_exact_spec
+
+        parsed = parse_exact_spec(self.model_spec)
+        return parsed[0] if parsed else None
 
     def conditions(self, n: int) -> torch.Tensor | None:
         """Balanced evaluation labels (or prompt indices) 0, 1, ..., C-1, 0, ... [n] (None for unconditional models)."""
@@ -121,9 +124,10 @@ def _diffusers_run_weights(run: Path, task) -> tuple[nn.Module, str]:
 
 
 def _build(spec: str, process: str = "vp", device: str = "cpu"):
+    from ..assets import SHIPPED_MODELS
     from ..train.task import build_task
 
-    if spec != "digits" and not spec.endswith("-exact"):
+    if spec not in SHIPPED_MODELS and not spec.endswith("-exact"):
         p = Path(spec)
         if not (p.exists() or p.with_suffix(".json").exists()):
             raise CtrlDiffError(f"{spec!r} is neither 'digits', a '<gmm>-exact' preset, a model file nor a run directory")

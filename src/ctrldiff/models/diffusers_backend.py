@@ -1,15 +1,20 @@
-r"""The diffusers backend: Stable Diffusion 1.5, SDXL and SDXL-Turbo / LCM pipelines as ctrldiff models.
+r"""""The diffusers backend, shared part: pipelines as ctrldiff models, one file per model family.
 
-Latent-space rollouts: the pipeline's UNet is wrapped as a ctrldiff denoiser ``model(z, t, cond)`` over
-latents z [B, 4, h, w]; its discrete training schedule (the scheduler's ``alphas_cumprod``) becomes the
-continuous-time :class:`~ctrldiff.noise.DiscreteVP` process, and continuous t maps to the UNet's timestep
-argument N t - 1 (N = num_train_timesteps). So every solver and the Girsanov KL_path work unchanged.
+Families (each one file): :mod:`.diffusers_sd` (UNet pipelines: SD 1.5, SDXL, SDXL-Turbo / LCM; eps / v
+prediction on the scheduler's discrete VP schedule), :mod:`.diffusers_sd3` (SD3 / SD3.5: MMDiT transformer, three
+text encoders, flow matching) and :mod:`.diffusers_flux` (FLUX.1: packed latents, rotary ids, guidance embedding).
+Each family turns its scheduler into a continuous-time :class:`~ctrldiff.noise.NoiseProcess` (DiscreteVP for the
+UNets, the shifted rectified flow :class:`~ctrldiff.noise.FlowMatch` for the transformers) and its network into a
+ctrldiff denoiser ``model(z, t, cond)`` over latents z [B, C, h, w], so every solver, KL_path and algorithm works
+unchanged.
 
 Conditions are prompt **indices** into a fixed prompt set (a LongTensor [B], like class labels, so that
 the engine's batching, minibatching and per-condition statistics need nothing new); the wrapper looks up
-the prompt embeddings (computed once per prompt by the pipeline's own ``encode_prompt``; SDXL: both text
-encoders, the pooled embedding and add_time_ids), and index P = len(prompts) is the empty prompt used by
-classifier-free guidance. Rewards see decoded images [B, 3, H, W] in [-1, 1] and the prompt strings.
+the prompt embeddings (computed once per prompt by the pipeline's own ``encode_prompt`` and cached; optionally
+on disk, ``diffusers.prompt_cache``), and index P = len(prompts) is the empty prompt used by classifier-free
+guidance. Rewards see decoded images [B, 3, H, W] in [-1, 1] and the prompt strings. This file holds what all
+families share: the config, locating and loading a pipeline, the prompt-embedding cache, LoRA (peft) set-up and
+saving in the format plain diffusers ``pipe.load_lora_weights`` reads, gradient checkpointing, dtypes, decoding.
 
 Importing this module does not import diffusers: :func:`require_diffusers` does, on first use.
 """
@@ -17,6 +22,8 @@ Importing this module does not import diffusers: :func:`require_diffusers` does,
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import json
 import os
 import socket
@@ -32,10 +39,14 @@ from torch import Tensor, nn
 
 from ..config import Strict
 from ..errors import CtrlDiffError
-from ..noise import DiscreteVP
+from ..noise import NoiseProcess
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
-                       "LatentConsistencyModelPipeline": "sd"}
+# pipeline class -> (family module, kind)
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": ("diffusers_sd", "sd"),
+                       "StableDiffusionXLPipeline": ("diffusers_sd", "sdxl"),
+                       "LatentConsistencyModelPipeline": ("diffusers_sd", "sd"),
+                       "StableDiffusion3Pipeline": ("diffusers_sd3", "sd3"),
+                       "FluxPipeline": ("diffusers_flux", "flux")}
 PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -59,8 +70,16 @@ class DiffusersConfig(Strict):
         "CPU is optional); trainable weights stay fp32")
     decode_chunk: int = Field(8, ge=1, description="latents decoded by the VAE per call")
     variant: str | None = Field(None, description="weights variant to load, e.g. fp16")
-    embedded_guidance: float = Field(8.5, ge=1, description="guidance scale fed to UNets with a guidance "
-                                     "embedding (LCM: time_cond_proj_dim)")
+    embedded_guidance: float | None = Field(None, ge=0, description="guidance scale fed to networks with a "
+                                            "guidance embedding (LCM: time_cond_proj_dim, default 8.5; guidance-"
+                                            "distilled FLUX.1: guidance_embeds, default 3.5)")
+    prompt_cache: str | None = Field(None, description="a .pt file for the prompt embeddings: computed once per "
+                                     "(pipeline, prompt set, resolution) and reused by later runs (the T5 encoder of "
+                                     "SD3 / FLUX is their largest part)")
+    free_text_encoders: bool = Field(False, description="encode every prompt at start-up, then drop the text "
+                                     "encoders from memory")
+    max_sequence_length: int | None = Field(None, ge=1, description="T5 tokens per prompt (SD3 / FLUX; default: "
+                                            "the pipeline's, 256 / 512)")
 
 
 # ---- dependencies and locating a pipeline --------------------------------------------------------------
@@ -204,14 +223,15 @@ def resolve_pipeline(spec: str) -> tuple[str, dict, bool]:
 
 
 def load_pipeline(spec: str, dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """Load a supported pipeline (SD 1.5 / SDXL / SDXL-Turbo / LCM) -> (pipeline, kind 'sd' | 'sdxl')."""
+    """Load a supported pipeline (SD 1.5 / SDXL / SDXL-Turbo / LCM / SD3 / SD3.5 / FLUX.1) -> (pipeline, kind:
+    'sd' | 'sdxl' | 'sd3' | 'flux')."""
     source, index, local_only = resolve_pipeline(spec)  # before importing diffusers: a missing model fails fast
     diffusers = require_diffusers()
     cls_name = index.get("_class_name")
     if cls_name not in SUPPORTED_PIPELINES:
         raise CtrlDiffError(f"{spec}: pipeline type {cls_name!r} is not supported; ctrldiff fine-tunes "
                             f"{', '.join(SUPPORTED_PIPELINES)}")
-    kind = SUPPORTED_PIPELINES[cls_name]
+    kind = SUPPORTED_PIPELINES[cls_name][1]
     kw = {"dtype": dtype, "local_files_only": local_only}
     if variant:
         kw["variant"] = variant
@@ -230,12 +250,13 @@ def load_pipeline(spec: str, dtype: torch.dtype = torch.float32, variant: str | 
 
 # ---- prompt embeddings -------------------------------------------------------------------------------
 class PromptEmbeddings:
-    """Text embeddings of a prompt set by the pipeline's own ``encode_prompt``, computed once per prompt on
-    first use (the text encoders are frozen). Index P = len(prompts) is the unconditional (empty) prompt, as
-    the pipeline builds it for classifier-free guidance (SDXL with force_zeros_for_empty_prompt: zeros)."""
+    """Text embeddings of a prompt set by the family's ``encode`` (the pipeline's own ``encode_prompt``), computed
+    once per prompt on first use (the text encoders are frozen). Index P = len(prompts) is the unconditional (empty)
+    prompt, as the pipeline builds it for classifier-free guidance (SDXL with force_zeros_for_empty_prompt: zeros).
+    ``encode(texts) -> (emb [n, ...], pooled [n, ...] | None, null_emb [...], null_pooled [...] | None)``."""
 
-    def __init__(self, pipe, kind: str, prompts: list[str], device, dtype: torch.dtype):
-        self.pipe, self.kind, self.prompts = pipe, kind, list(prompts)
+    def __init__(self, encode, prompts: list[str], device, dtype: torch.dtype):
+        self.encode_fn, self.prompts = encode, list(prompts)
         self.device, self.dtype = torch.device(device), dtype
         self._emb: dict[int, Tensor] = {}
         self._pooled: dict[int, Tensor] = {}
@@ -247,27 +268,37 @@ class PromptEmbeddings:
     @torch.no_grad()
     def _encode(self, idx: list[int]) -> None:
         texts = [self.prompts[i] for i in idx if i != self.null_index] or [""]
-        # the tokenizers make their tensors on the default device, which the pipeline then moves to self.device:
+        # the tokenizers make their tensors on the default device, which the pipeline then moves to its device:
         # give them the CPU they assume, whatever the caller's default device
         with torch.device("cpu"):
-            if self.kind == "sdxl":
-                emb, neg, pooled, neg_pooled = self.pipe.encode_prompt(texts, device=self.device,
-                                                                       num_images_per_prompt=1,
-                                                                       do_classifier_free_guidance=True)
-            else:
-                emb, neg = self.pipe.encode_prompt(texts, self.device, 1, True, None)
-                pooled = neg_pooled = None
+            emb, pooled, null, null_pooled = self.encode_fn(texts)
         j = 0
         for i in idx:
             if i == self.null_index:
-                self._emb[i] = neg[0].to(self.dtype)
-                if neg_pooled is not None:
-                    self._pooled[i] = neg_pooled[0].to(self.dtype)
+                self._emb[i] = null.to(self.dtype)
+                if null_pooled is not None:
+                    self._pooled[i] = null_pooled.to(self.dtype)
             else:
                 self._emb[i] = emb[j].to(self.dtype)
                 if pooled is not None:
                     self._pooled[i] = pooled[j].to(self.dtype)
                 j += 1
+
+    def encode_all(self) -> None:
+        """Encode every prompt and the empty one now (e.g. before dropping the text encoders)."""
+        todo = sorted(set(range(self.null_index + 1)) - set(self._emb))
+        for s in range(0, len(todo), 64):
+            self._encode(todo[s:s + 64])
+
+    def state_dict(self) -> dict:
+        return {"prompts": self.prompts, "emb": {i: v.cpu() for i, v in self._emb.items()},
+                "pooled": {i: v.cpu() for i, v in self._pooled.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("prompts") != self.prompts:
+            raise CtrlDiffError("the prompt cache holds another prompt set")
+        self._emb = {int(i): v.to(self.device, self.dtype) for i, v in state["emb"].items()}
+        self._pooled = {int(i): v.to(self.device, self.dtype) for i, v in state["pooled"].items()}
 
     def lookup(self, cond: Tensor | None, batch: int) -> tuple[Tensor, Tensor | None]:
         """cond [B] prompt indices (None = unconditional) -> (embeddings [B, L, D], pooled [B, P] or None)."""
@@ -285,122 +316,27 @@ class PromptEmbeddings:
                 raise CtrlDiffError(f"prompt index {bad[0]} out of range 0..{self.null_index} "
                                     f"({len(self.prompts)} prompts + the empty prompt)")
         todo = sorted(set(idx) - set(self._emb))
+        if todo and self.encode_fn is None:
+            raise CtrlDiffError("the text encoders were dropped (diffusers.free_text_encoders) and prompt "
+                                f"{todo[0]} was never encoded")
         for s in range(0, len(todo), 64):
             self._encode(todo[s:s + 64])
         emb = torch.stack([self._emb[i] for i in idx])
-        pooled = torch.stack([self._pooled[i] for i in idx]) if self.kind == "sdxl" else None
+        pooled = torch.stack([self._pooled[i] for i in idx]) if self._pooled else None
         return emb, pooled
 
 
-# ---- the denoiser ------------------------------------------------------------------------------------
-class DiffusersDenoiser(nn.Module):
-    """A diffusers UNet as a ctrldiff model: ``forward(z, t, cond)`` with z [B, 4, h, w] latents, t [B] in
-    [0, 1], cond [B] prompt indices -> the UNet's output (eps or v, see ``prediction``) [B, 4, h, w].
-
-    ``adapters=False`` runs the same UNet with its LoRA adapters disabled: the frozen reference model at no
-    extra memory. Autocast (fp16/bf16) wraps the UNet call when ``autocast_dtype`` is set."""
-
-    def __init__(self, unet: nn.Module, process: DiscreteVP, prompts: PromptEmbeddings, prediction: str,
-                 kind: str, image_size: int, adapters: bool = True, autocast_dtype: torch.dtype | None = None,
-                 embedded_guidance: float = 8.5):
-        super().__init__()
-        self.unet = unet
-        self.process, self.prompts, self.prediction, self.kind = process, prompts, prediction, kind
-        self.image_size, self.adapters, self.autocast_dtype = int(image_size), adapters, autocast_dtype
-        self.num_classes = len(prompts.prompts)
-        self.embedded_guidance = float(embedded_guidance)
-
-    def null_condition(self, cond: Tensor) -> Tensor:
-        return torch.full_like(cond, self.prompts.null_index)
-
-    def _added_cond(self, pooled: Tensor | None, batch: int, device, dtype) -> dict | None:
-        if self.kind != "sdxl":
-            return None
-        s = self.image_size
-        time_ids = torch.tensor([[s, s, 0, 0, s, s]], device=device, dtype=dtype).expand(batch, 6)
-        return {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}
-
-    def _timestep_cond(self, batch: int, device, dtype) -> Tensor | None:
-        dim = getattr(self.unet.config, "time_cond_proj_dim", None)
-        if dim is None:
-            return None
-        from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
-            LatentConsistencyModelPipeline,
-        )
-
-        w = torch.full((batch,), self.embedded_guidance - 1.0, device="cpu")
-        emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
-        return emb.to(device=device, dtype=dtype)
-
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)
-        emb, pooled = self.prompts.lookup(cond, B)
-        wdtype = next(self.unet.parameters()).dtype
-        run_dtype = self.autocast_dtype or wdtype
-        timestep = self.process.timestep(t.double()).to(torch.float32)
-        ac = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-              else nullcontext())
-        ctx = nullcontext() if self.adapters or not getattr(self.unet, "_hf_peft_config_loaded", False) \
-            else _adapters_off(self.unet)
-        with ctx, ac:
-            out = self.unet(x.to(run_dtype), timestep, encoder_hidden_states=emb.to(x.device, run_dtype),
-                            added_cond_kwargs=self._added_cond(pooled, B, x.device, run_dtype),
-                            timestep_cond=self._timestep_cond(B, x.device, run_dtype), return_dict=False)[0]
-        return out.to(x.dtype)
-
-
-    def encoder_features(self, x: Tensor, t: Tensor | float, cond: Tensor | None = None) -> list[Tensor]:
-        """The UNet's down path and middle block at (t, x): [h_block_1, ..., h_block_n, h_mid], each
-        [B, C_l, H_l, W_l] (the backbone of LaSRO's latent surrogate, METHODS section 4)."""
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float64)
-        if t.ndim == 0:
-            t = t.expand(B)
-        emb_text, pooled = self.prompts.lookup(cond, B)
-        unet = self.unet
-        run_dtype = self.autocast_dtype or next(unet.parameters()).dtype
-        ac = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
-              else nullcontext())
-        ctx = nullcontext() if self.adapters or not getattr(unet, "_hf_peft_config_loaded", False) \
-            else _adapters_off(unet)
-        with ctx, ac:
-            h = x.to(run_dtype)
-            timestep = self.process.timestep(t).to(torch.float32)
-            enc = emb_text.to(x.device, run_dtype)
-            emb = unet.time_embedding(unet.get_time_embed(sample=h, timestep=timestep),
-                                      self._timestep_cond(B, x.device, run_dtype))
-            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=enc,
-                                     added_cond_kwargs=self._added_cond(pooled, B, x.device, run_dtype) or {})
-            emb = emb + aug if aug is not None else emb
-            if unet.time_embed_act is not None:
-                emb = unet.time_embed_act(emb)
-            h, feats = unet.conv_in(h), []
-            for block in unet.down_blocks:
-                if getattr(block, "has_cross_attention", False):
-                    h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=enc)
-                else:
-                    h, _ = block(hidden_states=h, temb=emb)
-                feats.append(h)
-            if unet.mid_block is not None:
-                mid = unet.mid_block
-                h = mid(h, emb, encoder_hidden_states=enc) if getattr(mid, "has_cross_attention", False) else mid(h, emb)
-                feats.append(h)
-        return [f.float() for f in feats]
-
-
+# ---- the denoiser: what every family shares -----------------------------------------------------------
 class _adapters_off:
-    """Context manager: the UNet's LoRA adapters disabled inside (the reference model)."""
+    """Context manager: the network's LoRA adapters disabled inside (the reference model)."""
 
-    def __init__(self, unet):
-        layers = getattr(unet, "_ctrldiff_tuner_layers", None)
+    def __init__(self, net):
+        layers = getattr(net, "_ctrldiff_tuner_layers", None)
         if layers is None:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-            unet._ctrldiff_tuner_layers = layers
+            layers = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
+            net._ctrldiff_tuner_layers = layers
         self.layers = layers
 
     def __enter__(self):
@@ -412,7 +348,104 @@ class _adapters_off:
             m.enable_adapters(True)
 
 
+class PipelineDenoiser(nn.Module):
+    """A pipeline's denoising network as a ctrldiff model ``forward(z, t, cond)``: z [B, C, h, w] latents, t [B] in
+    [0, 1], cond [B] prompt indices -> the network's output (``prediction``: eps, v or x0) [B, C, h, w]. A family
+    subclass implements :meth:`_call_net` (the network call at continuous time t with the prompt embeddings).
+
+    ``adapters=False`` runs the same network with its LoRA adapters disabled: the frozen reference model at no
+    extra memory. Autocast (fp16/bf16) wraps the call when ``autocast_dtype`` is set."""
+
+    net_attr = "unet"  # the pipeline attribute holding the network (and this module's attribute for it)
+    cfg_unsupported: str | None = None  # why classifier-free guidance cannot wrap this model (None: it can)
+
+    def __init__(self, net: nn.Module, process: NoiseProcess, prompts: PromptEmbeddings, prediction: str,
+                 kind: str, image_size: int, adapters: bool = True, autocast_dtype: torch.dtype | None = None,
+                 embedded_guidance: float | None = None):
+        super().__init__()
+        setattr(self, self.net_attr, net)
+        self.process, self.prompts, self.prediction, self.kind = process, prompts, prediction, kind
+        self.image_size, self.adapters, self.autocast_dtype = int(image_size), adapters, autocast_dtype
+        self.num_classes = len(prompts.prompts)
+        self.embedded_guidance = embedded_guidance
+
+    @property
+    def net(self) -> nn.Module:
+        return getattr(self, self.net_attr)
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        return torch.full_like(cond, self.prompts.null_index)
+
+    def _contexts(self):
+        ac = (torch.autocast(self.net_device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+              else nullcontext())
+        off = nullcontext() if self.adapters or not getattr(self.net, "_hf_peft_config_loaded", False) \
+            else _adapters_off(self.net)
+        return off, ac
+
+    @property
+    def net_device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def run_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or next(self.net.parameters()).dtype
+
+    def _call_net(self, x: Tensor, t: Tensor, emb: Tensor, pooled: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        emb, pooled = self.prompts.lookup(cond, B)
+        off, ac = self._contexts()
+        with off, ac:
+            out = self._call_net(x, t, emb, pooled)
+        return out.to(x.dtype)
+
+
 # ---- the pieces a task needs -------------------------------------------------------------------------
+class Family:
+    """What one model family provides (a subclass in each family file)."""
+
+    denoiser: type[PipelineDenoiser] = PipelineDenoiser
+    text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    default_embedded_guidance: float | None = None
+    flow: bool = False  # a flow-matching family (velocity prediction on a shifted rectified flow)
+
+    def __init__(self, pipe, kind: str, cfg: DiffusersConfig, device: torch.device):
+        self.pipe, self.kind, self.cfg, self.device = pipe, kind, cfg, device
+
+    def process(self, resolution: int) -> NoiseProcess:
+        raise NotImplementedError
+
+    def prediction(self) -> str:
+        raise NotImplementedError
+
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def native_resolution(self) -> int:
+        raise NotImplementedError
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def encode(self, texts: list[str]):
+        """-> (emb [n, ...], pooled [n, ...] | None, null_emb [...], null_pooled [...] | None)."""
+        raise NotImplementedError
+
+    def check_sampler(self, sampler) -> None:
+        """Raise a one-line CtrlDiffError for a sampler setting this family cannot use."""
+
+
+def family_of(kind: str) -> type[Family]:
+    module = {k: m for m, k in SUPPORTED_PIPELINES.values()}[kind]
+    return importlib.import_module(f"{__package__}.{module}").FAMILY
+
+
 class DiffusersModel:
     """A loaded pipeline prepared for fine-tuning: the trainable denoiser, its frozen reference, the
     process, the latent shape, VAE decoding and saving. Built by :func:`load_diffusers_model`."""
@@ -428,74 +461,103 @@ class DiffusersModel:
         if dtype != torch.float32 and self.device.type == "cpu" and dtype == torch.float16:
             raise CtrlDiffError("diffusers.dtype=fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         self.autocast_dtype = None if dtype == torch.float32 else dtype
-        sched = pipe.scheduler.config
-        pred = sched.get("prediction_type", "epsilon")
-        if pred not in PREDICTION:
-            raise CtrlDiffError(f"{spec}: scheduler prediction_type {pred!r} is not supported "
-                                f"(use one of {', '.join(PREDICTION)})")
-        self.prediction = PREDICTION[pred]
-        self.process = DiscreteVP.from_scheduler_config(sched)
-        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        native = int(pipe.unet.config.sample_size) * self.vae_scale
-        self.resolution = int(cfg.resolution or native)
-        if self.resolution % self.vae_scale:
-            raise CtrlDiffError(f"diffusers.resolution must be a multiple of {self.vae_scale}, got {self.resolution}")
-        h = self.resolution // self.vae_scale
-        self.latent_shape = (int(pipe.unet.config.in_channels), h, h)
-        unet = pipe.unet
+        fam = self.family = family_of(kind)(pipe, kind, cfg, self.device)
+        self.prediction = fam.prediction()
+        self.vae_scale = fam.vae_scale()
+        self.resolution = int(cfg.resolution or fam.native_resolution())
+        if self.resolution % fam.vae_scale():
+            raise CtrlDiffError(f"diffusers.resolution must be a multiple of {fam.vae_scale()}, got {self.resolution}")
+        self.latent_shape = fam.latent_shape(self.resolution)
+        self.process = fam.process(self.resolution)
+        net_attr = fam.denoiser.net_attr
+        net = getattr(pipe, net_attr)
         # frozen parts in the run dtype (VAEs that overflow in fp16 stay fp32), trainable parts fp32
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in fam.text_encoders:
             enc = getattr(pipe, name, None)
             if enc is not None:
                 enc.to(self.device, dtype=dtype).requires_grad_(False).eval()
         vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", False) and dtype == torch.float16 else dtype
         pipe.vae.to(self.device, dtype=vae_dtype).requires_grad_(False).eval()
-        self.prompt_emb = PromptEmbeddings(pipe, kind, prompts, self.device, dtype)
+        self.prompt_emb = PromptEmbeddings(fam.encode, prompts, self.device, dtype)
+        self._prompt_cache(prompts)
         if cfg.full_finetune:
-            ref_unet = copy.deepcopy(unet).to(self.device, dtype=dtype).requires_grad_(False).eval()
-            unet.to(self.device, dtype=torch.float32).requires_grad_(True).train()
+            ref_net = copy.deepcopy(net).to(self.device, dtype=dtype).requires_grad_(False).eval()
+            net.to(self.device, dtype=torch.float32).requires_grad_(True).train()
         else:
             from peft import LoraConfig
 
-            unet.to(self.device, dtype=dtype).requires_grad_(False)
+            net.to(self.device, dtype=dtype).requires_grad_(False)
             self.lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
                                           init_lora_weights="gaussian", target_modules=list(cfg.lora_targets))
             try:
-                unet.add_adapter(self.lora_config)
+                net.add_adapter(self.lora_config)
             except ValueError as e:
                 raise CtrlDiffError(f"diffusers.lora_targets {cfg.lora_targets}: {_first_line(e)}") from None
-            for p in unet.parameters():
+            for p in net.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-            unet.train()
-            ref_unet = unet
+            net.train()
+            ref_net = net
         if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            net.enable_gradient_checkpointing()
+        guidance = cfg.embedded_guidance if cfg.embedded_guidance is not None else fam.default_embedded_guidance
         kw = dict(process=self.process, prompts=self.prompt_emb, prediction=self.prediction, kind=kind,
-                  image_size=self.resolution, autocast_dtype=self.autocast_dtype,
-                  embedded_guidance=cfg.embedded_guidance)
-        self.model = DiffusersDenoiser(unet, **kw)
-        self.ref = DiffusersDenoiser(ref_unet, adapters=cfg.full_finetune, **kw)
+                  image_size=self.resolution, autocast_dtype=self.autocast_dtype, embedded_guidance=guidance)
+        self.model = fam.denoiser(net, **kw)
+        self.ref = fam.denoiser(ref_net, adapters=cfg.full_finetune, **kw)
+
+    def _prompt_cache(self, prompts: list[str]) -> None:
+        """diffusers.prompt_cache: load the embeddings of this (pipeline, prompts, resolution) or compute and write
+        them; diffusers.free_text_encoders: encode everything now and drop the encoders."""
+        cfg, pe = self.cfg, self.prompt_emb
+        if cfg.prompt_cache:
+            key = hashlib.sha256(json.dumps([self.spec, self.kind, prompts, self.resolution, cfg.max_sequence_length,
+                                             cfg.dtype]).encode()).hexdigest()[:16]
+            path = Path(cfg.prompt_cache).expanduser()
+            doc = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+            if key in doc:
+                pe.load_state_dict(doc[key])
+            else:
+                pe.encode_all()
+                doc[key] = pe.state_dict()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(doc, tmp)
+                os.replace(tmp, path)
+        if cfg.free_text_encoders:
+            pe.encode_all()
+            pe.encode_fn = None
+            for name in self.family.text_encoders:
+                if getattr(self.pipe, name, None) is not None:
+                    setattr(self.pipe, name, None)
+
+    def check_sampler(self, sampler) -> None:
+        self.family.check_sampler(sampler)
+
+    @property
+    def net(self) -> nn.Module:
+        return self.model.net
 
     @property
     def trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.model.unet.parameters() if p.requires_grad]
+        return [p for p in self.net.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Only the trained weights (LoRA matrices, or the whole UNet when full fine-tuning)."""
-        return {n: p.detach().clone() for n, p in self.model.unet.named_parameters() if p.requires_grad}
+        """Only the trained weights (LoRA matrices, or the whole network when full fine-tuning)."""
+        return {n: p.detach().clone() for n, p in self.net.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.model.unet.named_parameters())
+        params = dict(self.net.named_parameters())
         missing = [k for k in state if k not in params]
         if missing:
-            raise CtrlDiffError(f"checkpoint does not fit this UNet (unknown weight {missing[0]!r})")
+            raise CtrlDiffError(f"checkpoint does not fit this {self.model.net_attr} (unknown weight {missing[0]!r})")
         with torch.no_grad():
             for k, v in state.items():
                 params[k].copy_(v)
 
     def decode(self, z: Tensor, grad: bool = False) -> Tensor:
-        """Latents [B, 4, h, w] -> images [B, 3, H, W] in [-1, 1] by the VAE, ``decode_chunk`` at a time."""
+        """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1] by the VAE (z / scaling_factor + shift_factor),
+        ``decode_chunk`` at a time."""
         vae = self.pipe.vae
         sf = vae.config.scaling_factor
         shift = vae.config.get("shift_factor", None) or 0.0
@@ -512,18 +574,20 @@ class DiffusersModel:
         fine-tuning: the whole pipeline with ``save_pretrained`` (loadable by ``from_pretrained(out)``)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        unet = self.model.unet
+        net = self.net
         if self.cfg.full_finetune:
             self.pipe.save_pretrained(str(out))
             return out
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
         layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        meta = unet.peft_config["default"].to_dict()
+        meta = net.peft_config["default"].to_dict()
         meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
-        type(self.pipe).save_lora_weights(str(out), unet_lora_layers=layers, unet_lora_adapter_metadata=meta,
+        attr = self.model.net_attr  # 'unet' or 'transformer': save_lora_weights(unet_lora_layers=...) etc.
+        type(self.pipe).save_lora_weights(str(out), **{f"{attr}_lora_layers": layers,
+                                                         f"{attr}_lora_adapter_metadata": meta},
                                           safe_serialization=True)
         return out / LORA_FILE
 

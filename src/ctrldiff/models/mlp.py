@@ -44,21 +44,25 @@ class MLPScoreModel(ConditionalMixin, nn.Module):
 
 
 class ExactGMMScore(nn.Module):
-    """The exact eps of a Gaussian mixture's noised marginal, plus an optional trainable residual.
+    """The exact eps (or flow velocity) of a Gaussian mixture's noised marginal, plus an optional trainable residual.
 
-    eps(x, t) = -sigma_t * grad log p_t(x) + residual(x, t). With a zero-initialised residual this is
-    the 'pretrained model' of the exact 2-D yardstick (METHODS section 7): fine-tuning starts at the
-    true score, so p_ref = the mixture and p*, J* are exact by quadrature.
+    prediction 'eps': eps(x, t) = -sigma_t * grad log p_t(x) + residual(x, t);
+    prediction 'v' (rectified flow): v(x, t) = E[eps - x0 | x_t = x] + residual(x, t) (closed form, finite at t = 1).
+    With a zero-initialised residual this is the 'pretrained model' of the exact 2-D yardstick (METHODS section 7):
+    fine-tuning starts at the true score, so p_ref = the mixture and p*, J* are exact by quadrature.
     """
 
-    prediction = "eps"
-
-    def __init__(self, gmm, process, residual: nn.Module | None = None):
+    def __init__(self, gmm, process, residual: nn.Module | None = None, prediction: str = "eps"):
         super().__init__()
-        self.gmm, self.process, self.residual = gmm, process, residual
+        if prediction not in ("eps", "v"):
+            raise CtrlDiffError(f"exact GMM model predicts 'eps' or 'v', got {prediction!r}")
+        self.gmm, self.process, self.residual, self.prediction = gmm, process, residual, prediction
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
-        eps = -self.process.sigma(t.double())[:, None].to(x.dtype) * self.gmm.score(x, t, self.process)
+        if self.prediction == "v":
+            out = self.gmm.velocity(x, t, self.process)
+        else:
+            out = -self.process.sigma(t.double())[:, None].to(x.dtype) * self.gmm.score(x, t, self.process)
         if self.residual is not None:
-            eps = eps + self.residual(x, t, cond)
-        return eps
+            out = out + self.residual(x, t, cond)
+        return out

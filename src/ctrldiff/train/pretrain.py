@@ -2,7 +2,9 @@ r"""Pretraining by denoising score matching, and training the digits classifier.
 
 DSM with the eps parameterisation:  t ~ U[t_min, 1],  x_t = alpha_t x_0 + sigma_t eps,
     L(theta) = E || eps_theta(x_t, t, c~) - eps ||^2,
-where c~ is the label replaced by the null token with probability ``cond_drop`` (so one network
+or with ``prediction='v'`` the regression on the process's v target (flow matching on the rectified flow:
+v = eps - x0, L = E || v_theta(x_t, t, c~) - (eps - x0) ||^2), or on x0 with ``prediction='x0'``; where c~ is the
+label replaced by the null token with probability ``cond_drop`` (so one network
 learns both the conditional and the unconditional model that classifier-free guidance mixes).
 AdamW with linear warm-up and cosine decay, an EMA of the weights (the EMA model is the one that
 is saved), gradient clipping, and atomic periodic checkpoints (EMA + raw + optimizer + step).
@@ -49,6 +51,7 @@ class PretrainConfig(BaseModel):
     cond_drop: float = Field(0.1, ge=0, le=1)
     t_min: float = Field(1e-3, ge=0, lt=1)
     process: str = "vp"
+    prediction: str = Field("eps", description="what the network predicts: eps, v (the flow velocity on 'rf') or x0")
     resolution: int = 8
     model: dict = Field(default_factory=dict, description="overrides of the model constructor's arguments")
     seed: int = 0
@@ -63,6 +66,11 @@ class PretrainConfig(BaseModel):
     def _dataset(cls, v: str) -> str:
         return choice("data set", v, DATASETS)
 
+    @field_validator("prediction")
+    @classmethod
+    def _prediction(cls, v: str) -> str:
+        return choice("prediction type", v, ("eps", "v", "x0"))
+
     @field_validator("process")
     @classmethod
     def _process(cls, v: str) -> str:
@@ -74,10 +82,10 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     if cfg.dataset == "digits":
         from ..models.unet import UNet
 
-        kw = dict(in_channels=1, resolution=cfg.resolution, num_classes=10) | cfg.model
+        kw = dict(in_channels=1, resolution=cfg.resolution, num_classes=10, prediction=cfg.prediction) | cfg.model
         cls = UNet
     else:
-        kw = dict(dim=2, hidden=128, depth=3, num_classes=0) | cfg.model
+        kw = dict(dim=2, hidden=128, depth=3, num_classes=0, prediction=cfg.prediction) | cfg.model
         cls = MODEL_TYPES["mlp"]
     try:
         return cls(**kw)
@@ -110,7 +118,8 @@ class DataSampler:
 
 def dsm_loss(model: nn.Module, process, x0: Tensor, cond: Tensor | None, t_min: float, cond_drop: float,
              generator: torch.Generator) -> Tensor:
-    """E ||eps_theta(x_t, t, c~) - eps||^2 with t ~ U[t_min, 1] and label dropout (the null token)."""
+    """E ||out_theta(x_t, t, c~) - target||^2 with t ~ U[t_min, 1] and label dropout (the null token); the target
+    is eps, x0 or the process's v (``process.velocity``: eps - x0 on the rectified flow) per ``model.prediction``."""
     b = x0.shape[0]
     t = t_min + (1 - t_min) * torch.rand(b, generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
@@ -118,7 +127,9 @@ def dsm_loss(model: nn.Module, process, x0: Tensor, cond: Tensor | None, t_min: 
     if cond is not None and cond_drop > 0:
         drop = torch.rand(b, generator=generator) < cond_drop
         cond = torch.where(drop, model.null_condition(cond), cond)
-    return F.mse_loss(model(xt, t, cond), eps)
+    pred = getattr(model, "prediction", "eps")
+    target = eps if pred == "eps" else x0 if pred == "x0" else process.velocity(x0, eps, t)
+    return F.mse_loss(model(xt, t, cond), target)
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
@@ -207,7 +218,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] | None = print) -> 
             checkpoint()
     meta = {"dataset": cfg.dataset, "data_shape": data.data_shape, "process": process.config(),
             "steps": step, "train_time_s": round(elapsed, 1), "final_loss": losses[-1] if losses else None,
-            "cond_drop": cfg.cond_drop, "seed": cfg.seed, "command": cfg.command}
+            "prediction": cfg.prediction, "cond_drop": cfg.cond_drop, "seed": cfg.seed, "command": cfg.command}
     path = save_model(ema, out / "model", metadata=meta)
     log(f"saved EMA model to {path} ({elapsed:.0f}s)")
     return PretrainResult(path, ckpt_path, losses, elapsed)

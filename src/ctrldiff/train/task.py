@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CtrlDiffError
-from ..noise import NoiseProcess, make_process, process_from_config
+from ..noise import NoiseProcess, RectifiedFlow, make_process, process_from_config
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Task:
         """The model's condition -> the reward's (text-to-image: prompt indices -> list[str] of prompts)."""
         return cond
 
+    def check_sampler(self, sampler) -> None:
+        """Raise a one-line CtrlDiffError for a sampler setting (solver, steps, ...) this model cannot use."""
+
     def condition_names(self) -> list[str] | None:
         """Names of conditions 0..num_classes-1 for per-condition metrics (None: the label numbers)."""
         return None
@@ -77,6 +80,10 @@ def _process_of(model: nn.Module) -> NoiseProcess:
     meta = getattr(model, "metadata", {}) or {}
     return process_from_config(meta["process"]) if "process" in meta else make_process("vp")
 
+
+# rectified-flow models: stochastic rollouts by the exact Gaussian (DDPM-posterior) step unless the user picks a
+# sampler; Euler-Maruyama's first step from t_max = 0.999 scales the state by 1 - dtau / (1 - t) (unstable at few steps)
+FLOW_SAMPLER_DEFAULTS = {"sampler.solver": "ddim", "sampler.eta": 1.0}
 
 SCRATCH_2D_SIZE = 10_000  # points in the fixed (seed 0) data set of a 'scratch-<2-D data set>' task
 
@@ -139,10 +146,14 @@ def _is_diffusers_spec(model: str) -> bool:
 
 def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=None) -> Task:
     """'digits' (the shipped model), 'digits-2step' (the shipped 2-step generator distilled from it: sample it with
-    deterministic DDIM at 1 or 2 steps, no guidance), '<preset>-exact' (2-D yardstick), 'scratch-<data set>' (a fresh model
+    deterministic DDIM at 1 or 2 steps, no guidance), 'digits-rf' (the shipped rectified-flow digits model, velocity
+    prediction), '<preset>-exact' (2-D yardstick), '<preset>-rf-exact' (its rectified-flow version: the exact velocity
+    plus a zero-initialised residual), 'scratch-<data set>' (a fresh model
     and a data set, see :func:`scratch_task`), a path to a saved model, or a diffusers pipeline (a directory with
     model_index.json, or a hub id 'owner/name'; ``diffusers`` is its DiffusersConfig section)."""
-    if model not in ("digits", "digits-2step") and not model.startswith("scratch-") and not model.endswith("-exact") \
+    from ..assets import SHIPPED_MODELS
+
+    if model not in SHIPPED_MODELS and not model.startswith("scratch-") and not model.endswith("-exact") \
             and _is_diffusers_spec(model):
         from .text_task import text_to_image_task
 
@@ -150,32 +161,33 @@ def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=N
     if model.startswith("scratch-"):
         return scratch_task(model, process, device)
     if model.endswith("-exact"):
-        from ..data.toy2d import gmm_preset
+        from ..data.toy2d import gmm_preset, parse_exact_spec
         from ..models.mlp import ExactGMMScore, MLPScoreModel
 
-        gmm = gmm_preset(model.removesuffix("-exact"))
-        proc = make_process(process)
+        preset, flow = parse_exact_spec(model)
+        gmm = gmm_preset(preset)
+        if flow and process not in ("vp", "rf"):  # 'vp' is the config default: '-rf-exact' implies the flow
+            raise CtrlDiffError(f"{model!r} is the rectified-flow yardstick (process 'rf'); it cannot use process "
+                                f"{process!r}: use '{preset}-exact' for other processes")
+        proc = make_process("rf" if flow else process)
+        pred = "v" if flow else "eps"
         torch.manual_seed(0)
-        residual = MLPScoreModel(dim=2, hidden=128, depth=3, zero_init=True)
-        policy = ExactGMMScore(gmm, proc, residual).to(device)
-        ref = ExactGMMScore(gmm, proc, None).to(device)
-        return Task(model, policy, ref, proc, (2,), 0, list(residual.parameters()))
-    if model == "digits":
-        from ..assets import load_digits_model
+        residual = MLPScoreModel(dim=2, hidden=128, depth=3, zero_init=True, prediction=pred)
+        policy = ExactGMMScore(gmm, proc, residual, prediction=pred).to(device)
+        ref = ExactGMMScore(gmm, proc, None, prediction=pred).to(device)
+        return Task(model, policy, ref, proc, (2,), 0, list(residual.parameters()),
+                    config_defaults=dict(FLOW_SAMPLER_DEFAULTS) if flow else {})
+    if model in SHIPPED_MODELS:
+        from ..assets import load_shipped_model
 
-        net = load_digits_model(device=device)
-        name = "digits"
-    elif model == "digits-2step":
-        from ..assets import load_digits_2step_model
-
-        net = load_digits_2step_model(device=device)
-        name = "digits-2step"
+        net = load_shipped_model(model, device=device)
+        name = model
     else:
         from ..models.base import load_model
 
         if not Path(model).with_suffix(".json").exists() and not Path(model).exists():
-            raise CtrlDiffError(f"model {model!r} is neither 'digits', 'digits-2step', a '<gmm>-exact' preset nor a "
-                                "model file")
+            raise CtrlDiffError(f"model {model!r} is neither one of {', '.join(SHIPPED_MODELS)}, a '<gmm>-exact' "
+                                "preset nor a model file")
         net = load_model(model, device=device)
         name = str(model)
     net.requires_grad_(True).train()
@@ -185,5 +197,7 @@ def build_task(model: str, process: str = "vp", device: str = "cpu", diffusers=N
     else:
         res = cfg.get("resolution", cfg.get("image_size", 8))
         shape = (cfg.get("in_channels", cfg.get("channels", 1)), res, res)
-    return Task(name, net, _freeze(net), _process_of(net), shape, int(cfg.get("num_classes", 0)),
-                [p for p in net.parameters() if p.requires_grad])
+    process = _process_of(net)
+    return Task(name, net, _freeze(net), process, shape, int(cfg.get("num_classes", 0)),
+                [p for p in net.parameters() if p.requires_grad],
+                config_defaults=dict(FLOW_SAMPLER_DEFAULTS) if isinstance(process, RectifiedFlow) else {})

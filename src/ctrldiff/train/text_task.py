@@ -1,4 +1,4 @@
-"""Text-to-image fine-tuning of a diffusers pipeline (SD 1.5 / SDXL / SDXL-Turbo / LCM) as a Task.
+"""Text-to-image fine-tuning of a diffusers pipeline (SD 1.5 / SDXL / SDXL-Turbo / LCM / SD3 / SD3.5 / FLUX.1) as a Task.
 
 The engine sees latents [B, 4, h, w] and conditions = prompt indices [B] into the prompt set (so per-prompt
 statistics, minibatching and CFG work as for class labels); the reward sees decoded images [B, 3, H, W] in
@@ -22,6 +22,9 @@ TEXT_TO_IMAGE_DEFAULTS = {
     "log.num_eval_samples": 8, "log.num_final_eval": 16, "rollout_chunk": 8, "batch_size": 16,
     "optim.minibatch": 32, "optim.microbatch": 8, "ctrl.value.minibatch": 64, "sampler.steps": 20,
 }
+# flow-matching pipelines: stochastic rollouts by the exact Gaussian (DDPM-posterior) step, not Euler-Maruyama,
+# whose first step from t_max = 0.999 is unstable (g^2 = 2t / (1 - t))
+FLOW_DEFAULTS = {"sampler.solver": "ddim", "sampler.eta": 1.0}
 
 
 @dataclass
@@ -44,6 +47,9 @@ class TextToImageTask(Task):
             return None
         return [self.prompts[i] if i < len(self.prompts) else "" for i in cond.reshape(-1).tolist()]
 
+    def check_sampler(self, sampler) -> None:
+        self.backend.check_sampler(sampler)
+
     def condition_names(self) -> list[str]:
         return list(self.prompts)
 
@@ -64,12 +70,19 @@ class TextToImageTask(Task):
         return path
 
 
-def text_to_image_task(model: str, cfg: DiffusersConfig | None = None, device: str = "cpu") -> TextToImageTask:
+def text_to_image_task(model: str, cfg: DiffusersConfig | None = None, device: str = "cpu",
+                       pipeline=None, kind: str | None = None) -> TextToImageTask:
+    """The task of pipeline ``model`` (a directory or hub id), or of an already built ``pipeline`` object of family
+    ``kind`` ('sd', 'sdxl', 'sd3', 'flux'; ``model`` is then only its name)."""
     from ..data.prompts import load_prompts
 
     cfg = cfg or DiffusersConfig()
     prompts = load_prompts(cfg.prompts)
-    backend = load_diffusers_model(model, prompts, cfg, device)
+    if pipeline is None:
+        backend = load_diffusers_model(model, prompts, cfg, device)
+    else:
+        backend = DiffusersModel(model, pipeline, kind, prompts, cfg, device)
     return TextToImageTask(name=model, model=backend.model, ref=backend.ref, process=backend.process,
                            sample_shape=backend.latent_shape, num_classes=len(prompts), trainable=backend.trainable,
-                           config_defaults=dict(TEXT_TO_IMAGE_DEFAULTS), backend=backend, prompts=tuple(prompts))
+                           config_defaults=dict(TEXT_TO_IMAGE_DEFAULTS) | (FLOW_DEFAULTS if backend.family.flow else {}),
+                           backend=backend, prompts=tuple(prompts))

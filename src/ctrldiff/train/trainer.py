@@ -130,6 +130,7 @@ class Trainer:
         self._seed_everything(cfg.seed)
         self.task = task or build_task(cfg.model, cfg.process, str(self.device), diffusers=cfg.diffusers)
         apply_config_defaults(cfg, self.task.config_defaults)
+        self.task.check_sampler(cfg.sampler)
         self.process = self.task.process
         self.reward = make_reward(reward if reward is not None else cfg.reward)
         self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
