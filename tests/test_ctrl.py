@@ -140,3 +140,4 @@ def test_digit_confidence_is_the_classifier_log_odds():
     lp = torch.log_softmax(r.classifier(x), -1)[torch.arange(6), c]
     torch.testing.assert_close(r(x, c), lp - torch.log1p(-lp.exp()), atol=1e-4, rtol=1e-4)
     assert r.differentiable
+
