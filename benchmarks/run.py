@@ -6,6 +6,8 @@ reward-query budgets, with several seeds, and writes docs/BENCHMARKS.md (tables 
     python benchmarks/run.py --quick --check benchmarks/results/suite_quick.json   # rerun and compare
 
 Sections (each one reuses the benchmark script that owns it, so a number here is the same computation as there):
+  ctrl        CTRL's two promises (benchmarks/ctrl_promises.py): the default main job evaluated at its training solver
+              and at finer ones beside the untouched model, and J >= J_ref against DPOK on several rewards and scales.
   finetune2d  CTRL(a), CTRL(b) vs DDPO, DPOK (and reward backprop / Diffusion-DPO where registered) on the exact
               2-D yardstick (benchmarks/yardstick2d.py): sample efficiency (E r, KL_path, J, gap to J*, MMD to p*
               at each budget) and robustness: each fine-tuned score evaluated with other solvers / step counts
@@ -452,7 +454,44 @@ def render_baselines(data: dict, mode: dict, fig_dir: Path) -> str:
     return "\n".join(out)
 
 
+CTRL_MODES = {  # benchmarks/ctrl_promises.py at the suite's sizes (None: not in that mode)
+    "smoke": None,
+    "quick": dict(epochs=20, n=200, grid=dict(tasks=["digit-alignment", "centering", "toy2d-mode-switch"],
+                                               scales=[1.0, 10.0], seeds=[0], epochs=10)),
+    "full": dict(epochs=None, n=500, grid=dict(tasks=None, scales=[1.0, 0.1, 10.0], seeds=[0, 1, 2], epochs=None)),
+}
+
+
+def section_ctrl(mode: dict) -> dict | None:
+    """CTRL's promises (benchmarks/ctrl_promises.py): the main job at every solver, and J >= J_ref vs DPOK."""
+    import ctrl_promises as cp
+
+    name = next(k for k, v in MODES.items() if v is mode)
+    m = CTRL_MODES[name]
+    if m is None:
+        return None
+    rob = cp.robustness(argparse.Namespace(seed=0, epochs=m["epochs"], n=m["n"]))
+    g = m["grid"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cp.RESULTS = Path(tmp)  # the suite keeps its own copy; the saved standalone results stay as they are
+        grid = cp.grid(argparse.Namespace(tasks=g["tasks"] or list(cp.TASKS), scales=g["scales"], seeds=g["seeds"],
+                                          algos=["ctrl", "dpok"], epochs=g["epochs"], n=m["n"], resume=False))
+    return {"robustness": rob, "grid": grid}
+
+
+def render_ctrl(data: dict, mode: dict, fig_dir: Path) -> str:
+    import ctrl_promises as cp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cp.RESULTS = Path(tmp)
+        (cp.RESULTS / "ctrl_promises_robustness.json").write_text(json.dumps(data["robustness"]))
+        (cp.RESULTS / "ctrl_promises_grid.json").write_text(json.dumps(data["grid"]))
+        return cp.render()
+
+
 SECTIONS = {
+    "ctrl": ("CTRL's promises: the main job at every solver; J never below the start, against DPOK", section_ctrl,
+             render_ctrl),
     "finetune2d": ("CTRL vs DDPO / DPOK / reward backprop / Diffusion-DPO on the exact 2-D yardstick",
                    section_finetune2d, render_finetune2d),
     "baselines": ("Adjoint Matching, Flow-GRPO (-Fast) and DiffusionNFT on the exact 2-D yardstick",
@@ -565,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
               "seconds": {}}
     t_all = time.perf_counter()
     for key in SECTIONS:
-        if key == "lasro2step" and not mode["lasro"]:
+        if (key == "lasro2step" and not mode["lasro"]) or (key == "ctrl" and CTRL_MODES[mode_name] is None):
             result["skipped"][key] = f"not part of the {mode_name} mode"
             continue
         if key not in args.sections:

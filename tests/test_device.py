@@ -78,11 +78,10 @@ def test_final_eval_and_ctrldiff_eval_use_the_run_device(tmp_path):
     assert doc == want
 
 
-@pytest.mark.parametrize("algo", ["ddpo", "dpok"])
+@pytest.mark.parametrize("algo", ["ddpo", "dpok", "ctrl"])
 def test_diffusers_training_creates_no_tensor_off_the_run_device(tmp_path, algo):
     """The same for a tiny SD 1.5-shaped pipeline: LoRA UNet with CFG, prompt embeddings, VAE decoding, the JPEG
-    reward, EMA, checkpoints and the final evaluation. (CTRL is left out until ctrl.py's surrogate minibatch draw,
-    ``torch.randint(..., generator=tr.cpu_gen)``, names its device.)"""
+    reward (CTRL: its surrogate critic and trust region), EMA, checkpoints and the final evaluation."""
     pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
     pytest.importorskip("peft", reason="the diffusers extra is not installed")
     from ctrldiff.models.diffusers_tiny import save_tiny_pipeline

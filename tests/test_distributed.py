@@ -358,7 +358,11 @@ def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     assert [r["epoch"] for r in recs] == list(range(EPOCHS))  # written once, by process 0
     # the global reward statistics are those of both processes' trajectories: process r samples its B/2 with its
     # own generator (seed rank_seed(0, r)) from the same initial weights; recompute epoch 0 in this process
-    halves = [Trainer(_cfg(batch_size=B // 2, seed=rank_seed(0, r))).collect().rewards for r in (0, 1)]
+    halves = []
+    for r in (0, 1):
+        tr = Trainer(_cfg(batch_size=B // 2, seed=rank_seed(0, r)))
+        tr.cpu_gen.manual_seed(0 + 1)  # the shared generator (conditions, the epoch's random time grid): seed 0's
+        halves.append(tr.collect().rewards)
     r = torch.cat(halves)
     assert recs[0]["reward_mean"] == float(r.mean()) and recs[0]["reward_std"] == float(r.std())
     assert not torch.equal(halves[0], halves[1])

@@ -58,7 +58,7 @@ def test_eval_json_shipped_digits():
     r = run("eval", "digits", "--n", 20, "--solvers", "ddim:5", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["kind"] == "digits" and doc["reward"] == "digit-alignment"
+    assert doc["kind"] == "digits" and doc["reward"] == "digit-confidence"
     (x,) = doc["results"]
     assert x["kl_path"] == 0.0  # the reference is the model itself
     assert 0 <= x["accuracy"] <= 1 and x["frechet"] >= 0 and x["diversity"] > 0

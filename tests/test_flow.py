@@ -94,7 +94,7 @@ CASES = [
     ("gmm2-rf-exact", "ctrl", dict(sampler=dict(solver="em", steps=20))),
     ("gmm2-rf-exact", "dpok", dict(sampler=dict(solver="ode-euler", steps=6, policy_std=0.1))),
     ("scratch-gmm2", "q-learning", dict(process="rf", sampler=dict(solver="em", steps=8))),
-    ("digits-rf", "ctrl", dict(reward="digit-correct", batch_size=8, sampler=dict(steps=4))),
+    ("digits-rf", "ctrl", dict(reward="digit-alignment", batch_size=8, sampler=dict(steps=4))),  # 0/1 ties: no signal
     ("digits-rf", "dpok", dict(reward="digit-alignment", batch_size=8, sampler=dict(steps=4))),
     ("digits-rf", "reward-backprop", dict(reward="digit-alignment", batch_size=8, sampler=dict(steps=4))),
     ("digits-rf", "lasro", dict(reward="digit-correct", batch_size=8, sampler=dict(solver="ddim", eta=0.0, steps=2),

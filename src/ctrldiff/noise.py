@@ -40,6 +40,7 @@ class NoiseProcess:
     name: str = "base"
     t_min: float = 1e-3  # sampling stops here (the data end)
     t_max: float = 1.0  # sampling starts here (the noise end)
+    continuous_time: bool = True  # the model takes any t in [t_min, t_max] (a random time grid is meaningful)
 
     # ---- schedule -------------------------------------------------------------------------
     def log_alpha(self, t: Tensor) -> Tensor:
@@ -364,6 +365,7 @@ class DiscreteVP(NoiseProcess):
     beta_schedule: str = "scaled_linear"
     name: str = "vp-discrete"
     t_max: float = 1.0
+    continuous_time: bool = False  # a diffusers UNet saw integer timesteps only: keep its grids
 
     def __post_init__(self):
         betas = discrete_betas(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)

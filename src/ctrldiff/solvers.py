@@ -379,6 +379,18 @@ def evaluate_along(model, process: NoiseProcess, traj: Trajectory, chunk: int = 
     return torch.cat(outs).reshape(B, K, *traj.states.shape[2:])
 
 
+def jittered_grid(times: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A random grid around ``times`` [K+1] (decreasing): the end points stay, each interior time is uniform
+    between the midpoints to its neighbours, so the grid stays strictly decreasing with the same step count."""
+    if times.numel() <= 2:
+        return times
+    t = times.double().cpu()
+    mid = 0.5 * (t[1:] + t[:-1])  # [K] midpoints
+    u = torch.rand(len(t) - 2, generator=generator, dtype=torch.float64, device="cpu")
+    inner = mid[1:] + u * (mid[:-1] - mid[1:])
+    return torch.cat([t[:1], inner, t[-1:]]).to(times.device, times.dtype)
+
+
 def eta_kl_factor(eta) -> Tensor:
     """c(eta) = (1 + eta^2)^2 / (4 eta^2): the Girsanov path KL between two score models driving the eta-family
     sampler is  int (1/2) c(eta) g^2 ||s_a - s_b||^2 dtau  (c(1) = 1, the reverse SDE; c >= 1). An ODE step

@@ -7,6 +7,7 @@ equations in METHODS.md — and optionally ``prepare(batch)`` (fit a value netwo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +76,7 @@ class Algorithm:
     name = "base"
     needs_log_prob = True  # the update needs stochastic transitions (EM, DDIM eta > 0 or policy noise)
     needs_reference = True  # the update uses eps_ref / kl_rate (else the trainer may skip them: log.kl_path=false)
+    any_grid = True  # the update holds on any time grid (sampler.random_grid may redraw it every epoch)
 
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
@@ -136,6 +138,7 @@ class Algorithm:
             # forward passes: theta_old's own log-density in the update's precision (ratio == 1 at theta_old)
             mbs = partition()
             batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
+        start = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
         for _ in range(self.inner_epochs()):
             if mbs is None:
                 epoch_mbs = partition()
@@ -174,7 +177,55 @@ class Algorithm:
                 n_updates += 1
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in info_sums.items()}
         out["train/updates"] = n_updates
+        if start is not None:  # the epoch's update, measured in nats, is kept within max_update_kl
+            out.update(self.enforce_trust_region(batch, start))
         return out
+
+    def max_update_kl(self) -> float:
+        """Trust region (nats per trajectory) on the Girsanov KL_path between the policy being updated and the
+        sampling policy; 0 = none (see :meth:`enforce_trust_region`)."""
+        return 0.0
+
+    @torch.no_grad()
+    def update_kl(self, batch: RolloutBatch, idx: Tensor) -> float:
+        """KL_path(P_theta || P_old) per trajectory, from the pairs ``idx``: K * mean over the pairs of
+        int_k (1/2) g^2 ||s_theta - s_old||^2 dtau (the closed-form Girsanov KL; averaged over processes)."""
+        tr, traj = self.trainer, batch.traj
+        K = traj.num_steps
+        w = kl_weights(tr.process, traj.times)
+        micro = tr.cfg.optim.microbatch or len(idx)
+        tot = torch.zeros((), dtype=torch.float64, device=traj.states.device)
+        for s in range(0, len(idx), micro):
+            sub = idx[s:s + micro]
+            b, k = sub // K, sub % K
+            cond = traj.cond[b] if isinstance(traj.cond, Tensor) else traj.cond
+            eps = model_eps(tr.policy, tr.process, traj.states[b, k], traj.times[k], cond)
+            tot += (w[k].to(eps.dtype) * (eps - traj.outputs[b, k]).flatten(1).pow(2).sum(1)).double().sum()
+        kl = tr.dist.all_reduce_mean((tot / max(len(idx), 1) * K).reshape(1))
+        return float(kl)
+
+    def enforce_trust_region(self, batch: RolloutBatch, start: list[Tensor], pairs: int = 512,
+                             tries: int = 3) -> dict:
+        """After an epoch's policy steps: if the policy is more than ``max_update_kl`` nats (per trajectory,
+        measured on ``pairs`` random (sample, step) pairs of the batch) from the sampling policy, move the parameters
+        back along the epoch's step towards where they started. The KL grows quadratically along it, so
+        theta <- start + sqrt(limit / kl) (theta - start), repeated while still outside (at most ``tries`` times).
+        So an update's size is set in nats, not by the learning rate or the reward's scale."""
+        limit, tr = self.max_update_kl(), self.trainer
+        B, K = batch.traj.batch_size, batch.traj.num_steps
+        idx = torch.randperm(B * K, generator=tr.cpu_gen, device="cpu")[:pairs].to(batch.traj.states.device)
+        kl0 = kl = self.update_kl(batch, idx)
+        scale = 1.0
+        for _ in range(tries):
+            if kl <= limit:
+                break
+            a = math.sqrt(limit / kl)
+            scale *= a
+            with torch.no_grad():
+                for p, q in zip(tr.trainable_parameters, start, strict=True):
+                    p.copy_(q + a * (p - q))
+            kl = self.update_kl(batch, idx)
+        return {"train/update_kl": kl0, "train/trust_region_scale": scale}
 
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs

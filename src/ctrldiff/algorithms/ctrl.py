@@ -43,9 +43,10 @@ class ValueConfig(Strict):
         "queries), a learned surrogate fitted on terminal rewards, or none. auto: true if the reward is "
         "differentiable, else surrogate")
     lr: float = Field(1e-3, gt=0)
-    epochs: int = Field(5, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
+    epochs: int = Field(3, ge=0, description="passes over the epoch's (sample, step) pairs to fit U_phi")
     minibatch: int = Field(1024, ge=1)
-    surrogate_steps: int = Field(100, ge=0, description="surrogate regression steps per epoch")
+    surrogate_steps: int = Field(20, ge=0, description="surrogate regression steps per epoch (it keeps learning across "
+                                 "epochs from its replay buffer; each step sees value.minibatch pairs)")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
     u_sees_x0: bool = Field(True, description="feed the Tweedie prediction x0_hat to U_phi as an input")
     tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
@@ -54,6 +55,14 @@ class ValueConfig(Strict):
 class CTRLConfig(Strict):
     estimator: Literal["a", "b"] = Field("a", description="a: PPO-style likelihood ratio; b: advantage rate")
     clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
+    gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
+                              "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
+                              "(unbiased whatever the critic)")
+    max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
+                                 "steps the Girsanov KL_path between the updated and the sampling policy (per "
+                                 "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
+                                 "past the limit the update is scaled back to it, so its size does not depend on the "
+                                 "reward's scale or the learning rate. 0 = no limit")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -90,6 +99,7 @@ class CTRL(Algorithm):
             self.surrogate = RewardSurrogate(shape, ncls).to(dev)
             self.surrogate_opt = trainer.make_optimizer(self.surrogate.parameters(), lr=vcfg.lr)
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        self.critic_fitted = False  # V has been fitted on at least one earlier batch
 
     # ---- the R term of V ---------------------------------------------------------------------------
     def _reward_fn(self, x: Tensor, cond: Tensor | None) -> Tensor:
@@ -112,7 +122,7 @@ class CTRL(Algorithm):
         loss = torch.zeros(())
         for _ in range(vcfg.surrogate_steps):
             n_mb = min(tr.dist.local_size(vcfg.minibatch), len(rs))
-            i = torch.randint(0, len(rs), (n_mb,), generator=tr.cpu_gen).to(rs.device)
+            i = torch.randint(0, len(rs), (n_mb,), generator=tr.cpu_gen, device="cpu").to(rs.device)
             loss = (self.surrogate(xs[i], None if cs is None else cs[i]) - rs[i]).pow(2).mean()
             self.surrogate_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -161,33 +171,68 @@ class CTRL(Algorithm):
 
     # ---- per-epoch preparation ---------------------------------------------------------------------
     def prepare(self, batch: RolloutBatch) -> dict:
+        """Advantages (a) or grad_x V (b) from the critic as it stands (fitted on earlier epochs only), then the
+        critic (surrogate and U_phi) is fitted on this batch for the next epoch. A critic fitted on the very samples
+        whose advantages it scores would fit each sample's own return and pull A_k towards zero, and V(t_k, x_k)
+        would depend on the action taken at step k: that is a biased baseline. Before the first fit (epoch 0 of a
+        run) V is not trusted and (a) uses the Monte Carlo return-to-go with a per-step batch baseline."""
         traj = batch.traj
         B, K = traj.batch_size, traj.num_steps
-        metrics = self._fit_surrogate(batch) if self.surrogate is not None else {}
         t, x, x0, cond = self._pairs(batch)
-        r_term = self._r_term(x0, cond)  # the R term is fixed while U_phi is fitted: evaluate it once
-        metrics.update(self._fit_value(batch, t, x, x0, cond, r_term))
-        mb = self.acfg.value.minibatch
-        chunks = range(0, B * K, mb)
+        metrics: dict = {}
+        r_term = self._r_term(x0, cond) if self.critic_fitted and self.acfg.estimator == "a" else None
         if self.acfg.estimator == "a":
-            with torch.no_grad():
-                u = torch.cat([self.value.u(x[i:i + mb], t[i:i + mb], None if cond is None else cond[i:i + mb],
-                                            x0[i:i + mb]) for i in chunks])
-                w = value_weight(t)
-                v = (u if r_term is None else w * r_term + (1 - w) * u).reshape(B, K)
-            v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
-            adv = v_next - v - self.cfg.beta * batch.kl_rate
-            dist = self.trainer.dist  # several processes: the statistics of the global batch
-            adv = adv - dist.mean(adv, 0)
-            batch.advantages = adv / (dist.std(adv, 0) + 1e-6) if self.acfg.advantage_norm == "std" else adv
-            metrics["ctrl/td_adv_std"] = float(dist.std(adv, None))
+            batch.advantages, metrics = self._advantages(batch, t, x, x0, cond, r_term)
         else:
+            mb = self.acfg.value.minibatch
             gm = min(mb, self.trainer.cfg.optim.microbatch or mb)  # backprop through the model: its memory bound
             grads = [self._grad_value(t[i:i + gm], x[i:i + gm], None if cond is None else cond[i:i + gm],
                                       x0[i:i + gm]) for i in range(0, B * K, gm)]
             batch.extras["grad_v"] = torch.cat(grads).reshape(traj.outputs.shape)
             metrics["ctrl/grad_v_norm"] = float(batch.extras["grad_v"].flatten(2).norm(dim=-1).mean())
+        # the critic learns from this batch only now, for the next epoch's advantages
+        if self.surrogate is not None:
+            metrics.update(self._fit_surrogate(batch))
+        if r_term is None or self.surrogate is not None:  # the R term is fixed while U_phi is fitted: once
+            r_term = self._r_term(x0, cond)
+        metrics.update(self._fit_value(batch, t, x, x0, cond, r_term))
+        self.critic_fitted = True
         return metrics
+
+    def _advantages(self, batch: RolloutBatch, t, x, x0, cond, r_term: Tensor | None) -> tuple[Tensor, dict]:
+        """GAE over the continuous-time TD increments (estimator (a)):
+            delta_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta (1/2) g^2 ||s_old - s_ref||^2 dtau_k,   V(t_K) := r
+            A_k = sum_{j >= k} lambda^(j - k) delta_j,   centred (or standardised) per step across the batch."""
+        B, K = batch.traj.batch_size, batch.traj.num_steps
+        if self.critic_fitted:
+            v = self._critic_values(t, x, x0, cond, r_term).reshape(B, K)
+            lam = self.acfg.gae_lambda
+        else:  # no critic yet: the Monte Carlo return-to-go (lambda = 1 with V = 0)
+            v, lam = torch.zeros_like(batch.kl_rate), 1.0
+        v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
+        delta = v_next - v - self.cfg.beta * batch.kl_rate
+        adv = torch.empty_like(delta)
+        run = torch.zeros_like(delta[:, 0])
+        for k in range(K - 1, -1, -1):
+            run = delta[:, k] + lam * run
+            adv[:, k] = run
+        dist = self.trainer.dist  # several processes: the statistics of the global batch
+        adv = adv - dist.mean(adv, 0)
+        metrics = {"ctrl/td_adv_std": float(dist.std(adv, None))}
+        if self.acfg.advantage_norm == "std":
+            adv = adv / (dist.std(adv, 0) + 1e-6)
+        return adv, metrics
+
+    @torch.no_grad()
+    def _critic_values(self, t, x, x0, cond, r_term: Tensor | None) -> Tensor:
+        """V(t, x) at every pair with the current critic (no grad) -> [N]; ``r_term``: R(x0_hat) there, or None."""
+        mb = self.acfg.value.minibatch
+        u = torch.cat([self.value.u(x[i:i + mb], t[i:i + mb], None if cond is None else cond[i:i + mb],
+                                    x0[i:i + mb]) for i in range(0, len(x), mb)])
+        if r_term is None:
+            return u
+        w = value_weight(t)
+        return w * r_term + (1 - w) * u
 
     def _grad_value(self, t, x, cond, x0_fixed) -> Tensor:
         """grad_x V(t, x) for a chunk of pairs (through x0_hat(x) when tweedie_jacobian is on)."""
@@ -229,9 +274,13 @@ class CTRL(Algorithm):
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
+    def max_update_kl(self) -> float:
+        return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
+
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
-        st = {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay}
+        st = {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay,
+              "critic_fitted": self.critic_fitted}
         if self.surrogate is not None:
             st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
         return st
@@ -240,6 +289,7 @@ class CTRL(Algorithm):
         self.value.load_state_dict(state["value"])
         self.value_opt.load_state_dict(state["value_opt"])
         self.replay = state["replay"]
+        self.critic_fitted = state.get("critic_fitted", True)
         if self.surrogate is not None:
             self.surrogate.load_state_dict(state["surrogate"])
             self.surrogate_opt.load_state_dict(state["surrogate_opt"])

@@ -242,6 +242,7 @@ def _teacher_backbone(trainer) -> nn.Module:
 # ---- the algorithm --------------------------------------------------------------------------------------------
 @register_algorithm("lasro")
 class LaSRO(Algorithm):
+    any_grid = False  # a distilled 1-2-step generator: its grid is part of the model
     needs_log_prob = False
 
     def __init__(self, cfg, trainer):

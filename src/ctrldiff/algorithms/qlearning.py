@@ -125,6 +125,7 @@ class Critic(nn.Module):
 
 @register_algorithm("q-learning")
 class QLearning(Algorithm):
+    any_grid = False  # its policy noise is set per step of the fixed grid
     needs_log_prob = False
 
     def __init__(self, cfg, trainer):

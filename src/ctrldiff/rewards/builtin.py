@@ -59,13 +59,16 @@ def jpeg_incompressibility(quality: int = 95, **_) -> JpegReward:
 class DigitReward:
     """Rewards from the shipped digit classifier, for the conditioned label c.
 
-    mode 'alignment': log p(c | x) (differentiable);  mode 'correct': 1[argmax p(. | x) = c] (not).
+    mode 'alignment': log p(c | x) (differentiable);  mode 'correct': 1[argmax p(. | x) = c] (not);
+    mode 'confidence': the log-odds log p(c | x) - log(1 - p(c | x)) = logit_c - logsumexp_{c' != c} logit_c'
+    (differentiable and unbounded: unlike log p(c | x), which a good sampler already saturates at 0, it keeps
+    headroom in continuous time).
     """
 
     def __init__(self, mode: str, classifier=None):
         self.mode = mode
-        self.name = "digit-alignment" if mode == "alignment" else "digit-correct"
-        self.differentiable = mode == "alignment"
+        self.name = f"digit-{mode}"
+        self.differentiable = mode != "correct"
         self._clf = classifier
 
     @property
@@ -86,12 +89,20 @@ class DigitReward:
         logp = torch.log_softmax(clf(x), dim=-1)
         if self.mode == "alignment":
             return logp.gather(1, cond.long()[:, None])[:, 0]
+        if self.mode == "confidence":
+            mine = torch.nn.functional.one_hot(cond.long(), logp.shape[-1]).bool()
+            return logp[mine] - logp.masked_fill(mine, float("-inf")).logsumexp(-1)
         return (logp.argmax(-1) == cond).float()
 
 
 @register_reward("digit-alignment")
 def digit_alignment(classifier=None, **_) -> DigitReward:
     return DigitReward("alignment", classifier)
+
+
+@register_reward("digit-confidence")
+def digit_confidence(classifier=None, **_) -> DigitReward:
+    return DigitReward("confidence", classifier)
 
 
 @register_reward("digit-correct")

@@ -26,7 +26,7 @@ from ..config import build_config, dump_yaml, load_yaml
 from ..errors import CtrlDiffError, RewardError
 from ..guidance import with_guidance
 from ..rewards.base import call_reward, make_reward
-from ..solvers import evaluate_along, get_solver, kl_increments
+from ..solvers import evaluate_along, get_solver, jittered_grid, kl_increments
 from ..trajectory import cat_trajectories
 from .checkpoint import (
     append_jsonl,
@@ -163,6 +163,13 @@ class Trainer:
         solver_kw = {"eta": s.eta} if s.solver in ("ddim", "eta") else {}
         self.solver = get_solver(s.solver, **solver_kw)
         self.times = self.process.time_grid(s.steps, device=self.device)
+        self.random_grid = s.random_grid
+        if self.random_grid is None:
+            self.random_grid = self.algo.any_grid and self.process.continuous_time
+        elif self.random_grid and not (self.algo.any_grid and self.process.continuous_time):
+            why = (f"algo {cfg.algo!r} trains on its fixed grid" if not self.algo.any_grid
+                   else f"the {self.process.name!r} schedule takes its training timesteps only")
+            raise CtrlDiffError(f"sampler.random_grid=true cannot be used here: {why} (leave it unset)")
         self.epoch = 0
         self.reward_queries = 0
         self.value_reward_queries = 0
@@ -250,6 +257,7 @@ class Trainer:
         if conds is not None and dist.enabled:
             conds = conds[dist.rank * n_local:(dist.rank + 1) * n_local]
         where = f" (process {dist.rank})" if dist.enabled else ""
+        times = jittered_grid(self.times, self.cpu_gen) if self.random_grid else self.times  # one grid per epoch
         trajs, futures = [], []
         pool = ThreadPoolExecutor(max_workers=1) if cfg.reward_async else None
         try:
@@ -260,7 +268,7 @@ class Trainer:
                 kw = self.algo.rollout_kwargs()
                 if cfg.optim.reuse_rollout_graph:  # keep eps_theta's graph; the states stay plain samples
                     kw.update(grad=True, detach_states=True)
-                traj = self.solver(self.policy, x * self.process.prior_std(), self.times, self.process, cond,
+                traj = self.solver(self.policy, x * self.process.prior_std(), times, self.process, cond,
                                    generator=self.gen, **kw)
                 trajs.append(traj)
                 args = (traj.final, cond, f"{i}{where} of epoch {self.epoch}")

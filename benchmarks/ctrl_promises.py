@@ -1,0 +1,200 @@
+"""CTRL's two promises, measured (issue: robust to solver and step count; a fine-tune that never lowers J).
+
+    python benchmarks/ctrl_promises.py robustness [--epochs N] [--n 500]
+        The default main job (`ctrldiff train --algo ctrl`, every default), then J = E r - beta KL_path of the
+        fine-tuned and of the untouched model at the training solver and at em:20, em:50, em:100, ddim:50 (eta 1)
+        and heun:25, on the same fixed noises and conditions.
+    python benchmarks/ctrl_promises.py grid [--epochs N] [--seeds 0 1 2] [--scales 0.1 1 10] [--algos ctrl dpok]
+        The same defaults on 8 rewards (6 image, 2 exact 2-D), each also scaled by 10 and by 0.1: J of CTRL, DPOK
+        and the reference at the training solver and at em:100, reward calls (terminal and value) and wall-clock.
+        centering, crispness and left-heavy (benchmarks/ctrl_rewards.py) were written after the defaults were
+        chosen; no default was tuned on them.
+    python benchmarks/ctrl_promises.py render
+        The markdown tables of the saved results.
+
+Results go to benchmarks/results/ctrl_promises_{robustness,grid}.json. Every run uses --threads (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ctrl_rewards  # noqa: E402
+
+from ctrldiff.eval.evaluate import evaluate_policy  # noqa: E402
+from ctrldiff.rewards.base import WeightedSum, make_reward  # noqa: E402
+from ctrldiff.train.config import TrainConfig  # noqa: E402
+from ctrldiff.train.trainer import Trainer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = {  # name: (model, reward spec or callable, written after the defaults were chosen)
+    "digit-alignment": ("digits", "digit-alignment", False),
+    "digit-correct": ("digits", "digit-correct", False),
+    "jpeg-compressibility": ("digits", "jpeg-compressibility", False),
+    "centering": ("digits", ctrl_rewards.centering, True),
+    "crispness": ("digits", ctrl_rewards.crispness, True),
+    "left-heavy": ("digits", ctrl_rewards.left_heavy, True),
+    "toy2d-quadratic": ("gmm2-exact", "toy2d-quadratic", False),
+    "toy2d-mode-switch": ("gmm2-exact", "toy2d-mode-switch", False),
+}
+ROBUST_SOLVERS = ["em:20", "em:50", "em:100", "ddim:50", "heun:25"]
+QUIET = dict(progress=False, tensorboard=False, num_final_eval=0)
+
+
+def scaled_reward(spec, scale: float):
+    r = make_reward(spec)
+    return r if scale == 1 else WeightedSum([(scale, r)])
+
+
+def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321) -> dict:
+    name, steps = solver.split(":")
+    cond = tr.task.eval_conditions(n)
+    ev = evaluate_policy(model, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n, solver=name,
+                         steps=int(steps), eta=tr.cfg.sampler.eta, cond=cond, seed=seed, beta=tr.cfg.beta,
+                         return_samples=True)
+    out = {k: ev[k] for k in ("reward_mean", "kl_path", "objective")}
+    if tr.task.num_classes:  # the classifier's verdict on the same samples
+        out["accuracy"] = float(make_reward("digit-correct")(ev["samples"], cond).mean())
+    return out
+
+
+def train(algo: str, model: str, reward, seed: int, epochs: int | None) -> tuple[Trainer, float]:
+    kw = {"epochs": epochs} if epochs else {}
+    cfg = TrainConfig(algo=algo, model=model, seed=seed, log=QUIET, **kw)
+    tr = Trainer(cfg, reward=reward)
+    t0 = time.perf_counter()
+    tr.train()
+    return tr, time.perf_counter() - t0
+
+
+def robustness(args) -> dict:
+    tr, wall = train("ctrl", TrainConfig().model, TrainConfig().reward, args.seed, args.epochs)
+    s = tr.cfg.sampler
+    train_solver = f"{s.solver}:{s.steps}"
+    rows = []
+    for solver in [train_solver] + [x for x in ROBUST_SOLVERS if x != train_solver]:
+        row = {"solver": solver, "ref": evaluate(tr, tr.ref, solver, args.n), "ft": evaluate(tr, tr.policy, solver, args.n)}
+        rows.append(row)
+        print(f"{solver:8s} J ref {row['ref']['objective']:.4f}  J fine-tuned {row['ft']['objective']:.4f} "
+              f"(E r {row['ft']['reward_mean']:.4f}, KL_path {row['ft']['kl_path']:.3f})", flush=True)
+    return {"config": json.loads(tr.cfg.model_dump_json()), "train_solver": train_solver, "wall_s": wall,
+            "reward_queries": tr.reward_queries, "value_reward_queries": tr.value_reward_queries, "n": args.n,
+            "rows": rows}
+
+
+def grid(args) -> dict:
+    path = RESULTS / "ctrl_promises_grid.json"
+    done = json.loads(path.read_text())["runs"] if path.exists() and args.resume else []
+    key = lambda r: (r["task"], r["scale"], r["seed"], r["algo"])  # noqa: E731
+    have = {key(r) for r in done}
+    for task in args.tasks:
+        model, spec, _ = TASKS[task]
+        for scale in args.scales:
+            for seed in args.seeds:
+                ref_ev = None
+                for algo in args.algos:
+                    if (task, scale, seed, algo) in have:
+                        continue
+                    tr, wall = train(algo, model, scaled_reward(spec, scale), seed, args.epochs)
+                    s = tr.cfg.sampler
+                    solvers = [f"{s.solver}:{s.steps}", "em:100"]
+                    if ref_ev is None:
+                        ref_ev = {sv: evaluate(tr, tr.ref, sv, args.n) for sv in solvers}
+                    run = {"task": task, "scale": scale, "seed": seed, "algo": algo, "epochs": tr.cfg.epochs,
+                           "wall_s": wall, "reward_queries": tr.reward_queries,
+                           "value_reward_queries": tr.value_reward_queries,
+                           "ref": ref_ev, "ft": {sv: evaluate(tr, tr.policy, sv, args.n) for sv in solvers}}
+                    done.append(run)
+                    j = {sv: (run["ft"][sv]["objective"], ref_ev[sv]["objective"]) for sv in solvers}
+                    print(f"{task:20s} x{scale:<4g} seed {seed} {algo:5s}: " + "  ".join(
+                        f"{sv} J {a:.4f} (ref {b:.4f})" for sv, (a, b) in j.items()) +
+                        f"  calls {run['reward_queries']} (value {run['value_reward_queries']}), {wall:.0f} s", flush=True)
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps({"meta": vars(args) | {"func": None}, "runs": done}, indent=1))
+    return {"runs": done}
+
+
+def _ms(v: list[float]) -> str:
+    return f"{v[0]:.4f}" if len(v) == 1 else f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}"
+
+
+def _grid_row(task: str, scale: float, rs: list[dict]) -> str:
+    by = {a: [r for r in rs if r["algo"] == a] for a in ("ctrl", "dpok")}
+    sv = list(rs[0]["ft"])  # the training solver and em:100
+    c, d = by["ctrl"], by["dpok"]
+
+    def cell(runs, which="ft"):
+        return " / ".join(_ms([r[which][s]["objective"] for r in runs]) for s in sv) if runs else "—"
+
+    def below(runs):
+        return "/".join(str(sum(r["ft"][s]["objective"] < r["ref"][s]["objective"] for r in runs)) for s in sv) \
+            if runs else "—"
+
+    def wall(runs):
+        return f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
+
+    calls = f"{c[0]['reward_queries']} ({c[0]['value_reward_queries']})" if c else "—"
+    return (f"| {task} | {scale:g} | {len(c) or len(d)} | {cell(c or d, 'ref')} | {cell(c)} | {cell(d)} | {below(c)} | "
+            f"{below(d)} | {calls} | {d[0]['reward_queries'] if d else '—'} | {wall(c)} | {wall(d)} |")
+
+
+def render() -> str:
+    out = []
+    p = RESULTS / "ctrl_promises_robustness.json"
+    if p.exists():
+        r = json.loads(p.read_text())
+        out += [f"**Step robustness** (default main job, trained at {r['train_solver']}, {r['wall_s']:.0f} s; "
+                f"{r['n']} fixed noises)\n", "| solver | J untouched | J fine-tuned | E r fine-tuned | KL_path | "
+                "accuracy untouched -> fine-tuned | J vs training solver |", "|---|---|---|---|---|---|---|"]
+        j0 = r["rows"][0]["ft"]["objective"]
+        for row in r["rows"]:
+            a, b = row["ref"], row["ft"]
+            out.append(f"| {row['solver']} | {a['objective']:.3f} | {b['objective']:.3f} | {b['reward_mean']:.3f} | "
+                       f"{b['kl_path']:.2f} | {a.get('accuracy', float('nan')):.3f} -> {b.get('accuracy', float('nan')):.3f}"
+                       f" | {100 * (b['objective'] - j0) / abs(j0):+.1f}% |")
+    p = RESULTS / "ctrl_promises_grid.json"
+    if p.exists():
+        runs = json.loads(p.read_text())["runs"]
+        out += ["\n**Never below the start, and against DPOK** (same defaults everywhere; J at the training solver / "
+                "at em:100; `below` counts seeds with J < J_ref)\n",
+                "| reward | scale | seeds | J_ref | CTRL J | DPOK J | CTRL below start | DPOK below start | "
+                "CTRL reward calls (value) | DPOK calls | CTRL s | DPOK s |", "|---" * 12 + "|"]
+        cells = sorted({(r["task"], r["scale"]) for r in runs}, key=lambda c: (list(TASKS).index(c[0]), c[1]))
+        for task, scale in cells:
+            out.append(_grid_row(task, scale, [r for r in runs if r["task"] == task and r["scale"] == scale]))
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["robustness", "grid", "render"])
+    ap.add_argument("--epochs", type=int, default=None, help="default: the config default")
+    ap.add_argument("--seed", type=int, default=0, help="robustness: the training seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.1, 10.0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--algos", nargs="+", default=["ctrl", "dpok"])
+    ap.add_argument("--n", type=int, default=500, help="evaluation samples per solver")
+    ap.add_argument("--resume", action="store_true", help="grid: keep the saved runs, add the missing ones")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "robustness":
+        res = robustness(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "ctrl_promises_robustness.json").write_text(json.dumps(res, indent=1))
+    elif args.what == "grid":
+        grid(args)
+    print(render())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Three image rewards that no default of ctrldiff was tuned on, for the CTRL robustness grid
+(benchmarks/ctrl_promises.py). They were written after the defaults were chosen and are used by nothing else.
+
+Digits are [B, 1, 8, 8] in [-1, 1] (-1 = background); ink = (x + 1) / 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _ink(x: Tensor) -> Tensor:
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def centering(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Differentiable: minus the squared distance (in pixels) of the ink's centre of mass from the image centre."""
+    ink = torch.sigmoid(3 * x)  # smooth ink, so that the reward has a gradient everywhere
+    h, w = x.shape[-2:]
+    ys = torch.arange(h, dtype=x.dtype, device=x.device) - (h - 1) / 2
+    xs = torch.arange(w, dtype=x.dtype, device=x.device) - (w - 1) / 2
+    m = ink.sum((1, 2, 3)) + 1e-3
+    cy = (ink.sum((1, 3)) * ys).sum(-1) / m
+    cx = (ink.sum((1, 2)) * xs).sum(-1) / m
+    return -(cy ** 2 + cx ** 2)
+
+
+centering.differentiable = True
+
+
+def crispness(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Differentiable: mean over pixels of min(x^2, 1) (1 = every pixel fully ink or fully background)."""
+    return x.pow(2).clamp(max=1).flatten(1).mean(1)
+
+
+crispness.differentiable = True
+
+
+def left_heavy(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Black box, 0/1: 1 if the left half of the image holds more ink than the right half."""
+    ink = _ink(x)[:, 0]
+    w = ink.shape[-1] // 2
+    return (ink[..., :w].sum((1, 2)) > ink[..., w:].sum((1, 2))).to(x.dtype)
+
+
+left_heavy.differentiable = False

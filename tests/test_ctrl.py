@@ -1,0 +1,143 @@
+"""CTRL's fair critic, its KL trust region and the per-epoch random time grid."""
+
+import copy
+
+import pytest
+import torch
+
+from ctrldiff.errors import CtrlDiffError
+from ctrldiff.rewards import make_reward
+from ctrldiff.solvers import evaluate_along, jittered_grid, kl_path
+from ctrldiff.train.config import TrainConfig
+from ctrldiff.train.trainer import Trainer
+
+
+def _cfg(**kw):
+    base = dict(model="gmm2-exact", reward="toy2d-mode-switch", beta=0.5, epochs=2, batch_size=64,
+                sampler=dict(solver="em", steps=8), optim=dict(lr=1e-3, minibatch=128),
+                log=dict(progress=False, tensorboard=False))
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return TrainConfig(**base)
+
+
+def _advantages_with_rewards(tr, batch, rewards):
+    """Advantages of ``batch`` with its rewards replaced, from the same critic state (restored afterwards)."""
+    state = copy.deepcopy(tr.algo.state_dict())
+    b = copy.copy(batch)
+    b.rewards = rewards
+    tr.algo.prepare(b)
+    tr.algo.load_state_dict(copy.deepcopy(state))
+    return b.advantages
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.9])
+def test_advantages_come_from_a_critic_not_fitted_on_the_same_samples(lam):
+    """Changing one sample's reward changes the other samples' advantages only through the per-step batch mean
+    (a constant shift): the critic that scores a batch has not been fitted on it. A critic fitted on the batch first
+    (the old behaviour) moves every V(t_k, x_k), and with it every other sample's advantage, differently."""
+    tr = Trainer(_cfg(algo="ctrl", ctrl=dict(gae_lambda=lam)))
+    tr.train(epochs=2)  # the critic has been fitted on earlier batches
+    assert tr.algo.critic_fitted
+    batch = tr.collect()
+    r = batch.rewards.clone()
+    a1 = _advantages_with_rewards(tr, batch, r)
+    r2 = r.clone()
+    r2[0] += 5.0
+    a2 = _advantages_with_rewards(tr, batch, r2)
+    diff = (a2 - a1)[1:]  # the other samples
+    assert float(diff.std(0).max()) < 1e-5, "other samples' advantages moved with sample 0's reward"
+    # sample 0's own advantage moves by its reward change, discounted by lambda from the last step
+    K = batch.traj.num_steps
+    own = (a2 - a1)[0] - diff[0]
+    expect = 5.0 * torch.tensor([lam ** (K - 1 - k) for k in range(K)])
+    torch.testing.assert_close(own, expect.to(own.dtype), atol=1e-4, rtol=1e-4)
+
+
+def test_first_epoch_uses_monte_carlo_returns_before_any_critic_fit():
+    tr = Trainer(_cfg(algo="ctrl"))
+    batch = tr.collect()
+    assert not tr.algo.critic_fitted
+    tr.algo.prepare(batch)
+    assert tr.algo.critic_fitted
+    kl_to_go = batch.kl_rate.flip(1).cumsum(1).flip(1)
+    G = batch.rewards[:, None] - tr.cfg.beta * kl_to_go
+    torch.testing.assert_close(batch.advantages, G - G.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_critic_state_is_checkpointed():
+    tr = Trainer(_cfg(algo="ctrl"))
+    tr.train(epochs=1)
+    st = tr.algo.state_dict()
+    assert st["critic_fitted"] is True
+    tr2 = Trainer(_cfg(algo="ctrl"))
+    tr2.algo.load_state_dict(st)
+    assert tr2.algo.critic_fitted
+
+
+def test_trust_region_scales_the_epoch_update_back_to_max_update_kl():
+    limit = 0.02
+    tight = Trainer(_cfg(algo="ctrl", ctrl=dict(max_update_kl=limit), optim=dict(lr=3e-2, minibatch=64)))
+    batch = tight.collect()
+    old = copy.deepcopy(batch)
+    tight.algo.prepare(batch)
+    info = tight.algo.update(batch)
+    assert info["train/updates"] == 8  # 64 samples x 8 steps / 64 pairs
+    assert info["train/update_kl"] > limit and info["train/trust_region_scale"] < 1
+    # the Girsanov KL_path between the updated and the sampling policy, on the whole batch: at the limit
+    eps_new = evaluate_along(tight.policy, tight.process, old.traj)
+    kl_new = float(kl_path(tight.process, old.traj, eps_new, old.traj.outputs).mean())
+    assert 0.3 * limit < kl_new < 1.5 * limit, kl_new  # the limit is enforced on 512 sampled pairs
+    free = Trainer(_cfg(algo="ctrl", ctrl=dict(max_update_kl=0.0), optim=dict(lr=3e-2, minibatch=64)))
+    assert "train/update_kl" not in free.train(epochs=1)[0]
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-2])
+def test_trust_region_holds_its_size_in_nats_whatever_the_reward_scale_and_lr(lr):
+    kls = []
+    for scale in (0.1, 10.0):
+        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(max_update_kl=0.05), reward=f"{scale}*toy2d-mode-switch",
+                          optim=dict(lr=lr, minibatch=64)))
+        batch = tr.collect()
+        old = copy.deepcopy(batch)
+        tr.algo.prepare(batch)
+        tr.algo.update(batch)
+        eps_new = evaluate_along(tr.policy, tr.process, old.traj)
+        kls.append(float(kl_path(tr.process, old.traj, eps_new, old.traj.outputs).mean()))
+    assert max(kls) < 0.05 * 1.5, kls
+
+
+def test_jittered_grid_keeps_ends_and_order():
+    base = torch.linspace(1.0, 1e-3, 11)
+    g = torch.Generator().manual_seed(0)
+    grids = [jittered_grid(base, g) for _ in range(50)]
+    for t in grids:
+        assert t[0] == base[0] and t[-1] == base[-1] and len(t) == len(base)
+        assert bool((t[1:] < t[:-1]).all())
+        mid = 0.5 * (base[1:] + base[:-1])
+        assert bool((t[1:-1] <= mid[:-1]).all() and (t[1:-1] >= mid[1:]).all())
+    assert len({tuple(t.tolist()) for t in grids}) == 50
+
+
+def test_trainer_draws_a_fresh_grid_every_epoch_where_the_update_allows_it():
+    tr = Trainer(_cfg(algo="ctrl"))
+    assert tr.random_grid
+    t1, t2 = tr.collect().traj.times, tr.collect().traj.times
+    assert not torch.equal(t1, t2)
+    fixed = Trainer(_cfg(algo="ctrl", sampler=dict(random_grid=False)))
+    assert torch.equal(fixed.collect().traj.times, fixed.times)
+    assert not Trainer(_cfg(algo="q-learning", model="scratch-gmm2")).random_grid
+    with pytest.raises(CtrlDiffError, match="random_grid"):
+        Trainer(_cfg(algo="q-learning", model="scratch-gmm2", sampler=dict(random_grid=True)))
+
+
+def test_digit_confidence_is_the_classifier_log_odds():
+    r = make_reward("digit-confidence")
+    x, c = torch.randn(6, 1, 8, 8), torch.arange(6)
+    lp = torch.log_softmax(r.classifier(x), -1)[torch.arange(6), c]
+    torch.testing.assert_close(r(x, c), lp - torch.log1p(-lp.exp()), atol=1e-4, rtol=1e-4)
+    assert r.differentiable
+
