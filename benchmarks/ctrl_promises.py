@@ -91,7 +91,7 @@ def robustness(args) -> dict:
 
 
 def grid(args) -> dict:
-    path = RESULTS / "ctrl_promises_grid.json"
+    path = Path(getattr(args, "out", None) or RESULTS / "ctrl_promises_grid.json")
     done = json.loads(path.read_text())["runs"] if path.exists() and args.resume else []
     key = lambda r: (r["task"], r["scale"], r["seed"], r["algo"])  # noqa: E731
     have = {key(r) for r in done}
@@ -117,7 +117,7 @@ def grid(args) -> dict:
                     print(f"{task:20s} x{scale:<4g} seed {seed} {algo:5s}: " + "  ".join(
                         f"{sv} J {a:.4f} (ref {b:.4f})" for sv, (a, b) in j.items()) +
                         f"  calls {run['reward_queries']} (value {run['value_reward_queries']}), {wall:.0f} s", flush=True)
-                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps({"meta": vars(args) | {"func": None}, "runs": done}, indent=1))
     return {"runs": done}
 
@@ -146,7 +146,7 @@ def _grid_row(task: str, scale: float, rs: list[dict]) -> str:
             f"{below(d)} | {calls} | {d[0]['reward_queries'] if d else '—'} | {wall(c)} | {wall(d)} |")
 
 
-def render() -> str:
+def render(merge: list[str] | None = None) -> str:
     out = []
     p = RESULTS / "ctrl_promises_robustness.json"
     if p.exists():
@@ -160,9 +160,9 @@ def render() -> str:
             out.append(f"| {row['solver']} | {a['objective']:.3f} | {b['objective']:.3f} | {b['reward_mean']:.3f} | "
                        f"{b['kl_path']:.2f} | {a.get('accuracy', float('nan')):.3f} -> {b.get('accuracy', float('nan')):.3f}"
                        f" | {100 * (b['objective'] - j0) / abs(j0):+.1f}% |")
-    p = RESULTS / "ctrl_promises_grid.json"
-    if p.exists():
-        runs = json.loads(p.read_text())["runs"]
+    files = [Path(f) for f in merge] if merge else [RESULTS / "ctrl_promises_grid.json"]
+    runs = [r for f in files if f.exists() for r in json.loads(f.read_text())["runs"]]
+    if runs:
         out += ["\n**Never below the start, and against DPOK** (same defaults everywhere; J at the training solver / "
                 "at em:100; `below` counts seeds with J < J_ref)\n",
                 "| reward | scale | seeds | J_ref | CTRL J | DPOK J | CTRL below start | DPOK below start | "
@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=["ctrl", "dpok"])
     ap.add_argument("--n", type=int, default=500, help="evaluation samples per solver")
     ap.add_argument("--resume", action="store_true", help="grid: keep the saved runs, add the missing ones")
+    ap.add_argument("--out", default=None, help="grid: results file (default benchmarks/results/ctrl_promises_grid.json)")
+    ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,7 +195,7 @@ def main() -> None:
         (RESULTS / "ctrl_promises_robustness.json").write_text(json.dumps(res, indent=1))
     elif args.what == "grid":
         grid(args)
-    print(render())
+    print(render(args.merge))
 
 
 if __name__ == "__main__":
