@@ -13,7 +13,7 @@ one part still leaves the others' results):
                   CFG 7.5, bf16, gradient checkpointing): setup and epoch wall time, peak CUDA memory
                   (torch.cuda.max_memory_allocated; goal < 10 GB), then the run's final evaluation on the
                   device (4 samples before / after: what crashed a --device cuda run before).
-  flow            the same epoch for the flow architectures (FLOW_CHECKS below: SD3.5-Medium through
+  flow            the same epoch for the flow architectures (SD 3.5, FLUX; FLOW_CHECKS below: SD3.5-Medium through
                   benchmarks/gpu_flow_lora.py, 1024 px, bf16, LoRA): time and peak memory.
 
     python benchmarks/gpu_check.py                  # on a GPU machine (exit status 1 if any part failed)

@@ -141,3 +141,18 @@ def test_digit_confidence_is_the_classifier_log_odds():
     torch.testing.assert_close(r(x, c), lp - torch.log1p(-lp.exp()), atol=1e-4, rtol=1e-4)
     assert r.differentiable
 
+
+
+def test_trust_region_step_back_is_seen_by_the_weight_ema():
+    """The EMA's last update used the epoch's last iterate; after the step back it holds the scaled-back weights
+    in that place: ema == d * ema_before_last_step + (1 - d) * theta_final."""
+    d = 0.5
+    tr = Trainer(_cfg(algo="ctrl", ctrl=dict(max_update_kl=0.02), optim=dict(lr=3e-2, minibatch=64, ema_decay=d)))
+    pre = []
+    tr.optimizer.register_step_pre_hook(lambda *_: pre.append([e.clone() for e in tr.ema]))
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    info = tr.algo.update(batch)
+    assert info["train/trust_region_scale"] < 1
+    for e, e_before, p in zip(tr.ema, pre[-1], tr.trainable_parameters, strict=True):
+        torch.testing.assert_close(e, d * e_before + (1 - d) * p.detach(), rtol=1e-5, atol=1e-6)

@@ -35,7 +35,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {"tests/test_precision.py", "tests/test_gpu_run.py"} <= set(tests["files"])
     sd = summary["checks"]["sd15_lora_ctrl"]["result"]
     assert sd["tiny"] and sd["updates"] >= 1 and sd["epoch_s"] > 0
-    assert summary["checks"]["flow"]["status"].startswith("pending")
+    flow = summary["checks"]["flow"]["architectures"]["sd35_medium"]
+    assert flow["ok"] and flow["result"]["updates"] >= 1 and flow["result"]["epoch_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

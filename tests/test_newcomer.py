@@ -98,7 +98,7 @@ def test_run_writes_the_labelled_picture_and_report_shows_it(digits_run, tmp_pat
     out, _ = digits_run
     doc = json.loads((out / "samples" / "before_after.json").read_text())
     assert [c["condition"] for c in doc["columns"]] == [str(k) for k in range(10)]
-    assert all(len(c["samples"]) == 4 for c in doc["columns"]) and doc["reward"] == "digit-alignment"
+    assert all(len(c["samples"]) == 4 for c in doc["columns"]) and doc["reward"] == "digit-confidence"
     assert all(v is not None for v in doc["reward_before"] + doc["reward_after"])
     r = run("report", out, "--out", tmp_path / "r.html", "--no-robustness")
     assert r.exit_code == 0, r.output
@@ -330,7 +330,7 @@ def test_export_builtin_run(digits_run, tmp_path):
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == "digits" and front["library_name"] == "ctrldiff" and "ctrl" in front["tags"]
     fe = json.loads((out / "final_eval.json").read_text())
-    assert f"**{fe['after']['objective']:.4f}**" in card and "digit-alignment" in card and "beta" in card
+    assert f"**{fe['after']['objective']:.4f}**" in card and "digit-confidence" in card and "beta" in card
     assert "KL_path" in card and "![same noise before and after fine-tuning](before_after.png)" in card
     assert load_model(out / "model.safetensors") is not None
     r = run("export", digits_run[0], "--out", out)

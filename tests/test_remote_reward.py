@@ -552,8 +552,10 @@ def test_failing_remote_reward_is_skipped_and_counted(tmp_path, capsys):
     real_score = server.score
 
     def score(body):
-        if server.calls >= 4 and server.calls % 2 == 1:
+        if server.calls >= 4 and server.calls % 2 == 1 and server.calls < 10:
             server.fault = next(kinds)
+        if server.calls >= 10:  # training is over: the before/after figure's calls are answered
+            server.start = 10**9
         return real_score(body)
 
     server.score = score
@@ -568,7 +570,8 @@ def test_failing_remote_reward_is_skipped_and_counted(tmp_path, capsys):
         thread.join(5)
     assert code == 0, err
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16, 24] and server.faults == 3 and server.calls == 10
+    # 10 training calls (5 epochs x 2 chunks), then the before/after figure scores its two sample sets
+    assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16, 24] and server.faults == 3 and server.calls == 12
     assert all(math.isfinite(r["reward_mean"]) for r in recs)
     assert next(kinds, None) is None  # all three kinds of fault were injected
 

@@ -222,8 +222,10 @@ class Algorithm:
             a = math.sqrt(limit / kl)
             scale *= a
             with torch.no_grad():
-                for p, q in zip(tr.trainable_parameters, start, strict=True):
-                    p.copy_(q + a * (p - q))
+                moved = [(a - 1) * (p - q) for p, q in zip(tr.trainable_parameters, start, strict=True)]
+                torch._foreach_add_([p.detach() for p in tr.trainable_parameters], moved)
+                if tr.ema is not None:  # the last EMA update saw the step before it was scaled back: count it as is
+                    torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
             kl = self.update_kl(batch, idx)
         return {"train/update_kl": kl0, "train/trust_region_scale": scale}
 
