@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_sd15_lora_ctrl import timed_epoch  # noqa: E402
 
 SD35M_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -113,14 +117,7 @@ def run(args) -> dict:
     task = text_to_image_task(cfg.model, cfg.diffusers, device, pipeline=pipe, kind="sd3")
     tr = Trainer(cfg, task=task)
     setup_s = time.perf_counter() - t0
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t1 = time.perf_counter()
-    rec = tr.step()
-    if cuda:
-        torch.cuda.synchronize()
-    epoch_s = time.perf_counter() - t1
+    rec, epoch_s = timed_epoch(tr, cuda)
     n_lora = sum(p.numel() for p in task.trainable)
     out = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", "cpu_dry_run": args.cpu,

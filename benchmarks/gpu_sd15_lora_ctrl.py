@@ -71,6 +71,18 @@ def build_pipeline(path: Path, tiny: bool) -> Path:
     return path
 
 
+def timed_epoch(tr, cuda: bool) -> tuple[dict, float]:
+    """One training epoch, timed (with the CUDA peak-memory counter reset before it) -> (its record, seconds)."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    rec = tr.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return rec, time.perf_counter() - t1
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny width and resolution")
@@ -109,14 +121,7 @@ def main() -> None:
             log=dict(progress=False, tensorboard=False, num_final_eval=args.final_eval, num_eval_samples=2))
         tr = Trainer(cfg, Path(tmp) / "run" if args.final_eval else None)
         setup_s = time.perf_counter() - t0
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t1 = time.perf_counter()
-        rec = tr.step()
-        if cuda:
-            torch.cuda.synchronize()
-        epoch_s = time.perf_counter() - t1
+        rec, epoch_s = timed_epoch(tr, cuda)
         final = None
         if args.final_eval:
             t2 = time.perf_counter()
