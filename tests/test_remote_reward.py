@@ -64,8 +64,11 @@ def _post(url: str, body: bytes, headers: dict | None = None, method: str = "POS
     host, port = url.removeprefix("http://").split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        c.request(method, path, body=body, headers=headers if headers is not None else
-                  {"Content-Type": "application/json"})
+        try:
+            c.request(method, path, body=body, headers=headers if headers is not None else
+                      {"Content-Type": "application/json"})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered (a 503 at the connection cap) and closed before reading the body: read it
         r = c.getresponse()
         return r.status, r.read()
     finally:
