@@ -192,7 +192,7 @@ class Algorithm:
         int_k (1/2) g^2 ||s_theta - s_old||^2 dtau (the closed-form Girsanov KL; averaged over processes)."""
         tr, traj = self.trainer, batch.traj
         K = traj.num_steps
-        w = kl_weights(tr.process, traj.times)
+        w = kl_weights(tr.process, traj.times, traj.eta)
         micro = tr.cfg.optim.microbatch or len(idx)
         tot = torch.zeros((), dtype=torch.float64, device=traj.states.device)
         for s in range(0, len(idx), micro):
