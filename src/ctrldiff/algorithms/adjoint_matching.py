@@ -34,8 +34,6 @@ from ..rewards.base import call_reward
 from ..solvers import kl_weights, model_eps, select_cond
 from .base import Algorithm, Minibatch, RolloutBatch, register_algorithm
 
-BLACK_BOX_ALGOS = "ddpo, ddpo-sf, dpok, ctrl, flow-grpo, diffusion-nft or diffusion-dpo"
-
 
 class AdjointMatchingConfig(Strict):
     chunk: int = Field(256, ge=1, description="samples per reference-model vector-Jacobian product")
@@ -72,10 +70,7 @@ class AdjointMatching(Algorithm):
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
         self.acfg: AdjointMatchingConfig = cfg.adjoint_matching
-        reward = trainer.reward
-        if not getattr(reward, "differentiable", False):
-            raise CtrlDiffError(f"adjoint-matching needs a differentiable reward; {reward.name!r} is not (use --algo "
-                                f"{BLACK_BOX_ALGOS} for black-box rewards)")
+        self.require_differentiable_reward()
         if cfg.beta <= 0:
             raise CtrlDiffError("adjoint-matching needs beta > 0 (the adjoint starts at -grad r / beta)")
 

@@ -18,6 +18,7 @@ from ..solvers import kl_weights, model_eps
 from ..trajectory import Trajectory, gaussian_log_prob
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
+BLACK_BOX_ALGOS = "ddpo, ddpo-sf, dpok, ctrl, flow-grpo, diffusion-nft or diffusion-dpo"  # they need no reward gradient
 
 
 def register_algorithm(name: str):
@@ -80,6 +81,13 @@ class Algorithm:
 
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
+
+    def require_differentiable_reward(self) -> None:
+        """One-line error for an algorithm that back-propagates through the reward, given a black-box one."""
+        reward = self.trainer.reward
+        if not getattr(reward, "differentiable", False):
+            raise CtrlDiffError(f"{self.name} needs a differentiable reward; {reward.name!r} is not (use --algo "
+                                f"{BLACK_BOX_ALGOS} for black-box rewards)")
 
     # -- hooks ----------------------------------------------------------------------------------
     def rollout_kwargs(self) -> dict:

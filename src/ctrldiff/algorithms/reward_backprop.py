@@ -35,7 +35,6 @@ from pydantic import Field
 from torch import Tensor
 
 from ..config import Strict
-from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
 from ..solvers import kl_weights, model_eps, repeat_cond, replay_steps, select_cond
 from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
@@ -67,10 +66,7 @@ class RewardBackprop(Algorithm):
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
         self.acfg: RewardBackpropConfig = cfg.reward_backprop
-        reward = trainer.reward
-        if not getattr(reward, "differentiable", False):
-            raise CtrlDiffError(f"reward-backprop needs a differentiable reward; {reward.name!r} is not "
-                                "(use --algo ddpo, dpok, ctrl or diffusion-dpo for black-box rewards)")
+        self.require_differentiable_reward()
 
     def grad_steps(self, K: int) -> int:
         """n: the number of final sampler steps the gradient flows through."""
