@@ -134,7 +134,7 @@ def run_one(reward_name: str, algo: str, seed: int, budgets: list[int], eval_eve
 
 
 def discretisation_floor(reward_name: str, n_eval: int = 2000, seeds=(0, 1, 2), steps: int = 20,
-                         solver: str = "em") -> dict:
+                         solver: str = "em", flow: bool = False) -> dict:
     """The gap that the exact optimal control (:class:`~ctrldiff.eval.exact2d.OptimalScore`) leaves when it is
     sampled and evaluated exactly as the trained models are (``solver``, ``steps``; the same evaluation seeds):
     E r, KL_path, J, gap and MMD^2 to p*, mean over ``seeds``. No algorithm can beat it on this grid except by noise."""
@@ -146,12 +146,16 @@ def discretisation_floor(reward_name: str, n_eval: int = 2000, seeds=(0, 1, 2), 
     reward = make()
     gmm = gmm_preset("gmm2")
     target = TiltedTarget(gmm, reward, beta)
-    process = make_process("vp")
-    ref = ExactGMMScore(gmm, process)
+    # flow: the rectified-flow yardstick (velocity models, sampled like the trained ones by ddim eta = 1)
+    process = make_process("rf" if flow else "vp")
+    prediction = "v" if flow else "eps"
+    solver = "ddim" if flow else solver
+    ref = ExactGMMScore(gmm, process, prediction=prediction)
     # the optimal score from the target's cells: a lattice of Gaussians, smooth where the cell is well below sigma_t
     # at the last time a step evaluates (sigma ~ 0.18 for 20 EM steps: cell 0.05, 4x fewer cells than the J* grid;
     # sigma ~ 0.035 for 100 steps: the J* grid's cell 0.025)
-    star = OptimalScore(TiltedTarget(gmm, reward, beta, n_grid=200 if steps <= 20 else 400), process, mass_tol=1e-8)
+    star = OptimalScore(TiltedTarget(gmm, reward, beta, n_grid=200 if steps <= 20 else 400), process, mass_tol=1e-8,
+                        prediction=prediction)
     rows = []
     for seed in seeds:
         ev = evaluate_policy(star, ref, process, reward, sample_shape=(2,), n=n_eval, steps=steps, solver=solver,
@@ -229,9 +233,9 @@ def main() -> None:
     results, floors = [], []
     if args.floor:
         for rname in args.rewards:
-            fl = discretisation_floor(rname, n_eval=args.n_eval)
-            print(f"{rname:12s} floor (exact optimal control, em 20): J {fl['objective']:.4f} gap {fl['gap']:.4f} "
-                  f"MMD {fl['mmd']:.4f}", flush=True)
+            fl = discretisation_floor(rname, n_eval=args.n_eval, flow=args.flow)
+            print(f"{rname:12s} floor (exact optimal control, {fl['solver']} 20): J {fl['objective']:.4f} "
+                  f"gap {fl['gap']:.4f} MMD {fl['mmd']:.4f}", flush=True)
             floors.append(fl)
     for rname in args.rewards:
         for algo in args.algos:

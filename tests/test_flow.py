@@ -102,6 +102,30 @@ CASES = [
 ]
 
 
+def test_kl_path_of_a_velocity_model_counts_the_first_step():
+    """KL_path between two velocity models takes the velocity difference as constant over a step: on the 20-step
+    rectified-flow grid each step's weight then matches the exact KL of the ddim eta = 1 Gaussian step for a constant
+    velocity offset, B^2 (1 - t_k)^2 |dv|^2 / (2 std^2), within 15% on the first half of the steps and 2.5x on all but
+    the last (the discrete steps near the data end, whose std shrinks fast, cost more; the first step was 360x too
+    small when the eps difference was held constant), and the 2-D model evaluated against itself is 0."""
+    from ctrldiff import solvers as S
+
+    K = 20
+    t = RF.time_grid(K, dtype=torch.float64)
+    m = ExactGMMScore(gmm_preset("gmm2"), RF, prediction="v").double()
+    traj = S.get_solver("ddim", eta=1.0)(m, torch.randn(8, 2, dtype=torch.float64), t, RF,
+                                         generator=torch.Generator().manual_seed(0))
+    c = S.output_factor(RF, t[:-1], "v")
+    torch.testing.assert_close(c, 1 - t[:-1])
+    exact = (traj.coef_b.double() * c) ** 2 / (2 * traj.std.double() ** 2)
+    ratio = exact / (S.kl_weights(RF, t, prediction="v") * c * c)
+    assert bool(((ratio[:10] > 1.0) & (ratio[:10] < 1.15)).all()), ratio  # 1.06-1.10
+    assert bool(((ratio[:-1] > 1.0) & (ratio[:-1] < 2.5)).all()), ratio  # up to 2.15 at step 18
+    old = exact / (S.kl_weights(RF, t) * c * c)
+    assert float(old[0]) > 100  # the eps rule's first step
+    assert float(kl_path(RF, traj, traj.outputs, traj.outputs, prediction="v").abs().max()) == 0
+
+
 @pytest.mark.parametrize("model,algo,kw", CASES, ids=[f"{m}-{a}-{i}" for i, (m, a, _) in enumerate(CASES)])
 def test_every_algorithm_runs_on_flow_models(model, algo, kw):
     tr = Trainer(_cfg(model, algo, **kw))

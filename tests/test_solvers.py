@@ -478,25 +478,35 @@ def _int_half_g2(p, n=200001):
     ("vp", "eps"),
     ("vp-cosine", "eps"),
     ("rf", "eps"),
+    ("vp", "v"),
+    ("rf", "v"),
 ])
 def test_kl_path_quadrature_is_step_invariant(name, space):
-    """Deterministic check of the KL_path quadrature: a constant offset c between two models has an
-    exact KL_path, (1/2)|c|^2 int g^2 dt for a score offset and |c|^2 (lambda(t_min) - lambda(t_max)) for
-    an eps offset (because (1/2) g^2 / sigma^2 dt = -d lambda). kl_path must match it within 10% at
-    50 and at 200 steps (METHODS 0: KL_path must not change with the number of steps)."""
+    """Deterministic check of the KL_path quadrature: two models whose outputs (of type ``space``) differ by a
+    constant c have an exact KL_path, (1/2)|c|^2 int g^2 dt for score models, |c|^2 (lambda(t_min) - lambda(t_max))
+    for eps models (because (1/2) g^2 / sigma^2 dt = -d lambda) and |c|^2 int alpha^2 (-d lambda) for velocity
+    models (rectified flow: log(t_max / t_min) - (t_max - t_min)). kl_path must match it within 10% at 50 and at
+    200 steps (METHODS 0: KL_path must not change with the number of steps), given the models' output type."""
     p = make_process(name)
     c = torch.tensor([0.6, -0.8], dtype=F64)  # |c| = 1
     for steps in (50, 200):
         times = p.time_grid(steps, dtype=F64)
         zeros = torch.zeros(1, steps, 2, dtype=F64)
         tr = Trajectory(times=times, states=torch.zeros(1, steps + 1, 2, dtype=F64), outputs=zeros, solver="none")
-        sig = p.sigma(times[:-1])[None, :, None]
-        d_eps = c * sig if space == "score" else c.expand(1, steps, 2)  # eps = -sigma s
-        kl = float(S.kl_path(p, tr, zeros, d_eps)[0])
+        d_eps = c * S.output_factor(p, times[:-1], space)[None, :, None]
+        kl = float(S.kl_path(p, tr, zeros, d_eps, prediction=space)[0])
+        lam = lambda t: float(p.log_snr(torch.tensor(t, dtype=F64)))  # noqa: E731
         if space == "score":
             exact = _int_half_g2(p)
-        else:
-            exact = float(p.log_snr(torch.tensor(p.t_min, dtype=F64)) - p.log_snr(torch.tensor(p.t_max, dtype=F64)))
+        elif space == "eps":
+            exact = lam(p.t_min) - lam(p.t_max)
+        elif name == "rf":
+            exact = math.log(p.t_max / p.t_min) - (p.t_max - p.t_min)
+        else:  # vp, v: int alpha^2 (1/2) g^2 / sigma^2 dt by Simpson
+            t = torch.linspace(p.t_min, p.t_max, 200001, dtype=F64)
+            y = 0.5 * p.alpha(t) ** 2 * p.g2(t) / p.sigma(t) ** 2
+            h = (p.t_max - p.t_min) / 200000
+            exact = float(h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum()))
         assert abs(kl - exact) < 0.1 * exact, (steps, kl, exact)
 
 

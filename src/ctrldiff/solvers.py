@@ -400,36 +400,67 @@ def eta_kl_factor(eta) -> Tensor:
     return torch.where(e > 0, (1 + e * e) ** 2 / (4 * e * e).clamp(min=1e-300), torch.ones_like(e))
 
 
-def kl_weights(process: NoiseProcess, times: Tensor, eta=None) -> Tensor:
+def output_factor(process: NoiseProcess, t: Tensor, prediction: str = "eps") -> Tensor:
+    """c(t) with  eps_a - eps_b = c(t) (out_a - out_b)  for two outputs of the type ``prediction`` at the same (t, x)
+    (eps: 1, score: -sigma, x0: -alpha / sigma, v: alpha on VP and rectified flows). [len(t)]"""
+    t = torch.as_tensor(t)
+    one = torch.ones(t.numel(), 1, dtype=t.dtype, device=t.device)
+    return process.convert(one, prediction, "eps", t.reshape(-1), torch.zeros_like(one)).reshape(t.shape)
+
+
+def kl_weights(process: NoiseProcess, times: Tensor, eta=None, prediction: str = "eps", substeps: int = 32) -> Tensor:
     """Per-step weights w_k with  sum_k w_k ||eps_a - eps_b||^2 ~ int (1/2) g^2 ||s_a - s_b||^2 dtau
     (``eta``: a number or [K], the eta-family sampler's noise level: each w_k times :func:`eta_kl_factor`).
 
-    Uses the identity (1/2) g^2 / sigma^2 dt = -d lambda (lambda = log-SNR), so w_k = lambda(t_{k+1}) -
-    lambda(t_k): exact when the eps difference is constant over a step. A left Riemann sum of
-    (1/2) g^2 / sigma^2 dtau under-resolves the integrand where it blows up (1/sigma^2 at the data end,
-    g^2 at the noise end of cosine / rectified-flow schedules) and changes with the step count. [K]
+    Uses the identity (1/2) g^2 / sigma^2 dt = -d lambda (lambda = log-SNR). The eps difference is known at t_k only;
+    over the step it is taken to change as the difference of two outputs of the model's own type (``prediction``)
+    that stays constant: eps_a - eps_b = c(t) (out_a - out_b) (:func:`output_factor`), so
+        w_k = int_{t_{k+1}}^{t_k} c(t)^2 (-d lambda) / c(t_k)^2.
+    For eps models (c = 1) that is lambda(t_{k+1}) - lambda(t_k) exactly. For a velocity model of a rectified flow,
+    c = 1 - t: a constant velocity difference makes the eps difference vanish at t_max ~ 1, and the eps rule would
+    count the first step ~1/(1 - t_max)^2 times too little. The integral is a midpoint rule in c^2 over ``substeps``
+    geometric sub-intervals with exact log-SNR increments (exact for eps). A left Riemann sum of
+    (1/2) g^2 / sigma^2 dtau under-resolves the integrand where it blows up (1/sigma^2 at the data end, g^2 at the
+    noise end of cosine / rectified-flow schedules) and changes with the step count. [K]
     """
-    lam = process.log_snr(times.double())
-    w = lam[1:] - lam[:-1]
+    t64 = times.double()
+    if prediction == "eps":
+        lam = process.log_snr(t64)
+        w = lam[1:] - lam[:-1]
+    else:
+        frac = torch.linspace(0, 1, substeps + 1, dtype=torch.float64, device=t64.device)
+        hi, lo = t64[:-1, None], t64[1:, None]
+        sub = hi * (lo / hi) ** frac  # [K, n + 1] from t_k down to t_{k+1}, geometric
+        dlam = process.log_snr(sub[:, 1:]) - process.log_snr(sub[:, :-1])
+        c2 = output_factor(process, (sub[:, 1:] * sub[:, :-1]).sqrt(), prediction).pow(2)
+        w = (c2 * dlam).sum(1) / output_factor(process, t64[:-1], prediction).pow(2)
     if eta is not None:
         w = w * eta_kl_factor(torch.as_tensor(eta, dtype=torch.float64).to(w.device))
     return w.to(times.dtype)
 
 
-def kl_increments(process: NoiseProcess, times: Tensor, eps_a: Tensor, eps_b: Tensor, eta=None) -> Tensor:
+def prediction_of(model) -> str:
+    """The output type of ``model`` ('eps' when it does not say): what the KL_path quadrature holds constant."""
+    return getattr(model, "prediction", "eps")
+
+
+def kl_increments(process: NoiseProcess, times: Tensor, eps_a: Tensor, eps_b: Tensor, eta=None,
+                  prediction: str = "eps") -> Tensor:
     """Per-step Girsanov KL increments (1/2) c(eta) g^2 ||s_a - s_b||^2 dtau, integrated per step -> [B, K]
-    (``eta``: the rollout's eta-family noise level, ``Trajectory.eta``; None: the reverse SDE, c = 1)."""
+    (``eta``: the rollout's eta-family noise level, ``Trajectory.eta``; None: the reverse SDE, c = 1; ``prediction``:
+    the models' output type, see :func:`kl_weights`)."""
     K = eps_a.shape[1]
-    w = kl_weights(process, times[: K + 1], None if eta is None else torch.as_tensor(eta)[:K]).to(eps_a.dtype)
-    return w * (eps_a - eps_b).flatten(2).pow(2).sum(-1)
+    w = kl_weights(process, times[: K + 1], None if eta is None else torch.as_tensor(eta)[:K], prediction)
+    return w.to(eps_a.dtype) * (eps_a - eps_b).flatten(2).pow(2).sum(-1)
 
 
-def kl_path(process: NoiseProcess, traj: Trajectory, eps_theta: Tensor, eps_ref: Tensor) -> Tensor:
+def kl_path(process: NoiseProcess, traj: Trajectory, eps_theta: Tensor, eps_ref: Tensor,
+            prediction: str = "eps") -> Tensor:
     """Girsanov KL_path estimate per sample [B]:  int (1/2) g^2 ||s_theta - s_ref||^2 dtau along the path.
 
     The quadrature (see :func:`kl_weights`) does not depend on the discretisation to first order; an eta-family
-    trajectory is weighted with its own eta."""
-    return kl_increments(process, traj.times, eps_theta, eps_ref, traj.eta).sum(1)
+    trajectory is weighted with its own eta; ``prediction`` is the models' output type."""
+    return kl_increments(process, traj.times, eps_theta, eps_ref, traj.eta, prediction).sum(1)
 
 
 def girsanov_increment(g: float, dtau: float, xi: Tensor, s_new: Tensor, s_old: Tensor) -> Tensor:

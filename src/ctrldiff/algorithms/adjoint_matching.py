@@ -9,7 +9,7 @@ d a~/dtau = -(grad_y b_ref)^T a~ in continuous time: vector-Jacobian products of
 correction is regressed onto it:
     L = E sum_k dtau_k g_k^2 || (s_theta - s_ref)(t_k, x_k) + a~_{k+1} ||^2
       = E sum_k 2 w_k || (eps_theta - eps_ref)(t_k, x_k) - sigma_k a~_{k+1} ||^2,      s = -eps / sigma,
-with w_k = int_k (1/2) g^2 / sigma^2 dtau (:func:`ctrldiff.solvers.kl_weights`, the same quadrature as KL_path).
+with w_k = int_k (1/2) g^2 / sigma^2 dtau (:func:`ctrldiff.solvers.kl_weights` for eps models, for every model).
 The weights do not move the fixed point (each (t_k, x_k) is its own regression); they share the network's capacity
 between the steps. On the 2-D yardstick (50k queries) the left-Riemann weights dtau_k g_k^2 / sigma_k^2 gave
 quadratic gaps 0.156 / 0.135 / 0.108 (seeds 0-2) against 0.133 / 0.163 / 0.133 with these (comparable), mode switch
@@ -102,7 +102,10 @@ class AdjointMatching(Algorithm):
     def loss(self, mb: Minibatch) -> tuple[Tensor, dict]:
         traj = mb.batch.traj
         K = traj.num_steps
-        w = kl_weights(self.trainer.process, traj.times)[mb.k].to(mb.eps.dtype)  # int_k (1/2) g^2 / sigma^2 dtau
+        # int_k (1/2) g^2 / sigma^2 dtau: the memoryless regression's uniform time weighting in score units (the eps
+        # rule of kl_weights whatever the model predicts: weighting a velocity model's first step by the KL rule
+        # would ask its velocity to fit the adjoint's zero-mean noise there, scaled by 1 / (1 - t_max))
+        w = kl_weights(self.trainer.process, traj.times)[mb.k].to(mb.eps.dtype)
         sigma = self.trainer.process.sigma(traj.times.double())[mb.k].to(mb.eps.dtype)
         target = sigma.reshape(-1, *([1] * (mb.eps.ndim - 1))) * mb.batch.extras["adjoint"][mb.b, mb.k + 1]
         resid = (mb.eps - mb.eps_ref) - target  # = -sigma ((s_theta - s_ref) + a~_{k+1})

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CtrlDiffError
-from ..solvers import kl_weights, model_eps
+from ..solvers import kl_weights, model_eps, prediction_of
 from ..trajectory import Trajectory, gaussian_log_prob
 
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -147,6 +147,14 @@ class Algorithm:
             mbs = partition()
             batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
         start = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
+        limit = self.max_update_kl()
+        if start is not None and self.signal_scaled():
+            rho = self.signal_fraction(batch, pairs)
+            limit *= rho
+            info_sums["signal_fraction"] = rho
+            if rho == 0.0:  # no reproducible direction in this batch: no step (the optimiser state is left as is)
+                return {"train/signal_fraction": 0.0, "train/updates": 0, "train/update_kl": 0.0,
+                        "train/trust_region_scale": 0.0}
         for _ in range(self.inner_epochs()):
             if mbs is None:
                 epoch_mbs = partition()
@@ -184,10 +192,60 @@ class Algorithm:
                     info_sums[key] = info_sums.get(key, 0.0) + float(v)
                 n_updates += 1
         out = {f"train/{k}": v / max(n_updates, 1) for k, v in info_sums.items()}
+        if "signal_fraction" in info_sums:
+            out["train/signal_fraction"] = info_sums["signal_fraction"]
         out["train/updates"] = n_updates
-        if start is not None:  # the epoch's update, measured in nats, is kept within max_update_kl
-            out.update(self.enforce_trust_region(batch, start))
+        if start is not None:  # the epoch's update, measured in nats, is kept within max_update_kl (times rho)
+            out.update(self.enforce_trust_region(batch, start, limit=limit))
         return out
+
+    def signal_scaled(self) -> bool:
+        """Whether the trust region shrinks with the batch's signal fraction (:meth:`signal_fraction`)."""
+        return False
+
+    def signal_fraction(self, batch: RolloutBatch, pairs: Tensor | None = None, n: int = 128, groups: int = 8,
+                        z: float = 1.0) -> float:
+        """rho in [0, 1]: the share of the full batch's loss gradient that is signal, not sampling noise. The gradient
+        at the sampling policy is taken on ``groups`` disjoint sets of the batch's trajectories (up to ``n`` pairs
+        each): g_i = s + n_i with independent noises, so the mean of g_i . g_j over i != j estimates |s|^2 and the mean
+        of |g_i|^2 estimates |s|^2 + |n_G|^2; the full batch has 1 / groups of that noise variance, so
+        rho = |s|^2 / (|s|^2 + |n_G|^2 / groups), with |s|^2 taken at a lower confidence bound (``z`` standard errors
+        below the mean of the dots), 0 when the groups do not agree on a direction. With a trust region
+        the step that maximises the expected improvement along a noisy gradient has rho times the KL of the
+        noise-free one (for a quadratic objective, eta* = |s|^2 / (lambda E|g|^2)); so a batch with no reproducible
+        direction does not move the policy, and a reward x 0.1 moves it less than the same reward x 10."""
+        tr, traj = self.trainer, batch.traj
+        B, K = traj.batch_size, traj.num_steps
+        perm = torch.randperm(B, generator=tr.cpu_gen, device="cpu").to(traj.states.device)
+        allowed = None if pairs is None else torch.zeros(B * K, dtype=torch.bool, device=traj.states.device)
+        if allowed is not None:
+            allowed[pairs.to(traj.states.device)] = True
+        grads = []
+        for part in perm.tensor_split(groups):
+            idx = (part[:, None] * K + torch.arange(K, device=part.device)[None]).reshape(-1)
+            if allowed is not None:
+                idx = idx[allowed[idx]]
+            idx = idx[torch.randperm(len(idx), generator=tr.cpu_gen, device="cpu").to(idx.device)[:n]]
+            tr.optimizer.zero_grad(set_to_none=True)
+            micro = tr.cfg.optim.microbatch or max(len(idx), 1)
+            for ms in range(0, len(idx), micro):
+                sub = idx[ms:ms + micro]
+                loss, _ = self.loss(self.make_minibatch(batch, sub // K, sub % K))
+                (loss * len(sub) / len(idx)).backward()
+            tr.sync_grads(tr.optimizer)
+            grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+                                    for p in tr.trainable_parameters]).double())
+        tr.optimizer.zero_grad(set_to_none=True)
+        g = torch.stack(grads)
+        gram = g @ g.T
+        sq = float(gram.diagonal().mean())
+        off = gram[~torch.eye(groups, dtype=torch.bool, device=gram.device)]
+        # a lower confidence bound on |s|^2: the mean of the pairwise dots less z of its standard errors (the dots
+        # of one group share its noise: the errors of the group means, std / sqrt(groups))
+        dot = float(off.mean() - z * off.std() / math.sqrt(groups))
+        if dot <= 0 or sq <= 0:
+            return 0.0
+        return min(dot / (dot + max(sq - dot, 0.0) / groups), 1.0)
 
     def max_update_kl(self) -> float:
         """Trust region (nats per trajectory) on the Girsanov KL_path between the policy being updated and the
@@ -200,7 +258,7 @@ class Algorithm:
         int_k (1/2) g^2 ||s_theta - s_old||^2 dtau (the closed-form Girsanov KL; averaged over processes)."""
         tr, traj = self.trainer, batch.traj
         K = traj.num_steps
-        w = kl_weights(tr.process, traj.times, traj.eta)
+        w = kl_weights(tr.process, traj.times, traj.eta, prediction_of(tr.policy))
         micro = tr.cfg.optim.microbatch or len(idx)
         tot = torch.zeros((), dtype=torch.float64, device=traj.states.device)
         for s in range(0, len(idx), micro):
@@ -213,13 +271,14 @@ class Algorithm:
         return float(kl)
 
     def enforce_trust_region(self, batch: RolloutBatch, start: list[Tensor], pairs: int = 512,
-                             tries: int = 3) -> dict:
+                             tries: int = 3, limit: float | None = None) -> dict:
         """After an epoch's policy steps: if the policy is more than ``max_update_kl`` nats (per trajectory,
         measured on ``pairs`` random (sample, step) pairs of the batch) from the sampling policy, move the parameters
         back along the epoch's step towards where they started. The KL grows quadratically along it, so
         theta <- start + sqrt(limit / kl) (theta - start), repeated while still outside (at most ``tries`` times).
         So an update's size is set in nats, not by the learning rate or the reward's scale."""
-        limit, tr = self.max_update_kl(), self.trainer
+        limit = self.max_update_kl() if limit is None else limit
+        tr = self.trainer
         B, K = batch.traj.batch_size, batch.traj.num_steps
         idx = torch.randperm(B * K, generator=tr.cpu_gen, device="cpu")[:pairs].to(batch.traj.states.device)
         kl0 = kl = self.update_kl(batch, idx)
@@ -278,7 +337,8 @@ class Algorithm:
     def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None) -> Tensor:
         """int over step k of (1/2) g^2 ||s - s_target||^2 dtau per pair, s = -eps / sigma (target: s_ref) -> [N]
         (the quadrature of :func:`ctrldiff.solvers.kl_weights`)."""
-        w = kl_weights(self.trainer.process, mb.batch.traj.times, mb.batch.traj.eta)[mb.k].to(eps.dtype)
+        tr = self.trainer
+        w = kl_weights(tr.process, mb.batch.traj.times, mb.batch.traj.eta, prediction_of(tr.policy))[mb.k].to(eps.dtype)
         target = mb.eps_ref if target is None else target
         return w * (eps - target).flatten(1).pow(2).sum(1)
 

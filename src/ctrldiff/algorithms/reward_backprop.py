@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..config import Strict
 from ..rewards.base import call_reward
-from ..solvers import kl_weights, model_eps, repeat_cond, replay_steps, select_cond
+from ..solvers import kl_weights, model_eps, prediction_of, repeat_cond, replay_steps, select_cond
 from .base import Algorithm, RolloutBatch, gradient_step, register_algorithm
 
 
@@ -87,7 +87,7 @@ class RewardBackprop(Algorithm):
         loss = -r.mean()
         info = {"reward_grad_call": float(r.detach().mean())}
         if self.acfg.kl_penalty and self.cfg.beta > 0:
-            w = kl_weights(tr.process, traj.times).to(eps.dtype)
+            w = kl_weights(tr.process, traj.times, prediction=prediction_of(tr.policy)).to(eps.dtype)
             eps_ref = _eval_steps(tr.ref, tr.process, states[:, :-1], traj.times[start:K], cond)
             kl = (w[start:] * (eps - eps_ref).flatten(2).pow(2).sum(-1)).sum(1)
             if start > 0:  # the prefix: states fixed (stop-gradient), explicit dependence on theta only

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..rewards.base import call_reward
-from ..solvers import evaluate_along, get_solver, kl_path
+from ..solvers import evaluate_along, get_solver, kl_path, prediction_of
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000,
         x = torch.randn((m, *sample_shape), generator=g, device=device) * process.prior_std()
         traj = fn(model, x, times, process, c, generator=g)
         eps_ref = evaluate_along(ref, process, traj)
-        kls.append(kl_path(process, traj, traj.outputs, eps_ref).cpu())
+        kls.append(kl_path(process, traj, traj.outputs, eps_ref, prediction_of(model)).cpu())
         xr = traj.final if decode is None else decode(traj.final)
         rs.append(call_reward(reward, xr, c if reward_cond is None else reward_cond(c)).cpu())
         finals.append(traj.final.cpu())

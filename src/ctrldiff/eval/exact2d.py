@@ -203,12 +203,13 @@ class OptimalScore(torch.nn.Module):
     alpha_t c with the cells' p* probabilities; smooth while the cell side h is well below sigma_t, which holds at
     every time a solver evaluates on the usual grids). Sampled with a solver on a grid, it gives the
     *discretisation floor*: the gap (J* - J) / |J*| that the exact optimal control itself leaves on that grid.
-    eps(t, x) = -sigma_t s*(t, x); t [B] may differ per row."""
+    eps(t, x) = -sigma_t s*(t, x); t [B] may differ per row. ``prediction``: the output type (that of the model it is
+    compared with, so that KL_path uses the same quadrature, see :func:`ctrldiff.solvers.kl_weights`)."""
 
-    prediction = "eps"
-
-    def __init__(self, target: TiltedTarget, process, mass_tol: float = 1e-12, chunk: int = 512):
+    def __init__(self, target: TiltedTarget, process, mass_tol: float = 1e-12, chunk: int = 512,
+                 prediction: str = "eps"):
         super().__init__()
+        self.prediction = prediction
         p = target.log_star.exp()
         keep = p > mass_tol * p.max()
         self.process, self.chunk = process, chunk
@@ -226,7 +227,8 @@ class OptimalScore(torch.nn.Module):
             post = torch.softmax(self.log_w[None] - d2 / (2 * s * s), dim=1)  # [n, G]
             mean = a * (post @ c)  # E[alpha_t X_0 | X_t = x] under p*
             out.append(((xi - mean) / s).to(x.dtype))  # eps = -sigma s* = (x - alpha E[x0 | x]) / sigma
-        return torch.cat(out)
+        eps = torch.cat(out)
+        return eps if self.prediction == "eps" else self.process.convert(eps, "eps", self.prediction, t.to(x.dtype), x)
 
 
 def sample_distance_to_target(samples: Tensor, target: TiltedTarget, **kwargs) -> dict:

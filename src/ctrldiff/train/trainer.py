@@ -26,7 +26,7 @@ from ..config import build_config, dump_yaml, load_yaml
 from ..errors import CtrlDiffError, RewardError
 from ..guidance import with_guidance
 from ..rewards.base import call_reward, make_reward
-from ..solvers import evaluate_along, get_solver, jittered_grid, kl_increments
+from ..solvers import evaluate_along, get_solver, jittered_grid, kl_increments, prediction_of
 from ..trajectory import cat_trajectories
 from .checkpoint import (
     append_jsonl,
@@ -289,7 +289,7 @@ class Trainer:
         r = torch.cat([rewards[i] for i in keep]).to(self.device)
         if self.cfg.log.kl_path or self.algo.needs_reference:
             eps_ref = evaluate_along(self.ref, self.process, traj, chunk=self.cfg.optim.microbatch or 4096)
-            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref, traj.eta)
+            kl_rate = kl_increments(self.process, traj.times, traj.outputs, eps_ref, traj.eta, prediction_of(self.policy))
         else:  # not used by the update, not logged: KL_path is NaN in the metrics
             eps_ref = traj.outputs
             kl_rate = torch.full(traj.outputs.shape[:2], float("nan"), device=traj.outputs.device)
