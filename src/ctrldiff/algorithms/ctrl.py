@@ -63,6 +63,12 @@ class CTRLConfig(Strict):
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
                                  "past the limit the update is scaled back to it, so its size does not depend on the "
                                  "reward's scale or the learning rate. 0 = no limit")
+    signal_scaled: bool = Field(False, description="estimator (a): scale max_update_kl by the batch's signal "
+                                "fraction rho in [0, 1] (how well the loss gradients of eight disjoint parts of the "
+                                "batch agree, with Monte Carlo advantages, at a lower confidence bound): an update "
+                                "moves the policy by at most rho * max_update_kl nats, and not at all when the parts "
+                                "do not agree on a direction. Off by default: measured, it keeps near-saturated "
+                                "rewards at the start but cuts the gains of rewards with headroom ~10x (docs/CTRL.md)")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -276,6 +282,21 @@ class CTRL(Algorithm):
 
     def max_update_kl(self) -> float:
         return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
+
+    def signal_scaled(self) -> bool:
+        return self.acfg.signal_scaled and self.acfg.estimator == "a"
+
+    def signal_fraction(self, batch: RolloutBatch, pairs=None, n: int = 128, groups: int = 8, z: float = 1.0) -> float:
+        """As :meth:`Algorithm.signal_fraction`, with the Monte Carlo advantages (return-to-go r - beta sum_{j >= k}
+        KL_j, centred per step) in place of the critic's: a critic's systematic error is the same on both halves of a
+        batch and would pass for signal; the Monte Carlo return is unbiased (and noisier: rho is conservative)."""
+        adv = batch.advantages
+        run = batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
+        batch.advantages = run - self.trainer.dist.mean(run, 0)
+        try:
+            return super().signal_fraction(batch, pairs, n, groups, z)
+        finally:
+            batch.advantages = adv
 
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
