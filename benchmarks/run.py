@@ -12,6 +12,10 @@ Sections (each one reuses the benchmark script that owns it, so a number here is
               2-D yardstick (benchmarks/yardstick2d.py): sample efficiency (E r, KL_path, J, gap to J*, MMD to p*
               at each budget) and robustness: each fine-tuned score evaluated with other solvers / step counts
               (benchmarks/robustness.py's list).
+  baselines   Adjoint Matching, Flow-GRPO (-Fast) and DiffusionNFT on the same yardstick, with its discretisation floor.
+  flow2d      every method on the rectified-flow yardstick 'gmm2-rf-exact' (ddim eta 1), with its floor.
+  digits      the digits main job side by side on the shipped VP and rectified-flow models: CTRL, DPOK, Adjoint
+              Matching, Flow-GRPO (-Fast), DiffusionNFT (benchmarks/digits_side_by_side.py).
   qlearning2d q-learning from data and a reward (no pretrained score) vs "pretrain by denoising score matching,
               then fine-tune with DPOK / CTRL / DDPO" at matched terminal reward queries and data passes
               (benchmarks/qlearning_2d.py).
@@ -48,16 +52,26 @@ MODES = {
     # qlearning2d: q-learning epochs (128 trajectories each), seeds, fine-tuning baselines
     "smoke": dict(rewards=["mode_switch"], budgets=[256, 512], seeds=[0, 1], n_eval=200,
                   robust=[("em", 5), ("em", 20), ("ddim", 10)], ql_epochs=2, ql_seeds=[0], ql_algos=["dpok"],
-                  lasro=False, algos=["ctrl-a", "ddpo"], bl_algos=["adjoint-matching", "diffusion-nft"], bl_seeds=[0]),
+                  lasro=False, algos=["ctrl-a", "ddpo"], bl_algos=["adjoint-matching", "diffusion-nft"], bl_seeds=[0],
+                  flow=dict(rewards=["mode_switch"], budgets=[256, 512], seeds=[0], algos=["ctrl-a", "dpok"]),
+                  digits=None),
     "quick": dict(rewards=["mode_switch"], budgets=[2560, 5120], seeds=[0, 1], n_eval=1000,
                   robust=[("em", 5), ("em", 20), ("em", 100), ("ddim", 50), ("heun", 25), ("dpmpp-2m", 20)],
                   ql_epochs=60, ql_seeds=[0, 1], ql_algos=["dpok", "ctrl-a"], lasro=True,
                   algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo"],
                   bl_algos=["adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft", "diffusion-nft-kl1"],
-                  bl_seeds=[0]),
+                  bl_seeds=[0],
+                  flow=dict(rewards=["mode_switch"], budgets=[2560, 5120], seeds=[0],
+                            algos=["ctrl-a", "ctrl-b", "dpok", "adjoint-matching", "flow-grpo", "diffusion-nft-kl1"]),
+                  digits=dict(models=["digits", "digits-rf"], epochs=3, n=200,
+                              methods=["ctrl", "dpok", "adjoint-matching", "flow-grpo", "diffusion-nft"])),
     "full": dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000, 50000], seeds=[0, 1, 2], n_eval=2000,
                  robust=None, ql_epochs=150, ql_seeds=[0, 1, 2], ql_algos=["ddpo", "dpok", "ctrl-a", "ctrl-b"],
-                 lasro=True, algos=None, bl_algos=None, bl_seeds=[0, 1, 2]),
+                 lasro=True, algos=None, bl_algos=None, bl_seeds=[0, 1, 2],
+                 flow=dict(rewards=["quadratic", "mode_switch"], budgets=[5000, 20000], seeds=[0],
+                           algos=["ctrl-a", "ctrl-b", "ddpo", "dpok", "reward-backprop", "diffusion-dpo",
+                                  "adjoint-matching", "flow-grpo", "flow-grpo-fast", "diffusion-nft-kl1"]),
+                 digits=dict(models=["digits", "digits-rf"], epochs=None, n=500, methods=None)),
 }
 
 
@@ -454,6 +468,73 @@ def render_baselines(data: dict, mode: dict, fig_dir: Path) -> str:
     return "\n".join(out)
 
 
+# ---- section: the rectified-flow 2-D yardstick ------------------------------------------------------------------
+def section_flow2d(mode: dict) -> dict:
+    """Every method on 'gmm2-rf-exact' (the exact mixture velocity plus a residual; ddim eta = 1 rollouts and
+    evaluation, 20 steps), with the discretisation floor of the exact optimal control on the same grid."""
+    import yardstick2d
+
+    m = mode["flow"]
+    runs = []
+    for rname in m["rewards"]:
+        for algo in m["algos"]:
+            for seed in m["seeds"]:
+                res = yardstick2d.run_one(rname, algo, seed, m["budgets"], eval_every=5, n_eval=mode["n_eval"],
+                                          flow=True)
+                last = res["at_budget"][max(m["budgets"])]
+                print(f"  flow2d {rname} {algo} seed {seed}: J {last['objective']:.4f} gap {last['gap']:.3f} "
+                      f"({res['wall_s']:.0f} s)", flush=True)
+                runs.append(res)
+    floors = [yardstick2d.discretisation_floor(r, n_eval=mode["n_eval"], seeds=m["seeds"], flow=True)
+              for r in m["rewards"]]
+    return {"runs": runs, "floors": floors}
+
+
+def render_flow2d(data: dict, mode: dict, fig_dir: Path) -> str:
+    import yardstick2d
+
+    m = mode["flow"]
+    return ("`gmm2-rf-exact`: the exact velocity of the 'gmm2' mixture on the rectified flow plus a zero-initialised "
+            "residual MLP (p_ref, p* and J* as for the VP yardstick); rollouts and evaluation by ddim eta = 1 (the "
+            "exact Gaussian step) with 20 steps; KL_path with the velocity models' quadrature (`solvers.kl_weights`). "
+            "The floor is the exact optimal control sampled and evaluated the same way. Seeds: "
+            + ", ".join(map(str, m["seeds"])) + ".\n" + yardstick2d.table(data["runs"], m["budgets"], data["floors"]))
+
+
+# ---- section: the digits main job, side by side ---------------------------------------------------------------
+def section_digits(mode: dict) -> dict | None:
+    """CTRL, DPOK and the strongest current baselines fine-tuning the shipped digits models (VP UNet and rectified
+    flow) with the main job's defaults (benchmarks/digits_side_by_side.py)."""
+    import digits_side_by_side as sbs
+
+    m = mode["digits"]
+    if m is None:
+        return None
+    out = {}
+    for model in m["models"]:
+        runs = []
+        for method in m["methods"] or list(sbs.METHODS):
+            r = sbs.run(method, model, 0, m["epochs"], m["n"])
+            print(f"  digits {model} {method}: J {r['eval'][r['train_solver']]['ft']['objective']:.3f} "
+                  f"({r['wall_s']:.0f} s)", flush=True)
+            runs.append(r)
+        out[model] = {"meta": {"n": m["n"]}, "runs": runs}
+    return out
+
+
+def render_digits(data: dict, mode: dict, fig_dir: Path) -> str:
+    import digits_side_by_side as sbs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for model, d in data.items():
+            paths.append(str(Path(tmp) / f"{model}.json"))
+            Path(paths[-1]).write_text(json.dumps(d))
+        return ("One run each, seed 0, with the main job's defaults (" + ("its epochs" if mode["digits"]["epochs"]
+                is None else f"{mode['digits']['epochs']} epochs") + "). Rollouts: EM 20 on the VP model, ddim eta 1 "
+                "on the flow. See `benchmarks/digits_side_by_side.py`.\n" + sbs.render(paths))
+
+
 CTRL_MODES = {  # benchmarks/ctrl_promises.py at the suite's sizes (None: not in that mode)
     "smoke": None,
     "quick": dict(epochs=20, n=200, grid=dict(tasks=["digit-alignment", "centering", "toy2d-mode-switch"],
@@ -496,6 +577,9 @@ SECTIONS = {
                    section_finetune2d, render_finetune2d),
     "baselines": ("Adjoint Matching, Flow-GRPO (-Fast) and DiffusionNFT on the exact 2-D yardstick",
                   section_baselines, render_baselines),
+    "flow2d": ("Every method on the rectified-flow 2-D yardstick", section_flow2d, render_flow2d),
+    "digits": ("The digits main job side by side: CTRL, DPOK and the current baselines on the VP and flow models",
+               section_digits, render_digits),
     "qlearning2d": ("q-learning from data vs pretrain + fine-tune (2-D)", section_qlearning2d, render_qlearning2d),
     "lasro2step": ("LaSRO vs DDPO / Diffusion-DPO on the few-step digits generator", section_lasro2step,
                    render_lasro2step),
@@ -604,7 +688,8 @@ def main(argv: list[str] | None = None) -> dict:
               "seconds": {}}
     t_all = time.perf_counter()
     for key in SECTIONS:
-        if (key == "lasro2step" and not mode["lasro"]) or (key == "ctrl" and CTRL_MODES[mode_name] is None):
+        if ((key == "lasro2step" and not mode["lasro"]) or (key == "ctrl" and CTRL_MODES[mode_name] is None)
+                or (key == "digits" and mode["digits"] is None)):
             result["skipped"][key] = f"not part of the {mode_name} mode"
             continue
         if key not in args.sections:

@@ -86,3 +86,17 @@ def test_baselines_section_smoke(suite, tmp_path):
     page = (tmp_path / "B.md").read_text()
     assert "Discretisation floor" in page and "| adjoint-matching | 512 |" in page
     assert (tmp_path / "benchmarks" / "baselines_mode_switch.png").exists()
+
+
+def test_flow_yardstick_section_has_every_algo_and_the_floor(suite, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = suite.main(["--smoke", "--sections", "flow2d", "--json", str(tmp_path / "f.json"),
+                          "--doc", str(tmp_path / "F.md")])
+    finally:
+        torch.set_num_threads(threads)
+    page = (tmp_path / "F.md").read_text()
+    assert "| exact optimal control (floor, ddim 20) |" in page
+    assert "| ctrl-a | 512 |" in page and "| dpok | 256 |" in page
+    fl = res["sections"]["flow2d"]["floors"][0]
+    assert fl["solver"] == "ddim" and fl["kl_path"] > 0 and fl["gap"] < 0.2  # the optimal control is near J*
