@@ -23,15 +23,19 @@ def suite():
     return mod
 
 
+def _run(suite, *args: str) -> dict:
+    """``benchmarks/run.py --smoke ARGS`` in this process, restoring the thread count it sets."""
+    threads = torch.get_num_threads()
+    try:
+        return suite.main(["--smoke", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def smoke(suite, tmp_path_factory):
     d = tmp_path_factory.mktemp("suite")
-    threads = torch.get_num_threads()
-    try:
-        res = suite.main(["--smoke", "--sections", "finetune2d", "qlearning2d", "--json", str(d / "a.json"),
-                          "--doc", str(d / "BENCH.md")])
-    finally:
-        torch.set_num_threads(threads)
+    res = _run(suite, "--sections", "finetune2d", "qlearning2d", "--json", str(d / "a.json"), "--doc", str(d / "BENCH.md"))
     return d, res
 
 
@@ -53,12 +57,7 @@ def test_page_states_machine_seeds_time_and_tables(smoke):
 
 def test_rerun_reproduces_every_number(suite, smoke, tmp_path):
     d, _ = smoke
-    threads = torch.get_num_threads()
-    try:
-        res = suite.main(["--smoke", "--sections", "finetune2d", "--json", str(tmp_path / "b.json"),
-                          "--check", str(d / "a.json")])
-    finally:
-        torch.set_num_threads(threads)
+    res = _run(suite, "--sections", "finetune2d", "--json", str(tmp_path / "b.json"), "--check", str(d / "a.json"))
     c = res["check"]
     assert c["compared"] > 50 and c["equal"] == c["compared"], c["diffs"]
 
@@ -73,12 +72,7 @@ def test_check_flags_changed_numbers_and_ignores_timings(suite):
 
 def test_baselines_section_smoke(suite, tmp_path):
     """The section 9 baselines on the yardstick: the discretisation floor first, then each method's rows."""
-    threads = torch.get_num_threads()
-    try:
-        res = suite.main(["--smoke", "--sections", "baselines", "--json", str(tmp_path / "b.json"),
-                          "--doc", str(tmp_path / "B.md")])
-    finally:
-        torch.set_num_threads(threads)
+    res = _run(suite, "--sections", "baselines", "--json", str(tmp_path / "b.json"), "--doc", str(tmp_path / "B.md"))
     data = res["sections"]["baselines"]
     assert [r["algo"] for r in data["runs"]] == ["adjoint-matching", "diffusion-nft"]
     fl = data["floors"][0]
@@ -89,12 +83,7 @@ def test_baselines_section_smoke(suite, tmp_path):
 
 
 def test_flow_yardstick_section_has_every_algo_and_the_floor(suite, tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        res = suite.main(["--smoke", "--sections", "flow2d", "--json", str(tmp_path / "f.json"),
-                          "--doc", str(tmp_path / "F.md")])
-    finally:
-        torch.set_num_threads(threads)
+    res = _run(suite, "--sections", "flow2d", "--json", str(tmp_path / "f.json"), "--doc", str(tmp_path / "F.md"))
     page = (tmp_path / "F.md").read_text()
     assert "| exact optimal control (floor, ddim 20) |" in page
     assert "| ctrl-a | 512 |" in page and "| dpok | 256 |" in page

@@ -334,11 +334,14 @@ class Algorithm:
                          eps_ref=batch.eps_ref[b, k], log_prob=log_prob, log_prob_old=log_prob_old, batch=batch)
 
     # -- small shared formulas ------------------------------------------------------------------------
-    def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None) -> Tensor:
+    def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None,
+                     prediction: str | None = None) -> Tensor:
         """int over step k of (1/2) g^2 ||s - s_target||^2 dtau per pair, s = -eps / sigma (target: s_ref) -> [N]
-        (the quadrature of :func:`ctrldiff.solvers.kl_weights`)."""
+        (the quadrature of :func:`ctrldiff.solvers.kl_weights` for the policy's output type, or ``prediction``: 'eps'
+        weights a regression loss uniformly in time in score units, whatever the model predicts)."""
         tr = self.trainer
-        w = kl_weights(tr.process, mb.batch.traj.times, mb.batch.traj.eta, prediction_of(tr.policy))[mb.k].to(eps.dtype)
+        pred = prediction_of(tr.policy) if prediction is None else prediction
+        w = kl_weights(tr.process, mb.batch.traj.times, mb.batch.traj.eta, pred)[mb.k].to(eps.dtype)
         target = mb.eps_ref if target is None else target
         return w * (eps - target).flatten(1).pow(2).sum(1)
 

@@ -276,7 +276,9 @@ class CTRL(Algorithm):
             step_kl = self.step_kl_rate(mb, eps_target, mb.eps_old)
             shrink = torch.sqrt(self.acfg.trust_region / step_kl.clamp_min(1e-12)).clamp(max=1.0)
             eps_target = mb.eps_old + shrink.reshape(-1, *[1] * (eps_target.ndim - 1)) * (eps_target - mb.eps_old)
-        err = self.step_kl_rate(mb, mb.eps, eps_target)
+        # the regression in score units, uniform in time (as Adjoint Matching's): with a velocity model's KL weights
+        # its first step would ask the velocity to fit grad V's noise there scaled by 1 / (1 - t_max)
+        err = self.step_kl_rate(mb, mb.eps, eps_target, prediction="eps")
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
