@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ctrl_rewards  # noqa: E402
 
+from ctrldiff.config import apply_overrides  # noqa: E402
 from ctrldiff.eval.evaluate import evaluate_policy  # noqa: E402
 from ctrldiff.rewards.base import WeightedSum, make_reward  # noqa: E402
 from ctrldiff.train.config import TrainConfig  # noqa: E402
@@ -66,9 +67,13 @@ def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321) -> dict:
     return out
 
 
+OVERRIDES: list[str] = []  # --set KEY=VALUE: applied to every run's config (e.g. ctrl.max_update_kl=0.1)
+
+
 def train(algo: str, model: str, reward, seed: int, epochs: int | None) -> tuple[Trainer, float]:
     kw = {"epochs": epochs} if epochs else {}
-    cfg = TrainConfig(algo=algo, model=model, seed=seed, log=QUIET, **kw)
+    data = dict(algo=algo, model=model, seed=seed, log=QUIET, **kw)
+    cfg = TrainConfig(**apply_overrides(data, OVERRIDES)) if OVERRIDES else TrainConfig(**data)
     tr = Trainer(cfg, reward=reward)
     t0 = time.perf_counter()
     tr.train()
@@ -187,8 +192,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="grid: results file (default benchmarks/results/ctrl_promises_grid.json)")
     ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeatable), e.g. ctrl.max_update_kl=0.1")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    OVERRIDES[:] = args.overrides
     if args.what == "robustness":
         res = robustness(args)
         RESULTS.mkdir(parents=True, exist_ok=True)
