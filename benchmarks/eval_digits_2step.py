@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ctrldiff import assets
 from ctrldiff.models import load_model
-from ctrldiff.models.unet import num_parameters
 from ctrldiff.train.distill import few_step_quality, real_frechet
 
 
@@ -41,24 +39,15 @@ def main() -> None:
     print(json.dumps({"student": quality, "teacher_ddim": teacher_q, "real_vs_real": real}, indent=1))
     if not args.write:
         return
-    stem = assets.ASSETS_DIR / assets.DIGITS_2STEP
-    for ext in ("safetensors", "json"):
-        shutil.copyfile(Path(args.run) / f"model.{ext}", stem.with_suffix(f".{ext}"))
     meta = student.metadata
-    doc = assets.read_manifest()
-    doc["assets"][assets.DIGITS_2STEP] = {
-        "files": [assets.file_record(stem.with_suffix(f".{ext}")) for ext in ("safetensors", "json")],
-        "type": student.model_type, "parameters": num_parameters(student),
-        "command": meta["command"] + f" && cp {args.run}/model.safetensors src/ctrldiff/assets/{assets.DIGITS_2STEP}"
-                   f".safetensors && cp {args.run}/model.json src/ctrldiff/assets/{assets.DIGITS_2STEP}.json",
-        "train_time_s": meta["train_time_s"], "train_cpu_s": meta.get("train_cpu_s"), "torch": torch.__version__,
-        "distilled_from": assets.DIGITS_MODEL, "method": "progressive distillation (ctrldiff.train.distill), "
+    stem = assets.ship_run(
+        args.run, assets.DIGITS_2STEP, student, "python benchmarks/eval_digits_2step.py --run " + args.run + " --write",
+        train_cpu_s=meta.get("train_cpu_s"), distilled_from=assets.DIGITS_MODEL,
+        method="progressive distillation (ctrldiff.train.distill), "
         f"DDIM {meta['teacher_steps']} -> {meta['generator_steps']} steps, CFG {g} distilled in",
-        "quality": {"sampler": "ddim eta=0, no guidance", "samples": args.n, "seed": 0, "judge": assets.DIGIT_CLASSIFIER,
-                    "frechet": "squared Frechet distance in the judge's 128-d feature space to the 300 held-out digits",
-                    **quality, "teacher_ddim_cfg": teacher_q, "real_vs_real": real},
-    }
-    assets.MANIFEST.write_text(json.dumps(doc, indent=2) + "\n")
+        quality={"sampler": "ddim eta=0, no guidance", "samples": args.n, "seed": 0, "judge": assets.DIGIT_CLASSIFIER,
+                 "frechet": "squared Frechet distance in the judge's 128-d feature space to the 300 held-out digits",
+                 **quality, "teacher_ddim_cfg": teacher_q, "real_vs_real": real})
     print(f"wrote {stem}.* and the manifest entry {assets.DIGITS_2STEP!r}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import torch
 from ctrldiff import assets
 from ctrldiff.guidance import with_guidance
 from ctrldiff.models import load_model
-from ctrldiff.models.unet import num_parameters
 from ctrldiff.noise import process_from_config
 from ctrldiff.solvers import sample
 from ctrldiff.train.distill import few_step_quality, real_frechet
@@ -64,28 +62,16 @@ def main() -> None:
     print(json.dumps({"vp_digits_em50_cfg2": vp_row, "real_vs_real": real}))
     if not args.write:
         return
-    stem = assets.ASSETS_DIR / assets.DIGITS_RF
-    for ext in ("safetensors", "json"):
-        shutil.copyfile(Path(args.run) / f"model.{ext}", stem.with_suffix(f".{ext}"))
-    meta = model.metadata
-    head = rows[0]
-    doc = assets.read_manifest()
-    doc["assets"][assets.DIGITS_RF] = {
-        "files": [assets.file_record(stem.with_suffix(f".{ext}")) for ext in ("safetensors", "json")],
-        "type": model.model_type, "parameters": num_parameters(model),
-        "command": meta["command"] + f" && cp {args.run}/model.safetensors src/ctrldiff/assets/{assets.DIGITS_RF}"
-                   f".safetensors && cp {args.run}/model.json src/ctrldiff/assets/{assets.DIGITS_RF}.json",
-        "train_time_s": meta["train_time_s"], "torch": torch.__version__,
-        "process": meta["process"], "prediction": "v (flow velocity eps - x0)",
-        "quality": {
+    meta, head = model.metadata, rows[0]
+    stem = assets.ship_run(
+        args.run, assets.DIGITS_RF, model, "python benchmarks/eval_digits_rf.py --run " + args.run + " --write",
+        process=meta["process"], prediction="v (flow velocity eps - x0)",
+        quality={
             "conditional_sample_accuracy": head["accuracy"], "samples": args.n, "guidance": head["guidance"],
             "solver": head["solver"], "steps": head["steps"], "seed": 0, "judge": assets.DIGIT_CLASSIFIER,
             "final_loss": meta.get("final_loss"),
             "frechet": "squared Frechet distance in the judge's 128-d feature space to the 300 held-out digits",
-            "by_sampler": rows, "vp_digits_em50_cfg2": vp_row, "real_vs_real": real,
-            "measured_by": "python benchmarks/eval_digits_rf.py --run " + args.run + " --write"},
-    }
-    assets.MANIFEST.write_text(json.dumps(doc, indent=2) + "\n")
+            "by_sampler": rows, "vp_digits_em50_cfg2": vp_row, "real_vs_real": real})
     print(f"wrote {stem}.* and the manifest entry {assets.DIGITS_RF!r}")
 
 

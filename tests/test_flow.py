@@ -166,3 +166,34 @@ def test_shipped_digits_rf_samples_recognisable_digits(tmp_path):
     t = load_file(str(paths["tensors"]))
     acc = float((load_digit_classifier().predict(t["samples"].clamp(-1, 1)) == t["labels"]).float().mean())
     assert acc >= 0.9
+
+
+def test_ship_run_copies_the_model_and_writes_its_manifest_entry(tmp_path, monkeypatch):
+    """assets.ship_run (used by benchmarks/eval_digits_rf.py and eval_digits_2step.py --write): the run's model files
+    become the asset, whose manifest entry has their hashes, the command that made them and the copy, and the entry."""
+    import json
+    import shutil
+
+    from ctrldiff import assets
+    from ctrldiff.models import load_model
+    from ctrldiff.models.base import save_model
+
+    shipped = load_model(assets.default_digits_rf_path())
+    d = tmp_path / "assets"
+    d.mkdir()
+    shutil.copyfile(assets.MANIFEST, d / "manifest.json")
+    monkeypatch.setattr(assets, "ASSETS_DIR", d)
+    monkeypatch.setattr(assets, "MANIFEST", d / "manifest.json")
+    run = tmp_path / "run"
+    save_model(shipped, run / "model",
+               metadata={"command": "ctrldiff pretrain digits", "train_time_s": 1.5})
+    stem = assets.ship_run(run, "toy_asset", load_model(run / "model"), "python measure.py", quality={"acc": 1.0})
+    entry = json.loads((d / "manifest.json").read_text())["assets"]["toy_asset"]
+    assert stem == d / "toy_asset" and (d / "toy_asset.safetensors").exists()
+    assert entry["files"][0] == assets.file_record(d / "toy_asset.safetensors")
+    assert entry["command"] == (f"ctrldiff pretrain digits && cp {run}/model.safetensors src/ctrldiff/assets/"
+                                f"toy_asset.safetensors && cp {run}/model.json src/ctrldiff/assets/toy_asset.json")
+    assert entry["quality"] == {"acc": 1.0} and entry["measured_by"] == "python measure.py"
+    assert entry["type"] == "unet" and entry["parameters"] > 0 and entry["train_time_s"] == 1.5
+    assert "toy_asset" in json.loads((d / "manifest.json").read_text())["assets"]
+    assert "digits_rf" in json.loads((d / "manifest.json").read_text())["assets"]  # the others are kept

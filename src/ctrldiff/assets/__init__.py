@@ -112,6 +112,29 @@ def read_manifest(path: Path = MANIFEST) -> dict:
         raise CtrlDiffError(f"asset manifest {path} is not valid JSON: {e}") from None
 
 
+def ship_run(run_dir: str | Path, name: str, model: nn.Module, measured_by: str, **entry) -> Path:
+    """Ship a training run's model as the asset ``name``: copy ``run_dir/model.{safetensors,json}`` here and write its
+    manifest entry (files, type, parameters, the command that made it and the copy, training time, torch version, and
+    ``entry``: e.g. its measured quality; ``measured_by``: the command that measured it). Returns the asset's stem."""
+    import shutil
+
+    import torch
+
+    run_dir, stem = Path(run_dir), ASSETS_DIR / name
+    for ext in ("safetensors", "json"):
+        shutil.copyfile(run_dir / f"model.{ext}", stem.with_suffix(f".{ext}"))
+    meta = model.metadata
+    doc = read_manifest(MANIFEST)
+    doc["assets"][name] = {
+        "files": [file_record(stem.with_suffix(f".{ext}")) for ext in ("safetensors", "json")],
+        "type": model.model_type, "parameters": sum(p.numel() for p in model.parameters()),
+        "command": meta["command"] + "".join(f" && cp {run_dir}/model.{ext} src/ctrldiff/assets/{name}.{ext}"
+                                             for ext in ("safetensors", "json")),
+        "train_time_s": meta["train_time_s"], "torch": torch.__version__, **entry, "measured_by": measured_by}
+    MANIFEST.write_text(json.dumps(doc, indent=2) + "\n")
+    return stem
+
+
 def verify_manifest(path: Path = MANIFEST) -> dict[str, str]:
     """Check every file listed in the manifest exists with the recorded size and sha256.
 
