@@ -25,6 +25,7 @@ from ctrldiff.noise import DiscreteVP  # noqa: E402
 from ctrldiff.solvers import ddim, euler_maruyama  # noqa: E402
 from ctrldiff.train.config import TrainConfig  # noqa: E402
 from ctrldiff.train.trainer import Trainer  # noqa: E402
+from lora_helpers import one_step  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 PROMPTS = ["cat", "dog", "fox"]
@@ -195,14 +196,6 @@ def _cfg(model, algo, prompts, **kw):
     return TrainConfig(**base)
 
 
-def _weights(task):
-    m = task.backend.pipe
-    mods = {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder}
-    if getattr(m, "text_encoder_2", None) is not None:
-        mods["text_encoder_2"] = m.text_encoder_2
-    return {f"{k}.{n}": p.detach().clone() for k, mod in mods.items() for n, p in mod.named_parameters()}
-
-
 def brightness(x, cond):
     """A differentiable reward on decoded images that checks it gets prompt strings."""
     assert isinstance(cond, list) and all(isinstance(c, str) for c in cond) and len(cond) == x.shape[0]
@@ -236,10 +229,7 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
                   lasro=dict(initial_surrogate_steps=2, surrogate_steps=2))
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), **kw), reward=reward)
     assert tr.cfg.log.num_eval_samples == 8 and tr.cfg.optim.microbatch == 3  # family default / explicit value
-    before = _weights(tr.task)
-    rec = tr.step()
-    after = _weights(tr.task)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    rec, before, changed = one_step(tr)
     assert changed, "nothing was trained"
     assert all(".lora_" in k for k in changed), sorted(k for k in changed if ".lora_" not in k)[:3]
     assert any(".lora_B." in k for k in changed)

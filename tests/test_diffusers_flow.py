@@ -20,6 +20,7 @@ from ctrldiff.noise import FlowMatch  # noqa: E402
 from ctrldiff.solvers import ddim, evaluate_along, kl_path, ode_euler  # noqa: E402
 from ctrldiff.train.config import TrainConfig  # noqa: E402
 from ctrldiff.train.trainer import Trainer  # noqa: E402
+from lora_helpers import one_step  # noqa: E402
 
 PROMPTS = ["cat", "dog", "fox"]
 RES = 16  # pixels: latents [4, 8, 8]
@@ -139,13 +140,6 @@ def brightness(x, cond):
 brightness.differentiable = True
 
 
-def _weights(task):
-    p = task.backend.pipe
-    mods = {n: getattr(p, n) for n in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-            if getattr(p, n, None) is not None}
-    return {f"{k}.{n}": w.detach().clone() for k, mod in mods.items() for n, w in mod.named_parameters()}
-
-
 ALGOS = [("sd3", "ctrl", ""), ("flux", "ctrl", ""), ("sd3", "ddpo", ""), ("flux", "dpok", ""), ("sd3", "ctrl", "b"),
          ("flux", "reward-backprop", "diff"), ("sd3", "diffusion-dpo", ""), ("flux", "ddpo", ""),
          ("sd3", "dpok", "bf16"), ("flux", "ctrl", "b"), ("sd3", "reward-backprop", "diff"),
@@ -169,10 +163,7 @@ def test_one_update_changes_only_the_lora_weights(pipes, tmp_path, kind, algo, e
         kw[algo.replace("-", "_")] = dict(group_size=2)
     tr = Trainer(_cfg(pipes[kind], algo, _prompt_file(tmp_path), kind, **kw), reward=reward)
     assert tr.cfg.sampler.solver == "ddim" and tr.cfg.sampler.eta == 1.0  # the flow families' rollout default
-    before = _weights(tr.task)
-    rec = tr.step()
-    after = _weights(tr.task)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    rec, before, changed = one_step(tr)
     assert changed, "nothing was trained"
     assert all(".lora_" in k for k in changed), sorted(k for k in changed if ".lora_" not in k)[:3]
     assert any(".lora_B." in k for k in changed) and rec["reward_queries"] >= 4
