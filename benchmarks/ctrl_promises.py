@@ -55,7 +55,9 @@ def scaled_reward(spec, scale: float):
     return r if scale == 1 else WeightedSum([(scale, r)])
 
 
-def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321) -> dict:
+def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321, samples: bool = False) -> dict:
+    """E r, KL_path, J (and the classifier's accuracy) of ``model`` at ``solver`` ('name:steps') on n fixed noises and
+    conditions; ``samples``: also the samples themselves, under "samples" (with "cond", their conditions)."""
     name, steps = solver.split(":")
     cond = tr.task.eval_conditions(n)
     ev = evaluate_policy(model, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n, solver=name,
@@ -64,6 +66,8 @@ def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321) -> dict:
     out = {k: ev[k] for k in ("reward_mean", "kl_path", "objective")}
     if tr.task.num_classes:  # the classifier's verdict on the same samples
         out["accuracy"] = float(make_reward("digit-correct")(ev["samples"], cond).mean())
+    if samples:
+        out |= {"samples": ev["samples"], "cond": cond}
     return out
 
 

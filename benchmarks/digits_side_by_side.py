@@ -57,19 +57,13 @@ def run(method: str, model: str, seed: int, epochs: int | None, n: int) -> dict:
     s = cfg.sampler
     train_solver = f"{s.solver}:{s.steps}"
     fine = "ddim:100" if flow else "em:100"
-    rows = {}
+    rows, fd = {}, {}
     for solver in (train_solver, fine):
-        rows[solver] = {"ref": cp.evaluate(tr, tr.ref, solver, n), "ft": cp.evaluate(tr, tr.policy, solver, n)}
-    # Frechet distance and diversity at the training solver, on the same fixed noises
-    name, steps = s.solver, s.steps
-    from ctrldiff.eval.evaluate import evaluate_policy
-
-    cond = tr.task.eval_conditions(n)
-    fd = {}
-    for who, m in (("ref", tr.ref), ("ft", tr.policy)):
-        x = evaluate_policy(m, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n, solver=name,
-                            steps=steps, eta=s.eta, cond=cond, seed=4321, return_samples=True)["samples"]
-        q = few_step_quality(None, steps, samples=x, labels=cond)
+        rows[solver] = {who: cp.evaluate(tr, m, solver, n, samples=solver == train_solver)
+                        for who, m in (("ref", tr.ref), ("ft", tr.policy))}
+    # Frechet distance and diversity on the training solver's samples
+    for who, ev in rows[train_solver].items():
+        q = few_step_quality(None, s.steps, samples=ev.pop("samples"), labels=ev.pop("cond"))
         fd[who] = {"frechet": q["frechet"], "diversity": q["diversity"]}
     return {"method": method, "model": model, "seed": seed, "beta": cfg.beta, "reward": str(cfg.reward),
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_solver": train_solver, "fine_solver": fine,

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import kl_weights, model_eps, select_cond
+from ..solvers import model_eps, select_cond
 from .base import Algorithm, Minibatch, RolloutBatch, register_algorithm
 
 
@@ -105,7 +105,7 @@ class AdjointMatching(Algorithm):
         # int_k (1/2) g^2 / sigma^2 dtau: the memoryless regression's uniform time weighting in score units (the eps
         # rule of kl_weights whatever the model predicts: weighting a velocity model's first step by the KL rule
         # would ask its velocity to fit the adjoint's zero-mean noise there, scaled by 1 / (1 - t_max))
-        w = kl_weights(self.trainer.process, traj.times)[mb.k].to(mb.eps.dtype)
+        w = self.step_weights(mb.batch, "eps")[mb.k].to(mb.eps.dtype)
         sigma = self.trainer.process.sigma(traj.times.double())[mb.k].to(mb.eps.dtype)
         target = sigma.reshape(-1, *([1] * (mb.eps.ndim - 1))) * mb.batch.extras["adjoint"][mb.b, mb.k + 1]
         resid = (mb.eps - mb.eps_ref) - target  # = -sigma ((s_theta - s_ref) + a~_{k+1})

@@ -258,7 +258,7 @@ class Algorithm:
         int_k (1/2) g^2 ||s_theta - s_old||^2 dtau (the closed-form Girsanov KL; averaged over processes)."""
         tr, traj = self.trainer, batch.traj
         K = traj.num_steps
-        w = kl_weights(tr.process, traj.times, traj.eta, prediction_of(tr.policy))
+        w = self.step_weights(batch)
         micro = tr.cfg.optim.microbatch or len(idx)
         tot = torch.zeros((), dtype=torch.float64, device=traj.states.device)
         for s in range(0, len(idx), micro):
@@ -334,14 +334,22 @@ class Algorithm:
                          eps_ref=batch.eps_ref[b, k], log_prob=log_prob, log_prob_old=log_prob_old, batch=batch)
 
     # -- small shared formulas ------------------------------------------------------------------------
+    def step_weights(self, batch: RolloutBatch, prediction: str | None = None) -> Tensor:
+        """The KL_path quadrature weights w_k of the batch's grid and eta [K] (:func:`ctrldiff.solvers.kl_weights`, for
+        the policy's output type or ``prediction``), computed once per batch and kept in ``batch.extras``."""
+        pred = prediction_of(self.trainer.policy) if prediction is None else prediction
+        key = f"kl_weights/{pred}"
+        if key not in batch.extras:
+            traj = batch.traj
+            batch.extras[key] = kl_weights(self.trainer.process, traj.times, traj.eta, pred)
+        return batch.extras[key]
+
     def step_kl_rate(self, mb: Minibatch, eps: Tensor, target: Tensor | None = None,
                      prediction: str | None = None) -> Tensor:
         """int over step k of (1/2) g^2 ||s - s_target||^2 dtau per pair, s = -eps / sigma (target: s_ref) -> [N]
         (the quadrature of :func:`ctrldiff.solvers.kl_weights` for the policy's output type, or ``prediction``: 'eps'
         weights a regression loss uniformly in time in score units, whatever the model predicts)."""
-        tr = self.trainer
-        pred = prediction_of(tr.policy) if prediction is None else prediction
-        w = kl_weights(tr.process, mb.batch.traj.times, mb.batch.traj.eta, pred)[mb.k].to(eps.dtype)
+        w = self.step_weights(mb.batch, prediction)[mb.k].to(eps.dtype)
         target = mb.eps_ref if target is None else target
         return w * (eps - target).flatten(1).pow(2).sum(1)
 
