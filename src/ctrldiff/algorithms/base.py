@@ -132,6 +132,13 @@ class Algorithm:
             mbs = tr.minibatches(n_pairs, size, traj.states.device)
             return list(mbs) if pairs is None else [pairs.to(i.device)[i] for i in mbs]
 
+        held = self.held_out(batch)  # trajectories kept out of the update to test it (None: no acceptance test)
+        if held is not None:
+            keep = torch.ones(B * K, dtype=torch.bool, device=traj.states.device)
+            keep[(held[:, None] * K + torch.arange(K, device=held.device)[None]).reshape(-1)] = False
+            pairs = keep.nonzero().squeeze(1) if pairs is None else pairs[keep[pairs.to(keep.device)]]
+            n_pairs = len(pairs)
+            size = self.minibatch_size(tr.cfg.batch_size * (n_pairs // max(B, 1)))
         mbs = None
         if graph is not None and pairs is not None:
             raise CtrlDiffError(f"optim.reuse_rollout_graph trains on every (sample, step) pair; {self.name} trains "
@@ -146,7 +153,9 @@ class Algorithm:
             # forward passes: theta_old's own log-density in the update's precision (ratio == 1 at theta_old)
             mbs = partition()
             batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
-        start = [p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 else None
+        tested = held is not None
+        start = ([p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 or tested
+                 else None)
         limit = self.max_update_kl()
         if start is not None and self.signal_scaled():
             rho = self.signal_fraction(batch, pairs)
@@ -195,9 +204,117 @@ class Algorithm:
         if "signal_fraction" in info_sums:
             out["train/signal_fraction"] = info_sums["signal_fraction"]
         out["train/updates"] = n_updates
-        if start is not None:  # the epoch's update, measured in nats, is kept within max_update_kl (times rho)
+        if start is not None and limit > 0:  # the epoch's update, measured in nats, is kept within max_update_kl
             out.update(self.enforce_trust_region(batch, start, limit=limit))
+        if tested:  # and it is kept only if it improves J on trajectories it was not fitted on
+            out.update(self.accept_update(batch, start, held))
         return out
+
+    # -- the acceptance test of an update on held-out trajectories ------------------------------------
+    def held_out(self, batch: RolloutBatch) -> Tensor | None:
+        """The (local) trajectories of ``batch`` that the policy update does not train on, so that
+        :meth:`accept_update` can test it on them (None: no test). Chosen once per batch with ``cpu_gen``."""
+        frac = self.held_out_fraction()
+        if frac <= 0:
+            return None
+        if "held_out" not in batch.extras:
+            B = batch.traj.batch_size
+            n = min(max(int(round(frac * B)), 2), B - 1)
+            perm = torch.randperm(B, generator=self.trainer.cpu_gen, device="cpu")
+            batch.extras["held_out"] = perm[:n].sort().values.to(batch.traj.states.device)
+        return batch.extras["held_out"]
+
+    def held_out_fraction(self) -> float:
+        """Share of each batch's trajectories held out to test the update (0: none; see :meth:`accept_update`)."""
+        return 0.0
+
+    def acceptance_z(self) -> float:
+        """Standard errors by which the held-out estimate of an update's gain in J must be above 0."""
+        return 1.0
+
+    def held_out_advantages(self, batch: RolloutBatch, held: Tensor) -> Tensor:
+        """[n_held, K] A_k of the held-out trajectories for the test: a return that is unbiased for theirs (any
+        baseline that does not depend on their own actions keeps E[(rho_k - 1) A_k] unbiased). Default: the terminal
+        reward less the mean of the trajectories that were trained on, at every step."""
+        B, K = batch.traj.batch_size, batch.traj.num_steps
+        train = torch.ones(B, dtype=torch.bool, device=batch.rewards.device)
+        train[held] = False
+        r = batch.rewards
+        return (r[held] - self.trainer.dist.mean(r[train], 0))[:, None].expand(len(held), K)
+
+    @torch.no_grad()
+    def held_out_terms(self, batch: RolloutBatch, held: Tensor) -> tuple[Tensor, Tensor]:
+        """Per held-out trajectory, the gain in J of the epoch's step theta_old -> theta scaled by s, to second order
+        (performance difference, the step's likelihood ratios at the sampled transitions, eps linear in s):
+            gain_b(s) = s l_b - s^2 q_b,
+            l_b = sum_k (rho_k - 1) A_k - 2 beta sum_k w_k (eps_old - eps_ref) . (eps - eps_old),
+            q_b = beta sum_k w_k ||eps - eps_old||^2,
+        rho_k the ratio theta / old of transition k, A_k from :meth:`held_out_advantages`, w_k the KL quadrature
+        weights (the KL part is exact: beta times the change of the closed-form step KL to the reference). -> l, q [n]"""
+        tr, traj = self.trainer, batch.traj
+        K = traj.num_steps
+        adv = self.held_out_advantages(batch, held).reshape(-1).double()
+        w = self.step_weights(batch)
+        b = held.repeat_interleave(K)
+        k = torch.arange(K, device=held.device).repeat(len(held))
+        micro = tr.cfg.optim.microbatch or tr.cfg.optim.minibatch
+        lin = torch.zeros(len(b), dtype=torch.float64, device=held.device)
+        quad = torch.zeros_like(lin)
+        for s in range(0, len(b), micro):
+            bb, kk = b[s:s + micro], k[s:s + micro]
+            x, x_next = traj.states[bb, kk], traj.states[bb, kk + 1]
+            cond = traj.cond[bb] if isinstance(traj.cond, Tensor) else traj.cond
+            eps = model_eps(tr.policy, tr.process, x, traj.times[kk], cond)
+            eps_old, eps_ref = traj.outputs[bb, kk], batch.eps_ref[bb, kk]
+            std = traj.std[kk].clamp_min(1e-12)
+            log_ratio = (gaussian_log_prob(x_next, traj.step_mean(kk, eps, x), std)
+                         - gaussian_log_prob(x_next, traj.step_mean(kk, eps_old, x), std))
+            log_ratio = torch.where(traj.std[kk] > 0, log_ratio, torch.zeros_like(log_ratio))  # deterministic: 1
+            step, wk = (eps - eps_old).flatten(1), w[kk].to(eps.dtype)
+            cross = wk * ((eps_old - eps_ref).flatten(1) * step).sum(1)
+            lin[s:s + micro] = torch.expm1(log_ratio.double()) * adv[s:s + micro] - 2 * self.cfg.beta * cross.double()
+            quad[s:s + micro] = self.cfg.beta * (wk * step.pow(2).sum(1)).double()
+        return lin.reshape(len(held), K).sum(1), quad.reshape(len(held), K).sum(1)
+
+    def held_out_gain(self, batch: RolloutBatch, held: Tensor) -> Tensor:
+        """Per held-out trajectory, the estimate of J(theta) - J(theta_old) for the step as it stands: l_b - q_b."""
+        lin, quad = self.held_out_terms(batch, held)
+        return lin - quad
+
+    def accept_update(self, batch: RolloutBatch, start: list[Tensor], held: Tensor) -> dict:
+        """Scale the epoch's update to the length that the held-out trajectories support: with the gain of the step
+        scaled by s estimated as s L - s^2 Q (:meth:`held_out_terms`, means over the held-out trajectories), the
+        length that maximises its lower confidence bound s (L - z se(L)) - s^2 Q is
+            s* = clip((L - z se(L)) / (2 Q), 0, 1)   (z = :meth:`acceptance_z`),
+        so an update is undone (s* = 0) unless its first-order gain is z standard errors above 0 on trajectories it was
+        not fitted on, a weak one is shortened (its KL cost grows as s^2, its gain as s), and a strong one is kept
+        whole. Sampling noise in the update's direction does not pass for a gain, and a reward whose improvement
+        cannot pay for beta times the KL it costs does not move the policy."""
+        z, dist = self.acceptance_z(), self.trainer.dist
+        lin, quad = self.held_out_terms(batch, held)
+        stats = dist.all_reduce_mean(torch.stack([lin.sum(), lin.pow(2).sum(), quad.sum(),
+                                                  torch.tensor(float(len(lin)), dtype=lin.dtype, device=lin.device)]))
+        m = float(stats[3])
+        L, Q = float(stats[0]) / m, float(stats[2]) / m
+        n = m * dist.world_size
+        se = math.sqrt(max(float(stats[1]) / m - L ** 2, 0.0) / max(n - 1, 1))
+        s = min(max((L - z * se) / (2 * Q), 0.0), 1.0) if Q > 0 else float(L - z * se > 0)
+        if s < 1.0:
+            self.rescale_update(start, s)
+        return {"train/accepted": s, "train/held_out_gain": L - Q, "train/held_out_gain_se": se}
+
+    def rescale_update(self, start: list[Tensor], a: float) -> None:
+        """theta <- start + a (theta - start): the epoch's step scaled along itself (a = 0 undoes it)."""
+        tr = self.trainer
+        with torch.no_grad():
+            moved = [(a - 1) * (p - q) for p, q in zip(tr.trainable_parameters, start, strict=True)]
+            if a == 0:  # exactly back where the epoch started
+                moved = [q - p for p, q in zip(tr.trainable_parameters, start, strict=True)]
+                torch._foreach_copy_([p.detach() for p in tr.trainable_parameters], start)
+            else:
+                torch._foreach_add_([p.detach() for p in tr.trainable_parameters], moved)
+            if tr.ema is not None:  # the last EMA update saw the step before it was scaled: count it as is
+                torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
 
     def signal_scaled(self) -> bool:
         """Whether the trust region shrinks with the batch's signal fraction (:meth:`signal_fraction`)."""
@@ -288,11 +405,7 @@ class Algorithm:
                 break
             a = math.sqrt(limit / kl)
             scale *= a
-            with torch.no_grad():
-                moved = [(a - 1) * (p - q) for p, q in zip(tr.trainable_parameters, start, strict=True)]
-                torch._foreach_add_([p.detach() for p in tr.trainable_parameters], moved)
-                if tr.ema is not None:  # the last EMA update saw the step before it was scaled back: count it as is
-                    torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
+            self.rescale_update(start, a)
             kl = self.update_kl(batch, idx)
         return {"train/update_kl": kl0, "train/trust_region_scale": scale}
 

@@ -69,6 +69,13 @@ class CTRLConfig(Strict):
                                 "moves the policy by at most rho * max_update_kl nats, and not at all when the parts "
                                 "do not agree on a direction. Off by default: measured, it keeps near-saturated "
                                 "rewards at the start but cuts the gains of rewards with headroom ~10x (docs/CTRL.md)")
+    held_out: float = Field(0.25, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
+                            "out of the policy update to test it: the update is kept only if its first-order gain in "
+                            "J (likelihood ratios times Monte Carlo advantages, less beta times the closed-form change "
+                            "in KL to the reference) is accept_z standard errors above 0 on them, else tried at 1/2 "
+                            "and 1/4 of its length, else undone. 0 = no test (every update is kept)")
+    accept_z: float = Field(1.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
+                            "by which it must be above 0 for an update to be kept (see held_out)")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -186,6 +193,7 @@ class CTRL(Algorithm):
         B, K = traj.batch_size, traj.num_steps
         t, x, x0, cond = self._pairs(batch)
         metrics: dict = {}
+        self.held_out(batch)  # chosen before the advantages, so that no statistic of the update sees them
         r_term = self._r_term(x0, cond) if self.critic_fitted and self.acfg.estimator == "a" else None
         if self.acfg.estimator == "a":
             batch.advantages, metrics = self._advantages(batch, t, x, x0, cond, r_term)
@@ -215,6 +223,7 @@ class CTRL(Algorithm):
             lam = self.acfg.gae_lambda
         else:  # no critic yet: the Monte Carlo return-to-go (lambda = 1 with V = 0)
             v, lam = torch.zeros_like(batch.kl_rate), 1.0
+        batch.extras["values"] = v  # V before this batch's fit: the held-out test's baseline
         v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
         delta = v_next - v - self.cfg.beta * batch.kl_rate
         adv = torch.empty_like(delta)
@@ -223,10 +232,11 @@ class CTRL(Algorithm):
             run = delta[:, k] + lam * run
             adv[:, k] = run
         dist = self.trainer.dist  # several processes: the statistics of the global batch
-        adv = adv - dist.mean(adv, 0)
-        metrics = {"ctrl/td_adv_std": float(dist.std(adv, None))}
+        train = self._trained(batch)
+        adv = adv - dist.mean(adv[train], 0)
+        metrics = {"ctrl/td_adv_std": float(dist.std(adv[train], None))}
         if self.acfg.advantage_norm == "std":
-            adv = adv / (dist.std(adv, 0) + 1e-6)
+            adv = adv / (dist.std(adv[train], 0) + 1e-6)
         return adv, metrics
 
     @torch.no_grad()
@@ -284,6 +294,27 @@ class CTRL(Algorithm):
 
     def max_update_kl(self) -> float:
         return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
+
+    def held_out_fraction(self) -> float:
+        return self.acfg.held_out if self.acfg.estimator == "a" else 0.0
+
+    def acceptance_z(self) -> float:
+        return self.acfg.accept_z
+
+    def _trained(self, batch: RolloutBatch) -> Tensor:
+        """[B] bool: the trajectories the policy update trains on (all but the held-out ones)."""
+        keep = torch.ones(batch.traj.batch_size, dtype=torch.bool, device=batch.rewards.device)
+        held = self.held_out(batch)
+        if held is not None:
+            keep[held] = False
+        return keep
+
+    def held_out_advantages(self, batch: RolloutBatch, held: Tensor) -> Tensor:
+        """Monte Carlo: the return-to-go G_k = r - beta sum_{j >= k} KL_j less the critic's V(t_k, x_k) as it stood
+        before this batch (it has not seen these trajectories), less the mean of G - V over the trained-on ones."""
+        G = batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
+        adv = G - batch.extras.get("values", torch.zeros_like(G))
+        return adv[held] - self.trainer.dist.mean(adv[self._trained(batch)], 0)
 
     def signal_scaled(self) -> bool:
         return self.acfg.signal_scaled and self.acfg.estimator == "a"
