@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=["ctrl", "dpok"])
     ap.add_argument("--n", type=int, default=500, help="evaluation samples per solver")
     ap.add_argument("--resume", action="store_true", help="grid: keep the saved runs, add the missing ones")
-    ap.add_argument("--out", default=None, help="grid: results file (default benchmarks/results/ctrl_promises_grid.json)")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/ctrl_promises_{grid,robustness}.json)")
     ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -203,8 +203,9 @@ def main() -> None:
     OVERRIDES[:] = args.overrides
     if args.what == "robustness":
         res = robustness(args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "ctrl_promises_robustness.json").write_text(json.dumps(res, indent=1))
+        out = Path(args.out) if args.out else RESULTS / "ctrl_promises_robustness.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
     elif args.what == "grid":
         grid(args)
     print(render(args.merge))

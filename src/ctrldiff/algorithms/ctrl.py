@@ -69,7 +69,7 @@ class CTRLConfig(Strict):
                                 "moves the policy by at most rho * max_update_kl nats, and not at all when the parts "
                                 "do not agree on a direction. Off by default: measured, it keeps near-saturated "
                                 "rewards at the start but cuts the gains of rewards with headroom ~10x (docs/CTRL.md)")
-    held_out: float = Field(0.25, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
+    held_out: float = Field(0.5, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
                             "out of the policy update to test it: the update is kept only if its first-order gain in "
                             "J (likelihood ratios times Monte Carlo advantages, less beta times the closed-form change "
                             "in KL to the reference) is accept_z standard errors above 0 on them, else tried at 1/2 "
