@@ -132,6 +132,7 @@ class Algorithm:
             mbs = tr.minibatches(n_pairs, size, traj.states.device)
             return list(mbs) if pairs is None else [pairs.to(i.device)[i] for i in mbs]
 
+        subset = pairs is not None  # the algorithm trains on a subset of the steps
         held = self.held_out(batch)  # trajectories kept out of the update to test it (None: no acceptance test)
         if held is not None:
             keep = torch.ones(B * K, dtype=torch.bool, device=traj.states.device)
@@ -140,14 +141,16 @@ class Algorithm:
             n_pairs = len(pairs)
             size = self.minibatch_size(tr.cfg.batch_size * (n_pairs // max(B, 1)))
         mbs = None
-        if graph is not None and pairs is not None:
+        if graph is not None and subset:
             raise CtrlDiffError(f"optim.reuse_rollout_graph trains on every (sample, step) pair; {self.name} trains "
                                 "on a subset of the steps")
-        if graph is not None:
-            mbs = list(tr.minibatches(B * K, size, traj.states.device))
-            if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != B * K:
+        if graph is not None:  # one step over every trained pair (the held-out trajectories' graph goes unused)
+            mbs = list(tr.minibatches(n_pairs, size, traj.states.device))
+            if self.inner_epochs() != 1 or len(mbs) != 1 or len(mbs[0]) != n_pairs:
                 raise CtrlDiffError("optim.reuse_rollout_graph needs one policy step per epoch: inner_epochs=1 and "
-                                    f"optim.minibatch >= batch_size * steps ({B * K})")
+                                    f"optim.minibatch >= the pairs trained on ({n_pairs})")
+            if pairs is not None:
+                mbs = [pairs.to(mbs[0].device)[mbs[0]]]
         elif self.needs_log_prob and tr.recompute_log_prob_old:
             # one partition into minibatches for every inner epoch, and log p_old recomputed on exactly those
             # forward passes: theta_old's own log-density in the update's precision (ratio == 1 at theta_old)
