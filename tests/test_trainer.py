@@ -158,7 +158,8 @@ def test_lr_warmup_is_linear_and_resumes_from_the_optimizer_state(tmp_path):
     opt2.step()
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.3)
     # through the trainer: a resumed run with warmup equals an uninterrupted one
-    cfg = dict(optim=dict(lr=1e-3, minibatch=64, warmup_steps=10), epochs=3)  # 4 policy steps per epoch
+    # 4 policy steps per epoch (every pair trained on: CTRL's held-out half off)
+    cfg = dict(optim=dict(lr=1e-3, minibatch=64, warmup_steps=10), epochs=3, ctrl=dict(held_out=0.0))
     full = Trainer(_cfg(**cfg), tmp_path / "full")
     full.train()
     assert full.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
@@ -173,8 +174,9 @@ def test_lr_warmup_is_linear_and_resumes_from_the_optimizer_state(tmp_path):
 
 def test_ema_of_the_weights_is_kept_checkpointed_resumed_and_used_for_the_final_model(tmp_path):
     d = 0.6
-    # (CTRL's trust region off: it moves the weights after the last step; tests/test_ctrl.py covers the EMA there)
-    cfg = dict(optim=dict(lr=1e-2, minibatch=64, ema_decay=d), epochs=3, ctrl=dict(max_update_kl=0.0))
+    # (CTRL's trust region and acceptance test off: they move the weights after the last step; tests/test_ctrl.py
+    # covers the EMA there)
+    cfg = dict(optim=dict(lr=1e-2, minibatch=64, ema_decay=d), epochs=3, ctrl=dict(max_update_kl=0.0, held_out=0.0))
     tr = Trainer(_cfg(**cfg), tmp_path / "full")
     expected = [p.detach().clone() for p in tr.trainable_parameters]
     snaps = []

@@ -19,6 +19,10 @@ proximal term (rho beta / 2) g^2 ||s_theta - s_old||^2 dtau is added (rho = ctrl
 becomes (s_ref + grad V / beta + rho s_old) / (1 + rho), a damped step towards the same fixed point; and a
 trust region caps the per-step KL between that target and s_old (ctrl.trust_region), so one badly fitted
 grad V cannot throw the policy far (the fixed point is unchanged: at convergence the step is zero).
+Keeping an update (estimator (a), ctrl.held_out): the epoch's update is fitted on half of the batch; the other half
+estimates its gain in J (likelihood ratios times Monte Carlo advantages, less beta times the exact change of the step
+KL to the reference) and the step is kept at the length that maximises that gain's lower confidence bound, or undone
+(:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`).
 """
 
 from __future__ import annotations
