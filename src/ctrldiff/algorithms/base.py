@@ -135,8 +135,7 @@ class Algorithm:
         subset = pairs is not None  # the algorithm trains on a subset of the steps
         held = self.held_out(batch)  # trajectories kept out of the update to test it (None: no acceptance test)
         if held is not None:
-            keep = torch.ones(B * K, dtype=torch.bool, device=traj.states.device)
-            keep[(held[:, None] * K + torch.arange(K, device=held.device)[None]).reshape(-1)] = False
+            keep = self.trained(batch).repeat_interleave(K)  # flat pairs b * K + k
             pairs = keep.nonzero().squeeze(1) if pairs is None else pairs[keep[pairs.to(keep.device)]]
             n_pairs = len(pairs)
             size = self.minibatch_size(tr.cfg.batch_size * (n_pairs // max(B, 1)))
@@ -239,11 +238,17 @@ class Algorithm:
         """[n_held, K] A_k of the held-out trajectories for the test: a return that is unbiased for theirs (any
         baseline that does not depend on their own actions keeps E[(rho_k - 1) A_k] unbiased). Default: the terminal
         reward less the mean of the trajectories that were trained on, at every step."""
-        B, K = batch.traj.batch_size, batch.traj.num_steps
-        train = torch.ones(B, dtype=torch.bool, device=batch.rewards.device)
-        train[held] = False
         r = batch.rewards
-        return (r[held] - self.trainer.dist.mean(r[train], 0))[:, None].expand(len(held), K)
+        return (r[held] - self.trainer.dist.mean(r[self.trained(batch)], 0))[:, None].expand(len(held),
+                                                                                          batch.traj.num_steps)
+
+    def trained(self, batch: RolloutBatch) -> Tensor:
+        """[B] bool: the trajectories the policy update trains on (all but the :meth:`held_out` ones)."""
+        keep = torch.ones(batch.traj.batch_size, dtype=torch.bool, device=batch.traj.states.device)
+        held = self.held_out(batch)
+        if held is not None:
+            keep[held] = False
+        return keep
 
     @torch.no_grad()
     def held_out_terms(self, batch: RolloutBatch, held: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,13 +314,13 @@ class Algorithm:
     def rescale_update(self, start: list[Tensor], a: float) -> None:
         """theta <- start + a (theta - start): the epoch's step scaled along itself (a = 0 undoes it)."""
         tr = self.trainer
+        params = [p.detach() for p in tr.trainable_parameters]
         with torch.no_grad():
-            moved = [(a - 1) * (p - q) for p, q in zip(tr.trainable_parameters, start, strict=True)]
+            moved = torch._foreach_mul(torch._foreach_sub(params, start), a - 1)
             if a == 0:  # exactly back where the epoch started
-                moved = [q - p for p, q in zip(tr.trainable_parameters, start, strict=True)]
-                torch._foreach_copy_([p.detach() for p in tr.trainable_parameters], start)
+                torch._foreach_copy_(params, start)
             else:
-                torch._foreach_add_([p.detach() for p in tr.trainable_parameters], moved)
+                torch._foreach_add_(params, moved)
             if tr.ema is not None:  # the last EMA update saw the step before it was scaled: count it as is
                 torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
 

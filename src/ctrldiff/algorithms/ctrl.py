@@ -74,10 +74,11 @@ class CTRLConfig(Strict):
                                 "do not agree on a direction. Off by default: measured, it keeps near-saturated "
                                 "rewards at the start but cuts the gains of rewards with headroom ~10x (docs/CTRL.md)")
     held_out: float = Field(0.5, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
-                            "out of the policy update to test it: the update is kept only if its first-order gain in "
-                            "J (likelihood ratios times Monte Carlo advantages, less beta times the closed-form change "
-                            "in KL to the reference) is accept_z standard errors above 0 on them, else tried at 1/2 "
-                            "and 1/4 of its length, else undone. 0 = no test (every update is kept)")
+                            "out of the policy update to test it: on them the gain in J of the step scaled by s "
+                            "(likelihood ratios times Monte Carlo advantages, less beta times the closed-form change "
+                            "in KL to the reference) is estimated as s L - s^2 Q, and the step is kept at the length "
+                            "that maximises its lower confidence bound, undone unless L is accept_z standard errors "
+                            "above 0. 0 = no test (every update is kept)")
     accept_z: float = Field(1.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
                             "by which it must be above 0 for an update to be kept (see held_out)")
     advantage_norm: Literal["center", "std"] = Field(
@@ -169,8 +170,7 @@ class CTRL(Algorithm):
     def _fit_value(self, batch: RolloutBatch, t, x, x0, cond, r_term: Tensor | None) -> dict:
         vcfg, tr = self.acfg.value, self.trainer
         B, K = batch.traj.batch_size, batch.traj.num_steps
-        kl_to_go = batch.kl_rate.flip(1).cumsum(1).flip(1)  # sum_{j >= k}
-        G = (batch.rewards[:, None] - self.cfg.beta * kl_to_go).reshape(B * K)
+        G = self._return_to_go(batch).reshape(B * K)
         loss = torch.zeros(())
         w = value_weight(t)
         for _ in range(vcfg.epochs):
@@ -236,7 +236,7 @@ class CTRL(Algorithm):
             run = delta[:, k] + lam * run
             adv[:, k] = run
         dist = self.trainer.dist  # several processes: the statistics of the global batch
-        train = self._trained(batch)
+        train = self.trained(batch)
         adv = adv - dist.mean(adv[train], 0)
         metrics = {"ctrl/td_adv_std": float(dist.std(adv[train], None))}
         if self.acfg.advantage_norm == "std":
@@ -305,20 +305,16 @@ class CTRL(Algorithm):
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
 
-    def _trained(self, batch: RolloutBatch) -> Tensor:
-        """[B] bool: the trajectories the policy update trains on (all but the held-out ones)."""
-        keep = torch.ones(batch.traj.batch_size, dtype=torch.bool, device=batch.rewards.device)
-        held = self.held_out(batch)
-        if held is not None:
-            keep[held] = False
-        return keep
+    def _return_to_go(self, batch: RolloutBatch) -> Tensor:
+        """[B, K] the Monte Carlo return-to-go G_k = r - beta sum_{j >= k} KL_j (the critic's regression target)."""
+        return batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
 
     def held_out_advantages(self, batch: RolloutBatch, held: Tensor) -> Tensor:
         """Monte Carlo: the return-to-go G_k = r - beta sum_{j >= k} KL_j less the critic's V(t_k, x_k) as it stood
         before this batch (it has not seen these trajectories), less the mean of G - V over the trained-on ones."""
-        G = batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
+        G = self._return_to_go(batch)
         adv = G - batch.extras.get("values", torch.zeros_like(G))
-        return adv[held] - self.trainer.dist.mean(adv[self._trained(batch)], 0)
+        return adv[held] - self.trainer.dist.mean(adv[self.trained(batch)], 0)
 
     def signal_scaled(self) -> bool:
         return self.acfg.signal_scaled and self.acfg.estimator == "a"
@@ -328,7 +324,7 @@ class CTRL(Algorithm):
         KL_j, centred per step) in place of the critic's: a critic's systematic error is the same on both halves of a
         batch and would pass for signal; the Monte Carlo return is unbiased (and noisier: rho is conservative)."""
         adv = batch.advantages
-        run = batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
+        run = self._return_to_go(batch)
         batch.advantages = run - self.trainer.dist.mean(run, 0)
         try:
             return super().signal_fraction(batch, pairs, n, groups, z)
