@@ -115,6 +115,30 @@ def test_trust_region_holds_its_size_in_nats_whatever_the_reward_scale_and_lr(lr
     assert max(kls) < 0.05 * 1.5, kls
 
 
+def test_a_step_short_of_the_trust_region_is_lengthened_to_its_edge():
+    """With a small learning rate the optimiser's step stays far inside max_update_kl. On a reward with a clear signal
+    the held-out test lengthens it along itself up to the edge: the Girsanov KL between the updated and the sampling
+    policy, on the whole batch, is then at the limit. With ctrl.fill_trust_region=False the step is the optimiser's."""
+    limit = 0.05
+    for fill in (True, False):
+        tr = Trainer(_cfg(algo="ctrl", seed=0, batch_size=128, ctrl=dict(max_update_kl=limit, fill_trust_region=fill),
+                          optim=dict(lr=1e-4)))
+        tr.train(epochs=1)
+        batch = tr.collect()
+        old = copy.deepcopy(batch)
+        tr.algo.prepare(batch)
+        info = tr.algo.update(batch)
+        eps_new = evaluate_along(tr.policy, tr.process, old.traj)
+        kl_new = float(kl_path(tr.process, old.traj, eps_new, old.traj.outputs).mean())
+        assert info["train/update_kl"] < 0.2 * limit  # the optimiser's own step
+        if fill:
+            assert info["train/accepted"] > 2.0, info
+            assert 0.5 * limit < kl_new < 1.5 * limit, kl_new  # the limit is enforced on 512 sampled pairs
+        else:
+            assert 0 < info["train/accepted"] <= 1.0, info
+            assert kl_new < 0.25 * limit, kl_new
+
+
 def test_signal_fraction_tells_a_reward_from_noise_and_ignores_the_reward_scale():
     """rho (CTRL's signal fraction, the agreement of eight parts of the batch on the loss gradient, at a lower
     confidence bound): with rewards that are pure noise, independent of the samples, the parts do not agree (rho = 0
@@ -216,7 +240,7 @@ def test_held_out_gain_estimates_the_change_in_j(monkeypatch):
     tr.algo.prepare(batch)
     held = tr.algo.held_out(batch)
     info = tr.algo.update(batch)
-    assert info["train/accepted"] == 1.0  # accept_z = -inf: every update kept
+    assert info["train/accepted"] >= 1.0  # accept_z = -inf: every update kept (lengthened to the trust region's edge)
     for sign in (1.0, -1.0):
         if sign < 0:
             tr.algo.rescale_update(start, -1.0)  # the same step, backwards

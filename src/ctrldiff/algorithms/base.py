@@ -206,10 +206,17 @@ class Algorithm:
         if "signal_fraction" in info_sums:
             out["train/signal_fraction"] = info_sums["signal_fraction"]
         out["train/updates"] = n_updates
+        kl = None
         if start is not None and limit > 0:  # the epoch's update, measured in nats, is kept within max_update_kl
             out.update(self.enforce_trust_region(batch, start, limit=limit))
-        if tested:  # and it is kept only if it improves J on trajectories it was not fitted on
-            out.update(self.accept_update(batch, start, held))
+            kl = out["train/update_kl_kept"]
+        if tested:  # and it is kept only as far as it improves J on trajectories it was not fitted on
+            # (up to the trust region's edge when the step stopped short of it: KL grows as s^2 along the step)
+            s_max = math.sqrt(limit / kl) if self.fills_trust_region() and kl and limit > 0 else 1.0
+            out.update(self.accept_update(batch, start, held, s_max=s_max))
+            if out.get("train/accepted", 0.0) > 1.0:  # lengthened: the KL is checked again, and cut back if past the edge
+                out["train/update_kl_kept"] = self.enforce_trust_region(batch, start, limit=limit)[
+                    "train/update_kl_kept"]
         return out
 
     # -- the acceptance test of an update on held-out trajectories ------------------------------------
@@ -233,6 +240,11 @@ class Algorithm:
     def acceptance_z(self) -> float:
         """Standard errors by which the held-out estimate of an update's gain in J must be above 0."""
         return 1.0
+
+    def fills_trust_region(self) -> bool:
+        """Whether :meth:`accept_update` may lengthen a step that stopped short of the trust region up to its edge
+        (so that the step's length in nats, not the learning rate, is what the held-out trajectories choose)."""
+        return False
 
     def held_out_advantages(self, batch: RolloutBatch, held: Tensor) -> Tensor:
         """[n_held, K] A_k of the held-out trajectories for the test: a return that is unbiased for theirs (any
@@ -289,25 +301,24 @@ class Algorithm:
         lin, quad = self.held_out_terms(batch, held)
         return lin - quad
 
-    def accept_update(self, batch: RolloutBatch, start: list[Tensor], held: Tensor) -> dict:
+    def accept_update(self, batch: RolloutBatch, start: list[Tensor], held: Tensor, s_max: float = 1.0) -> dict:
         """Scale the epoch's update to the length that the held-out trajectories support: with the gain of the step
         scaled by s estimated as s L - s^2 Q (:meth:`held_out_terms`, means over the held-out trajectories), the
         length that maximises its lower confidence bound s (L - z se(L)) - s^2 Q is
-            s* = clip((L - z se(L)) / (2 Q), 0, 1)   (z = :meth:`acceptance_z`),
+            s* = clip((L - z se(L)) / (2 Q), 0, s_max)   (z = :meth:`acceptance_z`),
         so an update is undone (s* = 0) unless its first-order gain is z standard errors above 0 on trajectories it was
         not fitted on, a weak one is shortened (its KL cost grows as s^2, its gain as s), and a strong one is kept
-        whole. Sampling noise in the update's direction does not pass for a gain, and a reward whose improvement
-        cannot pay for beta times the KL it costs does not move the policy."""
+        whole, or lengthened along itself up to ``s_max`` (the trust region's edge). Sampling noise in the update's
+        direction does not pass for a gain, and a reward whose improvement cannot pay for beta times the KL it costs
+        does not move the policy."""
         z, dist = self.acceptance_z(), self.trainer.dist
-        lin, quad = self.held_out_terms(batch, held)
-        stats = dist.all_reduce_mean(torch.stack([lin.sum(), lin.pow(2).sum(), quad.sum(),
-                                                  torch.tensor(float(len(lin)), dtype=lin.dtype, device=lin.device)]))
-        m = float(stats[3])
-        L, Q = float(stats[0]) / m, float(stats[2]) / m
-        n = m * dist.world_size
-        se = math.sqrt(max(float(stats[1]) / m - L ** 2, 0.0) / max(n - 1, 1))
-        s = min(max((L - z * se) / (2 * Q), 0.0), 1.0) if Q > 0 else float(L - z * se > 0)
-        if s < 1.0:
+        lin, quad = (dist.all_gather_cat(v) for v in self.held_out_terms(batch, held))  # every process: all of them
+        n = len(lin)
+        L, Q = float(lin.mean()), float(quad.mean())
+        se = math.sqrt(max(float(lin.pow(2).mean()) - L ** 2, 0.0) / max(n - 1, 1))
+        lcb, top = L - z * se, max(s_max, 1.0)
+        s = min(max(lcb / (2 * Q), 0.0), top) if Q > 0 else (top if lcb > 0 else 0.0)
+        if s != 1.0:
             self.rescale_update(start, s)
         return {"train/accepted": s, "train/held_out_gain": L - Q, "train/held_out_gain_se": se}
 
@@ -415,7 +426,7 @@ class Algorithm:
             scale *= a
             self.rescale_update(start, a)
             kl = self.update_kl(batch, idx)
-        return {"train/update_kl": kl0, "train/trust_region_scale": scale}
+        return {"train/update_kl": kl0, "train/trust_region_scale": scale, "train/update_kl_kept": kl}
 
     def inner_epochs(self) -> int:
         return self.trainer.cfg.optim.inner_epochs

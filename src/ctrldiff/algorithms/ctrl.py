@@ -22,7 +22,9 @@ grad V cannot throw the policy far (the fixed point is unchanged: at convergence
 Keeping an update (estimator (a), ctrl.held_out): the epoch's update is fitted on half of the batch; the other half
 estimates its gain in J (likelihood ratios times Monte Carlo advantages, less beta times the exact change of the step
 KL to the reference) and the step is kept at the length that maximises that gain's lower confidence bound, or undone
-(:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`).
+(:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`). That length may reach past the optimiser's own step, along
+it, up to the trust region's edge (ctrl.fill_trust_region): the step's size is chosen in nats, not by the learning
+rate.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class CTRLConfig(Strict):
                             "above 0. 0 = no test (every update is kept)")
     accept_z: float = Field(1.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
                             "by which it must be above 0 for an update to be kept (see held_out)")
+    fill_trust_region: bool = Field(True, description="estimator (a), with held_out: a step that stopped short "
+                                    "of max_update_kl may be lengthened along itself up to it, as far as the held-out "
+                                    "gain's lower confidence bound supports (the step's length is chosen in nats by "
+                                    "the held-out trajectories, not by the learning rate). False: never longer than "
+                                    "the optimiser's own step")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -304,6 +311,9 @@ class CTRL(Algorithm):
 
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
+
+    def fills_trust_region(self) -> bool:
+        return self.acfg.fill_trust_region
 
     def _return_to_go(self, batch: RolloutBatch) -> Tensor:
         """[B, K] the Monte Carlo return-to-go G_k = r - beta sum_{j >= k} KL_j (the critic's regression target)."""
