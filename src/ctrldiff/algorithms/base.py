@@ -212,11 +212,12 @@ class Algorithm:
             kl = out["train/update_kl_kept"]
         if tested:  # and it is kept only as far as it improves J on trajectories it was not fitted on
             # (up to the trust region's edge when the step stopped short of it: KL grows as s^2 along the step)
-            s_max = math.sqrt(limit / kl) if self.fills_trust_region() and kl and limit > 0 else 1.0
+            s_max = math.sqrt(limit / kl) if self.fills_trust_region() and kl else 1.0  # kl: None without a limit
             out.update(self.accept_update(batch, start, held, s_max=s_max))
             if out.get("train/accepted", 0.0) > 1.0:  # lengthened: the KL is checked again, and cut back if past the edge
-                out["train/update_kl_kept"] = self.enforce_trust_region(batch, start, limit=limit)[
-                    "train/update_kl_kept"]
+                check = self.enforce_trust_region(batch, start, limit=limit)
+                out["train/update_kl_kept"] = check["train/update_kl_kept"]
+                out["train/accepted"] *= check["train/trust_region_scale"]  # the length finally kept
         return out
 
     # -- the acceptance test of an update on held-out trajectories ------------------------------------
