@@ -55,6 +55,11 @@ class ValueConfig(Strict):
                                  "epochs from its replay buffer; each step sees value.minibatch pairs)")
     replay_size: int = Field(8192, ge=1, description="terminal (x, r) pairs kept for the surrogate")
     u_sees_x0: bool = Field(True, description="feed the Tweedie prediction x0_hat to U_phi as an input")
+    select: bool = Field(True, description="estimator (a), with an R term: also fit a critic V = U_phi without it, and "
+                         "score each batch's advantages with whichever of the two predicts that batch's returns "
+                         "better (neither has been fitted on it). R(x0_hat) is a good prior where the reward of the "
+                         "Tweedie prediction tracks the expected reward (images), and a biased one where it does not "
+                         "(a reward curved across the modes of p_t: E r(x0) != r(E x0)); the batch decides")
     tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
 
 
@@ -88,6 +93,12 @@ class CTRLConfig(Strict):
                                     "gain's lower confidence bound supports (the step's length is chosen in nats by "
                                     "the held-out trajectories, not by the learning rate). False: never longer than "
                                     "the optimiser's own step")
+    trust_region_growth: float = Field(16.0, ge=1, description="estimator (a), with held_out and fill_trust_region: "
+                                       "the trust region may widen up to this many times max_update_kl. It doubles "
+                                       "after an epoch whose held-out gain, at a lower confidence bound one standard "
+                                       "error below the acceptance test's, wanted a longer step than its edge, and "
+                                       "halves (not below max_update_kl) after one that kept under half of it. "
+                                       "1 = a fixed trust region")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -119,6 +130,10 @@ class CTRL(Algorithm):
         dev = trainer.device
         self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none", u_sees_x0=vcfg.u_sees_x0).to(dev)
         self.value_opt = trainer.make_optimizer(self.value.parameters(), lr=vcfg.lr)
+        self.value_free = self.value_free_opt = None  # value.select: the critic without the R term
+        if vcfg.select and term != "none" and self.acfg.estimator == "a":
+            self.value_free = StructuredValue(shape, ncls, use_tweedie_reward=False, u_sees_x0=vcfg.u_sees_x0).to(dev)
+            self.value_free_opt = trainer.make_optimizer(self.value_free.parameters(), lr=vcfg.lr)
         self.surrogate = self.surrogate_opt = None
         if term == "surrogate":
             self.surrogate = RewardSurrogate(shape, ncls).to(dev)
@@ -174,20 +189,24 @@ class CTRL(Algorithm):
             return torch.cat([self._reward_fn(x0[i:i + mb], None if cond is None else cond[i:i + mb])
                               for i in range(0, len(x0), mb)])
 
-    def _fit_value(self, batch: RolloutBatch, t, x, x0, cond, r_term: Tensor | None) -> dict:
+    def _fit_value(self, batch: RolloutBatch, t, x, x0, cond, r_term: Tensor | None, free: bool = False) -> dict:
+        """Regress V (``free``: the critic without the R term, value.select) on the Monte Carlo return-to-go."""
         vcfg, tr = self.acfg.value, self.trainer
+        value, opt = (self.value_free, self.value_free_opt) if free else (self.value, self.value_opt)
         B, K = batch.traj.batch_size, batch.traj.num_steps
         G = self._return_to_go(batch).reshape(B * K)
         loss = torch.zeros(())
         w = value_weight(t)
         for _ in range(vcfg.epochs):
             for i in tr.minibatches(B * K, vcfg.minibatch, x.device, drop_last=False):
-                u = self.value.u(x[i], t[i], None if cond is None else cond[i], x0[i])
+                u = value.u(x[i], t[i], None if cond is None else cond[i], x0[i])
                 v = u if r_term is None else w[i] * r_term[i] + (1 - w[i]) * u
                 loss = (v - G[i]).pow(2).mean()
-                self.value_opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 loss.backward()
-                self.value_opt.step()
+                opt.step()
+        if free:
+            return {"value/free_mse": float(loss.detach())}
         return {"value/mse": float(loss.detach()), "value/return_var": float(tr.dist.var(G, None))}
 
     def _value(self, t, x, x0, cond) -> Tensor:
@@ -221,6 +240,8 @@ class CTRL(Algorithm):
         if r_term is None or self.surrogate is not None:  # the R term is fixed while U_phi is fitted: once
             r_term = self._r_term(x0, cond)
         metrics.update(self._fit_value(batch, t, x, x0, cond, r_term))
+        if self.value_free is not None:
+            metrics.update(self._fit_value(batch, t, x, x0, cond, None, free=True))
         self.critic_fitted = True
         return metrics
 
@@ -229,9 +250,18 @@ class CTRL(Algorithm):
             delta_k = V(t_{k+1}, x_{k+1}) - V(t_k, x_k) - beta (1/2) g^2 ||s_old - s_ref||^2 dtau_k,   V(t_K) := r
             A_k = sum_{j >= k} lambda^(j - k) delta_j,   centred (or standardised) per step across the batch."""
         B, K = batch.traj.batch_size, batch.traj.num_steps
+        metrics = {}
         if self.critic_fitted:
             v = self._critic_values(t, x, x0, cond, r_term).reshape(B, K)
             lam = self.acfg.gae_lambda
+            if self.value_free is not None:  # value.select: the critic that predicts this batch's returns better
+                v_free = self._critic_values(t, x, x0, cond, None, self.value_free).reshape(B, K)
+                G, on = self._return_to_go(batch), self.trained(batch)  # (not the held-out half the test scores)
+                dist = self.trainer.dist
+                err, err_free = (float(dist.mean((u - G)[on].pow(2).reshape(-1), 0)) for u in (v, v_free))
+                metrics = {"ctrl/critic_r_term": float(err <= err_free), "value/held_mse": err,
+                           "value/held_free_mse": err_free}
+                v = v if err <= err_free else v_free
         else:  # no critic yet: the Monte Carlo return-to-go (lambda = 1 with V = 0)
             v, lam = torch.zeros_like(batch.kl_rate), 1.0
         batch.extras["values"] = v  # V before this batch's fit: the held-out test's baseline
@@ -245,16 +275,18 @@ class CTRL(Algorithm):
         dist = self.trainer.dist  # several processes: the statistics of the global batch
         train = self.trained(batch)
         adv = adv - dist.mean(adv[train], 0)
-        metrics = {"ctrl/td_adv_std": float(dist.std(adv[train], None))}
+        metrics["ctrl/td_adv_std"] = float(dist.std(adv[train], None))
         if self.acfg.advantage_norm == "std":
             adv = adv / (dist.std(adv[train], 0) + 1e-6)
         return adv, metrics
 
     @torch.no_grad()
-    def _critic_values(self, t, x, x0, cond, r_term: Tensor | None) -> Tensor:
-        """V(t, x) at every pair with the current critic (no grad) -> [N]; ``r_term``: R(x0_hat) there, or None."""
+    def _critic_values(self, t, x, x0, cond, r_term: Tensor | None, value=None) -> Tensor:
+        """V(t, x) at every pair with the current critic (no grad) -> [N]; ``r_term``: R(x0_hat) there, or None;
+        ``value``: the critic (default: self.value)."""
         mb = self.acfg.value.minibatch
-        u = torch.cat([self.value.u(x[i:i + mb], t[i:i + mb], None if cond is None else cond[i:i + mb],
+        value = self.value if value is None else value
+        u = torch.cat([value.u(x[i:i + mb], t[i:i + mb], None if cond is None else cond[i:i + mb],
                                     x0[i:i + mb]) for i in range(0, len(x), mb)])
         if r_term is None:
             return u
@@ -315,6 +347,9 @@ class CTRL(Algorithm):
     def fills_trust_region(self) -> bool:
         return self.acfg.fill_trust_region
 
+    def trust_region_growth(self) -> float:
+        return self.acfg.trust_region_growth if self.fills_trust_region() else 1.0
+
     def _return_to_go(self, batch: RolloutBatch) -> Tensor:
         """[B, K] the Monte Carlo return-to-go G_k = r - beta sum_{j >= k} KL_j (the critic's regression target)."""
         return batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
@@ -344,9 +379,11 @@ class CTRL(Algorithm):
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
         st = {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay,
-              "critic_fitted": self.critic_fitted}
+              "critic_fitted": self.critic_fitted, "trust_radius": self.trust_radius}
         if self.surrogate is not None:
             st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
+        if self.value_free is not None:
+            st.update(value_free=self.value_free.state_dict(), value_free_opt=self.value_free_opt.state_dict())
         return st
 
     def load_state_dict(self, state):
@@ -354,6 +391,10 @@ class CTRL(Algorithm):
         self.value_opt.load_state_dict(state["value_opt"])
         self.replay = state["replay"]
         self.critic_fitted = state.get("critic_fitted", True)
+        self.trust_radius = state.get("trust_radius", 1.0)
         if self.surrogate is not None:
             self.surrogate.load_state_dict(state["surrogate"])
             self.surrogate_opt.load_state_dict(state["surrogate_opt"])
+        if self.value_free is not None and "value_free" in state:
+            self.value_free.load_state_dict(state["value_free"])
+            self.value_free_opt.load_state_dict(state["value_free_opt"])
