@@ -193,7 +193,8 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=["ctrl", "dpok"])
     ap.add_argument("--n", type=int, default=500, help="evaluation samples per solver")
     ap.add_argument("--resume", action="store_true", help="grid: keep the saved runs, add the missing ones")
-    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/ctrl_promises_{grid,robustness}.json)")
+    ap.add_argument("--out", default=None,
+                    help="results file (default benchmarks/results/ctrl_promises_{grid,robustness}.json)")
     ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

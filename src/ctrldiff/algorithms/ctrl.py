@@ -24,7 +24,11 @@ estimates its gain in J (likelihood ratios times Monte Carlo advantages, less be
 KL to the reference) and the step is kept at the length that maximises that gain's lower confidence bound, or undone
 (:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`). That length may reach past the optimiser's own step, along
 it, up to the trust region's edge (ctrl.fill_trust_region): the step's size is chosen in nats, not by the learning
-rate.
+rate. The edge itself widens, up to ctrl.trust_region_growth times max_update_kl, while the held-out gain asks for
+longer steps, and narrows back when it does not.
+Two critics (ctrl.value.select): V as above and V = U_phi alone; each epoch's advantages come from the one that
+predicts that batch's returns better (neither was fitted on it). R(x0_hat) is a biased prior where the reward is
+curved across the modes of p_t (E r(x0) != r(E x0)).
 """
 
 from __future__ import annotations
