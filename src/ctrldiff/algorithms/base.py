@@ -234,15 +234,14 @@ class Algorithm:
         extrapolated from where the optimiser stopped. Estimate the gain again at the parameters it reached (the ratios
         there, exact; the KL change, exact) and halve the extra length, down to the optimiser's step, while its lower
         confidence bound is not above 0. Updates ``out``; returns whether the step was shortened."""
-        z, dist = self.acceptance_z(), self.trainer.dist
+        z = self.acceptance_z()
         shortened = False
-        for _ in range(tries):
-            lin, quad = (dist.all_gather_cat(v) for v in self.held_out_terms(batch, held))
-            d = lin - quad
-            se = math.sqrt(max(float(d.var(correction=0)), 0.0) / max(len(d) - 1, 1))
-            out["train/lengthened_gain"], out["train/lengthened_gain_se"] = float(d.mean()), se
+        for i in range(tries + 1):
+            lin, quad = self.gathered_held_out_terms(batch, held)
+            gain, se = mean_and_se(lin - quad)
+            out["train/lengthened_gain"], out["train/lengthened_gain_se"] = gain, se
             s_now = out["train/accepted"]
-            if float(d.mean()) - z * se > 0 or s_now <= 1.0:
+            if gain - z * se > 0 or s_now <= 1.0 or i == tries:
                 break
             s_new = max(1.0, 1.0 + (s_now - 1.0) / 2)
             self.rescale_update(start, s_new / s_now)
@@ -344,6 +343,12 @@ class Algorithm:
             quad[s:s + micro] = self.cfg.beta * (wk * step.pow(2).sum(1)).double()
         return lin.reshape(len(held), K).sum(1), quad.reshape(len(held), K).sum(1)
 
+    def gathered_held_out_terms(self, batch: RolloutBatch, held: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`held_out_terms` of every process's held-out trajectories (each process gets all of them)."""
+        lin, quad = self.held_out_terms(batch, held)
+        dist = self.trainer.dist
+        return dist.all_gather_cat(lin), dist.all_gather_cat(quad)
+
     def held_out_gain(self, batch: RolloutBatch, held: Tensor) -> Tensor:
         """Per held-out trajectory, the estimate of J(theta) - J(theta_old) for the step as it stands: l_b - q_b."""
         lin, quad = self.held_out_terms(batch, held)
@@ -359,11 +364,9 @@ class Algorithm:
         whole, or lengthened along itself up to ``s_max`` (the trust region's edge). Sampling noise in the update's
         direction does not pass for a gain, and a reward whose improvement cannot pay for beta times the KL it costs
         does not move the policy."""
-        z, dist = self.acceptance_z(), self.trainer.dist
-        lin, quad = (dist.all_gather_cat(v) for v in self.held_out_terms(batch, held))  # every process: all of them
-        n = len(lin)
-        L, Q = float(lin.mean()), float(quad.mean())
-        se = math.sqrt(max(float(lin.pow(2).mean()) - L ** 2, 0.0) / max(n - 1, 1))
+        z = self.acceptance_z()
+        lin, quad = self.gathered_held_out_terms(batch, held)
+        (L, se), Q = mean_and_se(lin), float(quad.mean())
         lcb, top = L - z * se, max(s_max, 1.0)
         s = min(max(lcb / (2 * Q), 0.0), top) if Q > 0 else (top if lcb > 0 else 0.0)
         # the length without an edge at one standard error more: the evidence that a wider trust region asks for
@@ -555,6 +558,12 @@ class TerminalRewardAlgorithm(Algorithm):
 
     def load_state_dict(self, state: dict) -> None:
         self.stats.load_state_dict(state["stats"])
+
+
+def mean_and_se(v: Tensor) -> tuple[float, float]:
+    """The mean of per-trajectory values and its standard error, sqrt(var / (n - 1)) with var the population variance."""
+    m = float(v.mean())
+    return m, math.sqrt(max(float(v.pow(2).mean()) - m ** 2, 0.0) / max(len(v) - 1, 1))
 
 
 def ppo_clip_loss(ratio: Tensor, adv: Tensor, clip: float) -> Tensor:
