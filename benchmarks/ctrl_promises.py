@@ -120,12 +120,14 @@ def grid(args) -> dict:
                     run = {"task": task, "scale": scale, "seed": seed, "algo": algo, "epochs": tr.cfg.epochs,
                            "wall_s": wall, "reward_queries": tr.reward_queries,
                            "value_reward_queries": tr.value_reward_queries,
+                           "ended_at_start": getattr(tr.algo, "uncertified_params", None) is not None,
                            "ref": ref_ev, "ft": {sv: evaluate(tr, tr.policy, sv, args.n) for sv in solvers}}
                     done.append(run)
                     j = {sv: (run["ft"][sv]["objective"], ref_ev[sv]["objective"]) for sv in solvers}
                     print(f"{task:20s} x{scale:<4g} seed {seed} {algo:5s}: " + "  ".join(
                         f"{sv} J {a:.4f} (ref {b:.4f})" for sv, (a, b) in j.items()) +
-                        f"  calls {run['reward_queries']} (value {run['value_reward_queries']}), {wall:.0f} s", flush=True)
+                        f"  calls {run['reward_queries']} (value {run['value_reward_queries']}), {wall:.0f} s"
+                        + ("  (ended at the start)" if run["ended_at_start"] else ""), flush=True)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps({"meta": vars(args) | {"func": None}, "runs": done}, indent=1))
     return {"runs": done}
@@ -147,12 +149,15 @@ def _grid_row(task: str, scale: float, rs: list[dict]) -> str:
         return "/".join(str(sum(r["ft"][s]["objective"] < r["ref"][s]["objective"] for r in runs)) for s in sv) \
             if runs else "—"
 
+    def at_start(runs):  # ctrl.certify_z: runs that ended with the start's weights (files from before it: —)
+        return str(sum(r["ended_at_start"] for r in runs)) if runs and "ended_at_start" in runs[0] else "—"
+
     def wall(runs):
         return f"{statistics.mean(r['wall_s'] for r in runs):.0f}" if runs else "—"
 
     calls = f"{c[0]['reward_queries']} ({c[0]['value_reward_queries']})" if c else "—"
     return (f"| {task} | {scale:g} | {len(c) or len(d)} | {cell(c or d, 'ref')} | {cell(c)} | {cell(d)} | {below(c)} | "
-            f"{below(d)} | {calls} | {d[0]['reward_queries'] if d else '—'} | {wall(c)} | {wall(d)} |")
+            f"{below(d)} | {at_start(c)} | {calls} | {d[0]['reward_queries'] if d else '—'} | {wall(c)} | {wall(d)} |")
 
 
 def render(merge: list[str] | None = None) -> str:
@@ -175,7 +180,7 @@ def render(merge: list[str] | None = None) -> str:
         out += ["\n**Never below the start, and against DPOK** (same defaults everywhere; J at the training solver / "
                 "at em:100; `below` counts seeds with J < J_ref)\n",
                 "| reward | scale | seeds | J_ref | CTRL J | DPOK J | CTRL below start | DPOK below start | "
-                "CTRL reward calls (value) | DPOK calls | CTRL s | DPOK s |", "|---" * 12 + "|"]
+                "CTRL ended at start | CTRL reward calls (value) | DPOK calls | CTRL s | DPOK s |", "|---" * 13 + "|"]
         cells = sorted({(r["task"], r["scale"]) for r in runs}, key=lambda c: (list(TASKS).index(c[0]), c[1]))
         for task, scale in cells:
             out.append(_grid_row(task, scale, [r for r in runs if r["task"] == task and r["scale"] == scale]))

@@ -180,6 +180,11 @@ def _echo_summary(out_dir: Path, records: list[dict] | None, echo, seconds: floa
         echo(f"training: reward {first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, KL_path "
              f"{last['kl_path']:.4f}, J {first['objective']:.4f} -> {last['objective']:.4f} (first -> last epoch, one "
              f"batch each), reward queries {last['reward_queries']}" + (f", {seconds:.1f} s" if seconds else ""))
+        if last.get("train/certified") == 0.0:
+            echo(f"the gain over the start was not certified (J {last['train/certified_gain']:+.4f} +- "
+                 f"{last['train/certified_gain_se']:.4f} on trajectories no update saw, below ctrl.certify_z standard "
+                 "errors): the run ends with the start's weights; the trained ones are in the last checkpoint's "
+                 "algorithm state (uncertified_params)")
     names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors",
              "lora/pytorch_lora_weights.safetensors", "pipeline/model_index.json"]
     echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))

@@ -82,6 +82,11 @@ class Algorithm:
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
         self.trust_radius = 1.0  # the trust region's current size, in units of max_update_kl (trust_region_growth)
+        # certify_z: the start's J (mean, se) from the run's first batch, the start's weights (CPU), and the trained
+        # weights of a run whose end the test did not certify (kept, not thrown away)
+        self.start_objective: tuple[float, float] | None = None
+        self.start_params: list[Tensor] | None = None
+        self.uncertified_params: list[Tensor] | None = None
 
     def require_differentiable_reward(self) -> None:
         """One-line error for an algorithm that back-propagates through the reward, given a black-box one."""
@@ -111,10 +116,16 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {}
+        """The algorithm's own state for a checkpoint (subclasses add theirs to this)."""
+        if self.start_objective is None:
+            return {}
+        return {"start_objective": self.start_objective, "start_params": self.start_params,
+                "uncertified_params": self.uncertified_params}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.start_objective = state.get("start_objective")
+        self.start_params = state.get("start_params")
+        self.uncertified_params = state.get("uncertified_params")
 
     # -- the shared update loop -------------------------------------------------------------------
     def update(self, batch: RolloutBatch) -> dict:
@@ -157,6 +168,8 @@ class Algorithm:
             mbs = partition()
             batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
         tested = held is not None
+        if tested and self.certify_z() is not None and self.start_objective is None and tr.epoch == 0:
+            self.record_start(batch)
         start = ([p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 or tested
                  else None)
         limit = self.max_update_kl() * self.trust_radius
@@ -226,7 +239,65 @@ class Algorithm:
             if self.trust_region_growth() > 1 and limit > 0:
                 self.adapt_trust_radius(past_edge, out.get("train/accepted", 0.0) < 0.5 * s_max)
                 out["train/trust_radius"] = self.trust_radius
+            end = getattr(tr, "end_epoch", None)  # set by Trainer.train: the run's last epoch is end - 1
+            if self.start_objective is not None and end is not None and tr.epoch == end - 1:
+                out.update(self.certify(batch, held))
         return out
+
+    # -- the end of a run: kept only if it is better than its start -----------------------------------
+    def certify_z(self) -> float | None:
+        """Standard errors by which the fine-tune's J must be above the start's for the run to end with it
+        (:meth:`certify`); None: no test."""
+        return None
+
+    @torch.no_grad()
+    def continue_training(self) -> None:
+        """A run that ended with its start's weights (:meth:`certify`) and is trained further (``--resume --set
+        epochs=N``) goes on from the weights it had trained to, not from the start (the weight EMA, if any, stays the
+        start's)."""
+        if self.uncertified_params is None:
+            return
+        for p, q in zip(self.trainer.trainable_parameters, self.uncertified_params, strict=True):
+            p.detach().copy_(q.to(p.device))
+        self.uncertified_params = None
+
+    @torch.no_grad()
+    def record_start(self, batch: RolloutBatch) -> None:
+        """At the run's first batch (sampled from the start): its J = r - beta KL_path per trajectory, as a mean and a
+        standard error, and a copy of the start's weights (on the CPU, and in the checkpoint)."""
+        tr = self.trainer
+        self.start_objective = mean_and_se(tr.dist.all_gather_cat(self.objective_terms(batch)))
+        self.start_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
+
+    def objective_terms(self, batch: RolloutBatch, idx: Tensor | None = None) -> Tensor:
+        """[n] r - beta KL_path of the batch's trajectories ``idx`` (all by default), in float64."""
+        o = (batch.rewards - self.cfg.beta * batch.kl_path).double()
+        return o if idx is None else o[idx]
+
+    @torch.no_grad()
+    def certify(self, batch: RolloutBatch, held: Tensor) -> dict:
+        """After the last epoch's update: the run ends with the fine-tuned weights only if their J is above the
+        start's J by :meth:`certify_z` standard errors; otherwise with the start's weights. Both J come from
+        trajectories that no update was fitted on: the start's from the run's first batch, the end's from the last
+        batch's held-out trajectories, J(theta_old) + the gain of the last step (its exact likelihood ratios at the
+        final weights: :meth:`held_out_terms`), per trajectory. A fine-tune whose gain the run's own samples cannot
+        tell from noise is not returned for a better model. The trained weights stay in the algorithm's state
+        (``uncertified_params``, saved in the checkpoint), nothing is thrown away."""
+        tr = self.trainer
+        lin, quad = self.gathered_held_out_terms(batch, held)
+        end, se_end = mean_and_se(tr.dist.all_gather_cat(self.objective_terms(batch, held)) + lin - quad)
+        start, se_start = self.start_objective
+        gain, se = end - start, math.sqrt(se_end ** 2 + se_start ** 2)
+        ok = gain - self.certify_z() * se > 0
+        if not ok:
+            params = tr.trainable_parameters
+            self.uncertified_params = [p.detach().to("cpu", copy=True) for p in params]
+            for p, p0 in zip(params, self.start_params, strict=True):
+                p.detach().copy_(p0.to(p.device))
+            if tr.ema is not None:
+                for e, p0 in zip(tr.ema, self.start_params, strict=True):
+                    e.copy_(p0.to(e.device))
+        return {"train/certified": float(ok), "train/certified_gain": gain, "train/certified_gain_se": se}
 
     def verify_lengthened(self, batch: RolloutBatch, start: list[Tensor], held: Tensor, out: dict,
                           tries: int = 3) -> bool:

@@ -43,7 +43,7 @@ from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
 from ..solvers import model_eps
-from .base import Algorithm, Minibatch, RolloutBatch, ppo_clip_loss, register_algorithm
+from .base import Algorithm, Minibatch, RolloutBatch, mean_and_se, ppo_clip_loss, register_algorithm
 from .value import RewardSurrogate, StructuredValue, value_weight
 
 
@@ -64,6 +64,9 @@ class ValueConfig(Strict):
                          "better (neither has been fitted on it). R(x0_hat) is a good prior where the reward of the "
                          "Tweedie prediction tracks the expected reward (images), and a biased one where it does not "
                          "(a reward curved across the modes of p_t: E r(x0) != r(E x0)); the batch decides")
+    select_z: float = Field(2.0, ge=0, description="value.select: the critic without the R term is chosen only when "
+                            "its squared error on the batch's returns is lower by this many standard errors (paired "
+                            "per trajectory); otherwise the R-term critic, the prior, is kept")
     tweedie_jacobian: bool = Field(True, description="differentiate x0_hat(x) through the model for grad_x V")
 
 
@@ -92,6 +95,11 @@ class CTRLConfig(Strict):
                             "above 0. 0 = no test (every update is kept)")
     accept_z: float = Field(1.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
                             "by which it must be above 0 for an update to be kept (see held_out)")
+    certify_z: float = Field(2.0, ge=0, description="estimator (a), with held_out: the run ends with the fine-tuned "
+                             "weights only if their J is above the start's by this many standard errors, both "
+                             "estimated on trajectories no update was fitted on (the first batch; the last batch's "
+                             "held-out half with the last step's likelihood ratios); otherwise it ends with the "
+                             "start's weights (the trained ones stay in the checkpoint's algorithm state). 0 = no test")
     fill_trust_region: bool = Field(True, description="estimator (a), with held_out: a step that stopped short "
                                     "of max_update_kl may be lengthened along itself up to it, as far as the held-out "
                                     "gain's lower confidence bound supports (the step's length is chosen in nats by "
@@ -261,11 +269,15 @@ class CTRL(Algorithm):
             if self.value_free is not None:  # value.select: the critic that predicts this batch's returns better
                 v_free = self._critic_values(t, x, x0, cond, None, self.value_free).reshape(B, K)
                 G, on = self._return_to_go(batch), self.trained(batch)  # (not the held-out half the test scores)
-                dist = self.trainer.dist
-                err, err_free = (float(dist.mean((u - G)[on].pow(2).reshape(-1), 0)) for u in (v, v_free))
-                metrics = {"ctrl/critic_r_term": float(err <= err_free), "value/held_mse": err,
-                           "value/held_free_mse": err_free}
-                v = v if err <= err_free else v_free
+                gather = self.trainer.dist.all_gather_cat
+                err, err_free = (gather((u - G)[on].pow(2).mean(1).double()) for u in (v, v_free))
+                # the R-term critic unless the free one predicts better by select_z standard errors (paired per
+                # trajectory): where the two fit alike, the choice does not flip from epoch to epoch on noise
+                gain, se = mean_and_se(err - err_free)
+                free = gain - self.acfg.value.select_z * se > 0
+                metrics = {"ctrl/critic_r_term": float(not free), "value/held_mse": float(err.mean()),
+                           "value/held_free_mse": float(err_free.mean()), "value/select_z": gain / max(se, 1e-30)}
+                v = v_free if free else v
         else:  # no critic yet: the Monte Carlo return-to-go (lambda = 1 with V = 0)
             v, lam = torch.zeros_like(batch.kl_rate), 1.0
         batch.extras["values"] = v  # V before this batch's fit: the held-out test's baseline
@@ -348,6 +360,9 @@ class CTRL(Algorithm):
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
 
+    def certify_z(self) -> float | None:
+        return self.acfg.certify_z if self.acfg.certify_z > 0 and self.held_out_fraction() > 0 else None
+
     def fills_trust_region(self) -> bool:
         return self.acfg.fill_trust_region
 
@@ -382,7 +397,7 @@ class CTRL(Algorithm):
 
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
-        st = {"value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay,
+        st = {**super().state_dict(), "value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay,
               "critic_fitted": self.critic_fitted, "trust_radius": self.trust_radius}
         if self.surrogate is not None:
             st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
@@ -391,6 +406,7 @@ class CTRL(Algorithm):
         return st
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.value.load_state_dict(state["value"])
         self.value_opt.load_state_dict(state["value_opt"])
         self.replay = state["replay"]

@@ -143,6 +143,7 @@ class Trainer:
         if cfg.optim.warmup_steps:
             add_warmup(self.optimizer, cfg.optim.lr, cfg.optim.warmup_steps)
         self.ema: list[torch.Tensor] | None = None
+        self.end_epoch: int | None = None  # while train() runs: the run's last epoch + 1
         if cfg.optim.ema_decay > 0:
             self.ema = [p.detach().clone() for p in self.trainable_parameters]
             self.optimizer.register_step_post_hook(lambda *_: self._update_ema())
@@ -349,6 +350,10 @@ class Trainer:
 
         cfg = self.cfg
         end = cfg.epochs if epochs is None else self.epoch + epochs
+        # the run's last epoch (train(epochs=N) may stop before it), where the algorithm may act (ctrl.certify_z)
+        self.end_epoch = max(cfg.epochs, end)
+        if self.epoch < end:
+            self.algo.continue_training()
         records = []
         main = self.dist.is_main  # with several processes, process 0 writes every output
         done = self.is_complete()
@@ -378,6 +383,7 @@ class Trainer:
             self.dist.barrier()
         if self._trackers is not None:
             self._trackers.close()
+        self.end_epoch = None
         return records
 
     def is_complete(self) -> bool:
