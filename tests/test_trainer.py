@@ -28,8 +28,9 @@ def test_run_directory_contents(tmp_path):
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     for r in recs:
         assert math.isclose(r["objective"], r["reward_mean"] - 0.5 * r["kl_path"], rel_tol=1e-9, abs_tol=1e-12)
-    # terminal queries are 3 x 32; the true (differentiable) reward inside V is counted separately too
-    assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32
+    # terminal queries are 3 x 32 and the 2 x 64 of ctrl.certify_z (the start and the end on the certification noise);
+    # the true (differentiable) reward inside V is counted separately too
+    assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32 + 2 * 64
     assert recs[-1]["value_reward_queries"] == 3 * 32 * 8  # CTRL(a): R(x0_hat) once per visited state
     assert (out / "samples" / "before_after.png").exists() and (out / "reward_curve.png").exists()
     assert (out / "samples" / "epoch_00000.png").exists()
@@ -174,9 +175,10 @@ def test_lr_warmup_is_linear_and_resumes_from_the_optimizer_state(tmp_path):
 
 def test_ema_of_the_weights_is_kept_checkpointed_resumed_and_used_for_the_final_model(tmp_path):
     d = 0.6
-    # (CTRL's trust region and acceptance test off: they move the weights after the last step; tests/test_ctrl.py
-    # covers the EMA there)
-    cfg = dict(optim=dict(lr=1e-2, minibatch=64, ema_decay=d), epochs=3, ctrl=dict(max_update_kl=0.0, held_out=0.0))
+    # (CTRL's trust region, acceptance test and end-of-run certification off: they move the weights after the last
+    # step; tests/test_ctrl.py covers the EMA there)
+    cfg = dict(optim=dict(lr=1e-2, minibatch=64, ema_decay=d), epochs=3,
+               ctrl=dict(max_update_kl=0.0, held_out=0.0, certify_z=0.0))
     tr = Trainer(_cfg(**cfg), tmp_path / "full")
     expected = [p.detach().clone() for p in tr.trainable_parameters]
     snaps = []

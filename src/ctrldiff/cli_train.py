@@ -182,9 +182,10 @@ def _echo_summary(out_dir: Path, records: list[dict] | None, echo, seconds: floa
              f"batch each), reward queries {last['reward_queries']}" + (f", {seconds:.1f} s" if seconds else ""))
         if last.get("train/certified") == 0.0:
             echo(f"the gain over the start was not certified (J {last['train/certified_gain']:+.4f} +- "
-                 f"{last['train/certified_gain_se']:.4f} on trajectories no update saw, below ctrl.certify_z standard "
-                 "errors): the run ends with the start's weights; the trained ones are in the last checkpoint's "
-                 "algorithm state (uncertified_params)")
+                 f"{last['train/certified_gain_se']:.4f}, paired on fixed noises that training never saw: not "
+                 "ctrl.certify_z standard errors above 0): the run ends with the start's weights; the trained ones "
+                 "are in the last checkpoint's algorithm state (uncertified_params), and --resume --set epochs=N "
+                 "trains on from them")
     names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors",
              "lora/pytorch_lora_weights.safetensors", "pipeline/model_index.json"]
     echo("wrote " + ", ".join(str(out_dir / n) for n in names if (out_dir / n).exists()))

@@ -82,9 +82,9 @@ class Algorithm:
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
         self.trust_radius = 1.0  # the trust region's current size, in units of max_update_kl (trust_region_growth)
-        # certify_z: the start's J (mean, se) from the run's first batch, the start's weights (CPU), and the trained
-        # weights of a run whose end the test did not certify (kept, not thrown away)
-        self.start_objective: tuple[float, float] | None = None
+        # certify_z: the start's r - beta KL_path on the certification noise (this process's share), the start's
+        # weights (CPU), and the trained weights of a run whose end the test did not certify (kept, not thrown away)
+        self.start_terms: Tensor | None = None
         self.start_params: list[Tensor] | None = None
         self.uncertified_params: list[Tensor] | None = None
 
@@ -117,18 +117,30 @@ class Algorithm:
 
     def state_dict(self) -> dict:
         """The algorithm's own state for a checkpoint (subclasses add theirs to this)."""
-        if self.start_objective is None:
+        if self.start_terms is None:
             return {}
-        return {"start_objective": self.start_objective, "start_params": self.start_params,
+        return {"start_terms": self.start_terms, "start_params": self.start_params,
                 "uncertified_params": self.uncertified_params}
 
     def load_state_dict(self, state: dict) -> None:
-        self.start_objective = state.get("start_objective")
+        self.start_terms = state.get("start_terms")
         self.start_params = state.get("start_params")
         self.uncertified_params = state.get("uncertified_params")
 
     # -- the shared update loop -------------------------------------------------------------------
     def update(self, batch: RolloutBatch) -> dict:
+        """The epoch's policy update (:meth:`policy_step`); at the run's first epoch it first records the start for
+        :meth:`certify`, at its last it ends with that test."""
+        tr = self.trainer
+        if self.certify_z() is not None and self.start_terms is None and tr.epoch == 0:
+            self.record_start()
+        out = self.policy_step(batch)
+        end = getattr(tr, "end_epoch", None)  # set by Trainer.train: the run's last epoch is end - 1
+        if self.start_terms is not None and end is not None and tr.epoch == end - 1:
+            out.update(self.certify())
+        return out
+
+    def policy_step(self, batch: RolloutBatch) -> dict:
         tr = self.trainer
         ocfg = tr.cfg.optim
         traj = batch.traj
@@ -168,8 +180,6 @@ class Algorithm:
             mbs = partition()
             batch.extras["log_prob_old"] = self.recompute_log_prob_old(batch, mbs)
         tested = held is not None
-        if tested and self.certify_z() is not None and self.start_objective is None and tr.epoch == 0:
-            self.record_start(batch)
         start = ([p.detach().clone() for p in tr.trainable_parameters] if self.max_update_kl() > 0 or tested
                  else None)
         limit = self.max_update_kl() * self.trust_radius
@@ -239,9 +249,6 @@ class Algorithm:
             if self.trust_region_growth() > 1 and limit > 0:
                 self.adapt_trust_radius(past_edge, out.get("train/accepted", 0.0) < 0.5 * s_max)
                 out["train/trust_radius"] = self.trust_radius
-            end = getattr(tr, "end_epoch", None)  # set by Trainer.train: the run's last epoch is end - 1
-            if self.start_objective is not None and end is not None and tr.epoch == end - 1:
-                out.update(self.certify(batch, held))
         return out
 
     # -- the end of a run: kept only if it is better than its start -----------------------------------
@@ -261,33 +268,36 @@ class Algorithm:
             p.detach().copy_(q.to(p.device))
         self.uncertified_params = None
 
+    def certify_samples(self) -> int:
+        """Size of the certification noise set (:meth:`certify`)."""
+        return 64
+
     @torch.no_grad()
-    def record_start(self, batch: RolloutBatch) -> None:
-        """At the run's first batch (sampled from the start): its J = r - beta KL_path per trajectory, as a mean and a
-        standard error, and a copy of the start's weights (on the CPU, and in the checkpoint)."""
+    def record_start(self) -> None:
+        """At the run's first update, before it: the start's r - beta KL_path on the certification noise
+        (:meth:`Trainer.certification_terms`) and a copy of the start's weights (on the CPU, and in the checkpoint)."""
         tr = self.trainer
-        self.start_objective = mean_and_se(tr.dist.all_gather_cat(self.objective_terms(batch)))
+        terms = tr.certification_terms(tr.policy, self.certify_samples())
+        if tr.dist.all_reduce_int([terms is None])[0]:  # reward_errors=skip and the reward failed: no certification
+            return
+        self.start_terms = terms
         self.start_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
 
-    def objective_terms(self, batch: RolloutBatch, idx: Tensor | None = None) -> Tensor:
-        """[n] r - beta KL_path of the batch's trajectories ``idx`` (all by default), in float64."""
-        o = (batch.rewards - self.cfg.beta * batch.kl_path).double()
-        return o if idx is None else o[idx]
-
     @torch.no_grad()
-    def certify(self, batch: RolloutBatch, held: Tensor) -> dict:
+    def certify(self) -> dict:
         """After the last epoch's update: the run ends with the fine-tuned weights only if their J is above the
-        start's J by :meth:`certify_z` standard errors; otherwise with the start's weights. Both J come from
-        trajectories that no update was fitted on: the start's from the run's first batch, the end's from the last
-        batch's held-out trajectories, J(theta_old) + the gain of the last step (its exact likelihood ratios at the
-        final weights: :meth:`held_out_terms`), per trajectory. A fine-tune whose gain the run's own samples cannot
-        tell from noise is not returned for a better model. The trained weights stay in the algorithm's state
-        (``uncertified_params``, saved in the checkpoint), nothing is thrown away."""
+        start's by :meth:`certify_z` standard errors; otherwise with the start's weights. The comparison is paired:
+        both models are sampled from the same fixed noises (the certification set, :meth:`certify_samples` of them,
+        which no rollout, update or evaluation uses), so the difference of J is estimated without the sampling noise
+        that each J has on its own, and without any model of the gain: it is the plain Monte Carlo difference, unbiased
+        for the fine-tune, which never saw that noise. A fine-tune whose gain cannot be told from noise is not
+        returned for a better model. The trained weights stay in the algorithm's state (``uncertified_params``, saved
+        in the checkpoint), and training further goes on from them (:meth:`continue_training`)."""
         tr = self.trainer
-        lin, quad = self.gathered_held_out_terms(batch, held)
-        end, se_end = mean_and_se(tr.dist.all_gather_cat(self.objective_terms(batch, held)) + lin - quad)
-        start, se_start = self.start_objective
-        gain, se = end - start, math.sqrt(se_end ** 2 + se_start ** 2)
+        end = tr.certification_terms(tr.policy, self.certify_samples())
+        if tr.dist.all_reduce_int([end is None])[0]:  # reward_errors=skip and the reward failed: the fine-tune is kept
+            return {"train/certified": float("nan")}
+        gain, se = mean_and_se(tr.dist.all_gather_cat(end - self.start_terms))
         ok = gain - self.certify_z() * se > 0
         if not ok:
             params = tr.trainable_parameters

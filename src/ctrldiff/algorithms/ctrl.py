@@ -26,9 +26,12 @@ KL to the reference) and the step is kept at the length that maximises that gain
 it, up to the trust region's edge (ctrl.fill_trust_region): the step's size is chosen in nats, not by the learning
 rate. The edge itself widens, up to ctrl.trust_region_growth times max_update_kl, while the held-out gain asks for
 longer steps, and narrows back when it does not.
-Two critics (ctrl.value.select): V as above and V = U_phi alone; each epoch's advantages come from the one that
-predicts that batch's returns better (neither was fitted on it). R(x0_hat) is a biased prior where the reward is
-curved across the modes of p_t (E r(x0) != r(E x0)).
+Two critics (ctrl.value.select): V as above and V = U_phi alone; an epoch's advantages come from the free one only
+when it predicts that batch's returns better (neither was fitted on it) by value.select_z standard errors. R(x0_hat)
+is a biased prior where the reward is curved across the modes of p_t (E r(x0) != r(E x0)).
+The end of a run (ctrl.certify_z): the fine-tuned weights are kept only if their J is above the start's by certify_z
+standard errors, paired on fixed noises that nothing else uses; otherwise the run ends with the start's weights
+(:meth:`ctrldiff.algorithms.base.Algorithm.certify`).
 """
 
 from __future__ import annotations
@@ -95,11 +98,15 @@ class CTRLConfig(Strict):
                             "above 0. 0 = no test (every update is kept)")
     accept_z: float = Field(1.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
                             "by which it must be above 0 for an update to be kept (see held_out)")
-    certify_z: float = Field(2.0, ge=0, description="estimator (a), with held_out: the run ends with the fine-tuned "
-                             "weights only if their J is above the start's by this many standard errors, both "
-                             "estimated on trajectories no update was fitted on (the first batch; the last batch's "
-                             "held-out half with the last step's likelihood ratios); otherwise it ends with the "
-                             "start's weights (the trained ones stay in the checkpoint's algorithm state). 0 = no test")
+    certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
+                             "the start's by this many standard errors, paired on certify_samples fixed noises that no "
+                             "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
+                             "the fine-tune after the last); otherwise it ends with the start's weights (the trained "
+                             "ones stay in the checkpoint's algorithm state, and training further goes on from them). "
+                             "Costs 2 x certify_samples reward queries and keeps a CPU copy of the start's trainable "
+                             "weights (LoRA: small; a full fine-tune: one more copy of the model, in memory and in each "
+                             "checkpoint). 0 = no test")
+    certify_samples: int = Field(64, ge=2, description="size of the certification noise set (see certify_z)")
     fill_trust_region: bool = Field(True, description="estimator (a), with held_out: a step that stopped short "
                                     "of max_update_kl may be lengthened along itself up to it, as far as the held-out "
                                     "gain's lower confidence bound supports (the step's length is chosen in nats by "
@@ -361,7 +368,10 @@ class CTRL(Algorithm):
         return self.acfg.accept_z
 
     def certify_z(self) -> float | None:
-        return self.acfg.certify_z if self.acfg.certify_z > 0 and self.held_out_fraction() > 0 else None
+        return self.acfg.certify_z if self.acfg.certify_z > 0 else None
+
+    def certify_samples(self) -> int:
+        return self.acfg.certify_samples
 
     def fills_trust_region(self) -> bool:
         return self.acfg.fill_trust_region

@@ -12,13 +12,13 @@ from ..solvers import evaluate_along, get_solver, kl_path, prediction_of
 def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000, solver: str = "em",
                     steps: int = 50, eta: float = 0.0, cond=None, seed: int = 0, chunk: int = 1000,
                     beta: float | None = None, return_samples: bool = False, decode=None, reward_cond=None,
-                    device: str | torch.device = "cpu") -> dict:
+                    device: str | torch.device = "cpu", return_terms: bool = False) -> dict:
     """Sample ``n`` points with ``solver``/``steps`` and report E r, std r, KL_path(model || ref) by Girsanov
     along the sampled paths, and J = E r - beta KL_path (if beta is given). ``cond``: [n] or None.
     ``decode`` / ``reward_cond`` map the final state / the condition to what the reward takes (latent
     text-to-image models: VAE decoding and the prompt strings; default: identity). ``device``: where the models
     live; the noise (a generator on that device), the time grid and the conditions are made there, the returned
-    samples are on the CPU."""
+    samples are on the CPU. ``return_terms``: also each sample's reward and KL_path ("rewards", "kl_paths", CPU)."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     fn = get_solver(solver, **({"eta": eta} if solver in ("ddim", "eta") else {}))
@@ -42,4 +42,6 @@ def evaluate_policy(model, ref, process, reward, *, sample_shape, n: int = 1000,
         out["objective"] = out["reward_mean"] - beta * out["kl_path"]
     if return_samples:
         out["samples"] = torch.cat(finals)
+    if return_terms:
+        out["rewards"], out["kl_paths"] = r, kl
     return out
