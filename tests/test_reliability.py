@@ -128,8 +128,10 @@ class _Procs:
             "kill_ctrl": self.start("kill_ctrl", [*train, "--algo", "ctrl", "--out", "kill_ctrl"]),
             "kill_ddpo": self.start("kill_ddpo", [*train, "--algo", "ddpo", "--out", "kill_ddpo"], "fault_helpers",
                                     CTRLDIFF_FAULT="ckpt-write:3", CTRLDIFF_FAULT_MARKER=str(r / "ddpo.hung")),
+            # (ctrl.certify_z=0 where a fault helper counts reward calls as epochs: the certification's would shift them)
             "bad_reward": self.start("bad_reward", ["train", *SMALL, "--epochs", "4", "--out", "bad_reward",
-                                                    "--reward", "fault_helpers:raise_from_epoch2"]),
+                                                    "--reward", "fault_helpers:raise_from_epoch2",
+                                                    "--set", "ctrl.certify_z=0"]),
         }
         # SIGKILL kill_ctrl as soon as it has written a checkpoint of epoch >= 2 (any point of its loop after
         # that), and kill_ddpo while half of checkpoint epoch_00003.pt is written to its temp file
@@ -330,8 +332,9 @@ def test_config_yaml_is_written_atomically(tmp_path, monkeypatch):
                                         ("raise_from_epoch2", "raised RuntimeError: scoring service unavailable")])
 def test_bad_user_reward_is_one_error_line_and_keeps_the_last_checkpoint(reward, msg, tmp_path, capsys):
     out = tmp_path / "run"
+    # (ctrl.certify_z=0: the helper counts reward calls as epochs, and the certification's calls would shift them)
     code, _, err = _cli(capsys, "train", *SMALL, "--epochs", "4", "--reward", f"fault_helpers:{reward}",
-                        "--out", str(out))
+                        "--set", "ctrl.certify_z=0", "--out", str(out))
     line = _one_error_line(err)
     assert code == 1 and f"reward 'fault_helpers:{reward}'" in line and "batch" in line and msg in line
     st = _final_state(out)
@@ -348,7 +351,7 @@ def test_bad_user_reward_is_one_error_line_and_keeps_the_last_checkpoint(reward,
 def test_skip_policy_counts_skipped_rewards_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = _cli(capsys, "train", *SMALL, "--epochs", "4", "--reward", "fault_helpers:flaky_second_chunk",
-                        "--set", "reward_errors=skip", "--set", "rollout_chunk=8", "--out", str(out))
+                        "--set", "ctrl.certify_z=0", "--set", "reward_errors=skip", "--set", "rollout_chunk=8", "--out", str(out))
     assert code == 0, err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16]  # the second chunk of 8 in epochs 2 and 3

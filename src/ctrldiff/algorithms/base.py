@@ -129,14 +129,14 @@ class Algorithm:
 
     # -- the shared update loop -------------------------------------------------------------------
     def update(self, batch: RolloutBatch) -> dict:
-        """The epoch's policy update (:meth:`policy_step`); at the run's first epoch it first records the start for
-        :meth:`certify`, at its last it ends with that test."""
+        """The epoch's policy update (:meth:`policy_step`); in a run (Trainer.train) it first records the start for
+        :meth:`certify` at the first epoch, and ends with that test at the last."""
         tr = self.trainer
-        if self.certify_z() is not None and self.start_terms is None and tr.epoch == 0:
+        end = getattr(tr, "end_epoch", None)  # set by Trainer.train: the run's last epoch is end - 1
+        if end is not None and tr.epoch == 0 and self.start_terms is None and self.certify_z() is not None:
             self.record_start()
         out = self.policy_step(batch)
-        end = getattr(tr, "end_epoch", None)  # set by Trainer.train: the run's last epoch is end - 1
-        if self.start_terms is not None and end is not None and tr.epoch == end - 1:
+        if end is not None and tr.epoch == end - 1 and self.start_terms is not None:
             out.update(self.certify())
         return out
 
