@@ -412,3 +412,20 @@ def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified()
             assert recs[-1]["reward_queries"] - recs[-2]["reward_queries"] > 128  # the certification's 64 queries
     tr = Trainer(_cfg(algo="ctrl", epochs=2, ctrl=dict(certify_z=0)))
     assert "train/certified" not in tr.train()[-1] and tr.algo.start_params is None
+
+
+def test_a_certification_the_reward_failed_on_keeps_the_fine_tune(monkeypatch):
+    """reward_errors=skip: where the reward fails on the certification noise (Trainer.certification_terms -> None)
+    at the end, the run keeps its fine-tuned weights and reports certified = NaN; at the start, there is no test."""
+    import math
+
+    tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=3, reward_errors="skip"))
+    calls = []
+    real = tr.certification_terms
+    monkeypatch.setattr(tr, "certification_terms", lambda m, n: calls.append(n) or (real(m, n) if len(calls) == 1
+                                                                                       else None))
+    recs = tr.train()
+    assert calls == [64, 64] and math.isnan(recs[-1]["train/certified"]) and tr.algo.uncertified_params is None
+    tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=3, reward_errors="skip"))
+    monkeypatch.setattr(tr, "certification_terms", lambda m, n: None)
+    assert "train/certified" not in tr.train()[-1] and tr.algo.start_terms is None

@@ -351,7 +351,8 @@ def test_bad_user_reward_is_one_error_line_and_keeps_the_last_checkpoint(reward,
 def test_skip_policy_counts_skipped_rewards_through_the_cli(tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = _cli(capsys, "train", *SMALL, "--epochs", "4", "--reward", "fault_helpers:flaky_second_chunk",
-                        "--set", "ctrl.certify_z=0", "--set", "reward_errors=skip", "--set", "rollout_chunk=8", "--out", str(out))
+                        "--set", "ctrl.certify_z=0",  # (the helper counts reward calls as epochs)
+                        "--set", "reward_errors=skip", "--set", "rollout_chunk=8", "--out", str(out))
     assert code == 0, err
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_skipped"] for r in recs] == [0, 0, 8, 16]  # the second chunk of 8 in epochs 2 and 3

@@ -407,8 +407,8 @@ class CTRL(Algorithm):
 
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
-        st = {**super().state_dict(), "value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(), "replay": self.replay,
-              "critic_fitted": self.critic_fitted, "trust_radius": self.trust_radius}
+        st = {**super().state_dict(), "value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(),
+              "replay": self.replay, "critic_fitted": self.critic_fitted, "trust_radius": self.trust_radius}
         if self.surrogate is not None:
             st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
         if self.value_free is not None:
