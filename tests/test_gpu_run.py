@@ -20,8 +20,9 @@ def test_train_and_eval_digits_on_the_device(gpu_device, tmp_path, algo):
         str(batch), "--solver", "em", "--steps", str(steps), "--device", gpu_device, "--out", str(out), "--threads",
         "1", "--quiet", "--set", f"log.num_final_eval={n}", "--set", "log.tensorboard=false", "--set",
         "optim.minibatch=80", "--set", "log.num_eval_samples=10"]
-        # the model must move: CTRL's acceptance test may undo both epochs of 8 trajectories of a saturated reward
-        + (["--set", "ctrl.held_out=0"] if algo == "ctrl" else []))
+        # the model must move: CTRL's acceptance test may undo both epochs of 8 trajectories of a saturated reward,
+        # and two such epochs seldom certify a gain over the start (ctrl.certify_z)
+        + (["--set", "ctrl.held_out=0", "--set", "ctrl.certify_z=0"] if algo == "ctrl" else []))
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["epoch"] for rec in recs] == [0, 1] and all(rec["train/updates"] >= 1 for rec in recs)

@@ -504,13 +504,13 @@ class Trainer:
         from ..eval.evaluate import evaluate_policy
 
         s, dist = self.cfg.sampler, self.dist
-        idx = torch.arange(n).tensor_split(dist.world_size)[dist.rank]
+        lo, hi = (n * r // dist.world_size for r in (dist.rank, dist.rank + 1))  # this process's share
         cond = self.task.eval_conditions(n)
-        self.count_queries(len(idx))
+        self.count_queries(hi - lo)
         try:
             ev = evaluate_policy(model, self.ref, self.process, self.reward, sample_shape=self.task.sample_shape,
-                                 n=len(idx), solver=s.solver, steps=s.steps, eta=s.eta,
-                                 cond=None if cond is None else cond[idx], beta=self.cfg.beta,
+                                 n=hi - lo, solver=s.solver, steps=s.steps, eta=s.eta,
+                                 cond=None if cond is None else cond[lo:hi], beta=self.cfg.beta,
                                  seed=self.process_seed(self.cfg.seed + 1_000_003),
                                  chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
                                  reward_cond=self.task.reward_cond, device=self.device, return_terms=True)
