@@ -103,3 +103,14 @@ def test_console_script_error_has_no_traceback():
 def test_verify_assets_command():
     r = run("verify-assets")
     assert r.exit_code == 0 and "digits_unet.safetensors" in r.output and "digit_classifier.json" in r.output
+
+
+def test_train_says_when_a_run_ends_with_its_start(tmp_path):
+    """ctrl.certify_z: a run whose gain over the start is not certified says so in one line, and that its trained
+    weights are kept (here an unreachable z makes sure it is not certified)."""
+    r = run("train", "--model", "gmm2-exact", "--reward", "toy2d-mode-switch", "--epochs", "1", "--batch-size", "16",
+            "--steps", "4", "--out", str(tmp_path / "run"), "--quiet", "--set", "ctrl.certify_z=1000",
+            "--set", "log.tensorboard=false", "--set", "log.num_final_eval=16")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "not certified" in x)
+    assert "the run ends with the start's weights" in line and "uncertified_params" in line, line

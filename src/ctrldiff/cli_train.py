@@ -181,8 +181,8 @@ def _echo_summary(out_dir: Path, records: list[dict] | None, echo, seconds: floa
              f"{last['kl_path']:.4f}, J {first['objective']:.4f} -> {last['objective']:.4f} (first -> last epoch, one "
              f"batch each), reward queries {last['reward_queries']}" + (f", {seconds:.1f} s" if seconds else ""))
         if last.get("train/certified") == 0.0:
-            echo(f"the gain over the start was not certified (J {last['train/certified_gain']:+.4f} +- "
-                 f"{last['train/certified_gain_se']:.4f}, paired on fixed noises that training never saw: not "
+            echo(f"the gain over the start was not certified (J {last['train/certified_gain']:+.4g} +- "
+                 f"{last['train/certified_gain_se']:.2g}, paired on fixed noises that training never saw: not "
                  "ctrl.certify_z standard errors above 0): the run ends with the start's weights; the trained ones "
                  "are in the last checkpoint's algorithm state (uncertified_params), and --resume --set epochs=N "
                  "trains on from them")
