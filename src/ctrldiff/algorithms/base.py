@@ -116,13 +116,16 @@ class Algorithm:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        """The algorithm's own state for a checkpoint (subclasses add theirs to this)."""
-        if self.start_terms is None:
-            return {}
-        return {"start_terms": self.start_terms, "start_params": self.start_params,
-                "uncertified_params": self.uncertified_params}
+        """The algorithm's state for a checkpoint: what every algorithm shares (the trust region's radius, the
+        certification's start); subclasses add theirs to it."""
+        st = {"trust_radius": self.trust_radius}
+        if self.start_terms is not None:
+            st.update(start_terms=self.start_terms, start_params=self.start_params,
+                      uncertified_params=self.uncertified_params)
+        return st
 
     def load_state_dict(self, state: dict) -> None:
+        self.trust_radius = state.get("trust_radius", 1.0)
         self.start_terms = state.get("start_terms")
         self.start_params = state.get("start_params")
         self.uncertified_params = state.get("uncertified_params")
@@ -264,8 +267,7 @@ class Algorithm:
         start's)."""
         if self.uncertified_params is None:
             return
-        for p, q in zip(self.trainer.trainable_parameters, self.uncertified_params, strict=True):
-            p.detach().copy_(q.to(p.device))
+        copy_into(self.trainer.trainable_parameters, self.uncertified_params)
         self.uncertified_params = None
 
     def certify_samples(self) -> int:
@@ -300,13 +302,10 @@ class Algorithm:
         gain, se = mean_and_se(tr.dist.all_gather_cat(end - self.start_terms))
         ok = gain - self.certify_z() * se > 0
         if not ok:
-            params = tr.trainable_parameters
-            self.uncertified_params = [p.detach().to("cpu", copy=True) for p in params]
-            for p, p0 in zip(params, self.start_params, strict=True):
-                p.detach().copy_(p0.to(p.device))
+            self.uncertified_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
+            copy_into(tr.trainable_parameters, self.start_params)
             if tr.ema is not None:
-                for e, p0 in zip(tr.ema, self.start_params, strict=True):
-                    e.copy_(p0.to(e.device))
+                copy_into(tr.ema, self.start_params)
         return {"train/certified": float(ok), "train/certified_gain": gain, "train/certified_gain_se": se}
 
     def verify_lengthened(self, batch: RolloutBatch, start: list[Tensor], held: Tensor, out: dict,
@@ -635,10 +634,18 @@ class TerminalRewardAlgorithm(Algorithm):
         self.stats = PerConditionStats(acfg.stat_buffer, acfg.stat_min_count, gather=trainer.dist.all_gather_any)
 
     def state_dict(self) -> dict:
-        return {"stats": self.stats.state_dict()}
+        return {**super().state_dict(), "stats": self.stats.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.stats.load_state_dict(state["stats"])
+
+
+@torch.no_grad()
+def copy_into(dst: list[Tensor], src: list[Tensor]) -> None:
+    """dst[i] <- src[i] in place, each on its own device (e.g. weights from a CPU copy)."""
+    for d, s in zip(dst, src, strict=True):
+        d.detach().copy_(s.to(d.device))
 
 
 def mean_and_se(v: Tensor) -> tuple[float, float]:

@@ -408,7 +408,7 @@ class CTRL(Algorithm):
     # ---- checkpointing -----------------------------------------------------------------------------
     def state_dict(self):
         st = {**super().state_dict(), "value": self.value.state_dict(), "value_opt": self.value_opt.state_dict(),
-              "replay": self.replay, "critic_fitted": self.critic_fitted, "trust_radius": self.trust_radius}
+              "replay": self.replay, "critic_fitted": self.critic_fitted}
         if self.surrogate is not None:
             st.update(surrogate=self.surrogate.state_dict(), surrogate_opt=self.surrogate_opt.state_dict())
         if self.value_free is not None:
@@ -421,7 +421,6 @@ class CTRL(Algorithm):
         self.value_opt.load_state_dict(state["value_opt"])
         self.replay = state["replay"]
         self.critic_fitted = state.get("critic_fitted", True)
-        self.trust_radius = state.get("trust_radius", 1.0)
         if self.surrogate is not None:
             self.surrogate.load_state_dict(state["surrogate"])
             self.surrogate_opt.load_state_dict(state["surrogate_opt"])

@@ -145,9 +145,11 @@ class DiffusionDPO(Algorithm):
         self.gen = trainer.cpu_gen if W == 1 else torch.Generator().manual_seed(trainer.process_seed(cfg.seed + 3))
 
     def state_dict(self) -> dict:
-        return {} if self.gen is self.trainer.cpu_gen else {"pair_gen": self.gen.get_state()}
+        st = super().state_dict()
+        return st if self.gen is self.trainer.cpu_gen else {**st, "pair_gen": self.gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         if "pair_gen" in state and self.gen is not self.trainer.cpu_gen:
             self.gen.set_state(state["pair_gen"])
 

@@ -83,9 +83,10 @@ class DiffusionNFT(Algorithm):
                              1 - self.acfg.old_decay)
 
     def state_dict(self) -> dict:
-        return {"old": [o.clone() for o in self.old]}
+        return {**super().state_dict(), "old": [o.clone() for o in self.old]}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         for o, v in zip(self.old, state["old"], strict=True):
             o.copy_(v)
 

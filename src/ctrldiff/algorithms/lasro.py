@@ -375,11 +375,13 @@ class LaSRO(Algorithm):
 
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"surrogate_head": self.surrogate.head.state_dict(), "surrogate_opt": self.surrogate_opt.state_dict(),
+        return {**super().state_dict(), "surrogate_head": self.surrogate.head.state_dict(),
+                "surrogate_opt": self.surrogate_opt.state_dict(),
                 "buffer": self.buffer.state_dict(), "norms": {k: n.state_dict() for k, n in self.norms.items()},
                 "surrogate_updates": self.surrogate_updates}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.surrogate.head.load_state_dict(state["surrogate_head"])
         self.surrogate_opt.load_state_dict(state["surrogate_opt"])
         self.buffer.load_state_dict(state["buffer"])

@@ -317,12 +317,13 @@ class QLearning(Algorithm):
 
     # ---- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        st = {"critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+        st = {**super().state_dict(), "critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
         if self.estimator is not None:
             st["ratio_gen"] = self.ratio_gen.get_state()
         return st
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.critic.load_state_dict(state["critic"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         if self.estimator is not None:
