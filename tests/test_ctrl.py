@@ -414,6 +414,35 @@ def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified()
     assert "train/certified" not in tr.train()[-1] and tr.algo.start_params is None
 
 
+def test_a_run_that_ends_with_its_start_keeps_its_weight_ema_for_training_further():
+    """With optim.ema_decay, a run the test does not certify (here: a bar no gain can clear) ends with the start's
+    weights and EMA; the trained EMA is kept in the checkpoint's state beside the trained weights, and training further
+    goes on from both. A run that raises leaves no last epoch behind (Trainer.end_epoch), so an update outside
+    train() certifies nothing."""
+    cfg = _cfg(algo="ctrl", seed=0, batch_size=64, epochs=3, ctrl=dict(certify_z=1e9), optim=dict(ema_decay=0.5))
+    tr = Trainer(cfg)
+    start = [p.detach().clone() for p in tr.trainable_parameters]
+    assert tr.train()[-1]["train/certified"] == 0.0
+    assert all(torch.equal(e, p) for e, p in zip(tr.ema, start, strict=True))
+    st = tr.algo.state_dict()
+    trained, trained_ema = st["uncertified_params"], st["uncertified_ema"]
+    assert any(not torch.equal(e, p) for e, p in zip(trained_ema, start, strict=True))
+    again = Trainer(cfg)
+    again.algo.load_state_dict(st)  # what a resumed run reads from the checkpoint
+    again.algo.continue_training()
+    assert all(torch.equal(p, q) for p, q in zip(again.trainable_parameters, trained, strict=True))
+    assert all(torch.equal(e, q) for e, q in zip(again.ema, trained_ema, strict=True))
+    assert again.algo.uncertified_ema is None
+
+    def fail():
+        raise RuntimeError("boom")
+
+    tr.step = fail
+    with pytest.raises(RuntimeError):
+        tr.train(epochs=1)
+    assert tr.end_epoch is None
+
+
 def test_a_certification_the_reward_failed_on_keeps_the_fine_tune(monkeypatch):
     """reward_errors=skip: where the reward fails on the certification noise (Trainer.certification_terms -> None)
     at the end, the run keeps its fine-tuned weights and reports certified = NaN; at the start, there is no test."""

@@ -87,6 +87,7 @@ class Algorithm:
         self.start_terms: Tensor | None = None
         self.start_params: list[Tensor] | None = None
         self.uncertified_params: list[Tensor] | None = None
+        self.uncertified_ema: list[Tensor] | None = None
 
     def require_differentiable_reward(self) -> None:
         """One-line error for an algorithm that back-propagates through the reward, given a black-box one."""
@@ -121,7 +122,7 @@ class Algorithm:
         st = {"trust_radius": self.trust_radius}
         if self.start_terms is not None:
             st.update(start_terms=self.start_terms, start_params=self.start_params,
-                      uncertified_params=self.uncertified_params)
+                      uncertified_params=self.uncertified_params, uncertified_ema=self.uncertified_ema)
         return st
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,6 +130,7 @@ class Algorithm:
         self.start_terms = state.get("start_terms")
         self.start_params = state.get("start_params")
         self.uncertified_params = state.get("uncertified_params")
+        self.uncertified_ema = state.get("uncertified_ema")
 
     # -- the shared update loop -------------------------------------------------------------------
     def update(self, batch: RolloutBatch) -> dict:
@@ -263,12 +265,14 @@ class Algorithm:
     @torch.no_grad()
     def continue_training(self) -> None:
         """A run that ended with its start's weights (:meth:`certify`) and is trained further (``--resume --set
-        epochs=N``) goes on from the weights it had trained to, not from the start (the weight EMA, if any, stays the
-        start's)."""
+        epochs=N``) goes on from the weights it had trained to, and from their weight EMA, not from the start."""
         if self.uncertified_params is None:
             return
-        copy_into(self.trainer.trainable_parameters, self.uncertified_params)
-        self.uncertified_params = None
+        tr = self.trainer
+        copy_into(tr.trainable_parameters, self.uncertified_params)
+        if tr.ema is not None and self.uncertified_ema is not None:
+            copy_into(tr.ema, self.uncertified_ema)
+        self.uncertified_params = self.uncertified_ema = None
 
     def certify_samples(self) -> int:
         """Size of the certification noise set (:meth:`certify`)."""
@@ -288,13 +292,14 @@ class Algorithm:
     @torch.no_grad()
     def certify(self) -> dict:
         """After the last epoch's update: the run ends with the fine-tuned weights only if their J is above the
-        start's by :meth:`certify_z` standard errors; otherwise with the start's weights. The comparison is paired:
-        both models are sampled from the same fixed noises (the certification set, :meth:`certify_samples` of them,
-        which no rollout, update or evaluation uses), so the difference of J is estimated without the sampling noise
-        that each J has on its own, and without any model of the gain: it is the plain Monte Carlo difference, unbiased
-        for the fine-tune, which never saw that noise. A fine-tune whose gain cannot be told from noise is not
-        returned for a better model. The trained weights stay in the algorithm's state (``uncertified_params``, saved
-        in the checkpoint), and training further goes on from them (:meth:`continue_training`)."""
+        start's by :meth:`certify_z` standard errors; otherwise with the start's weights (and weight EMA). The
+        comparison is paired: both models are sampled from the same fixed noises (the certification set,
+        :meth:`certify_samples` of them, which no rollout, update or evaluation uses), so the difference of J is
+        estimated without the sampling noise that each J has on its own, and without any model of the gain: it is the
+        plain Monte Carlo difference, unbiased for the fine-tune, which never saw that noise. A fine-tune whose gain
+        cannot be told from noise is not returned for a better model. The trained weights (and EMA) stay in the
+        algorithm's state (``uncertified_params``, saved in the checkpoint), and training further goes on from them
+        (:meth:`continue_training`)."""
         tr = self.trainer
         end = tr.certification_terms(tr.policy, self.certify_samples())
         if tr.dist.all_reduce_int([end is None])[0]:  # reward_errors=skip and the reward failed: the fine-tune is kept
@@ -305,6 +310,7 @@ class Algorithm:
             self.uncertified_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
             copy_into(tr.trainable_parameters, self.start_params)
             if tr.ema is not None:
+                self.uncertified_ema = [e.detach().to("cpu", copy=True) for e in tr.ema]
                 copy_into(tr.ema, self.start_params)
         return {"train/certified": float(ok), "train/certified_gain": gain, "train/certified_gain_se": se}
 

@@ -346,12 +346,20 @@ class Trainer:
 
     def train(self, epochs: int | None = None) -> list[dict]:
         """Run until ``cfg.epochs`` (or ``epochs`` more); returns this call's metric records."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         end = cfg.epochs if epochs is None else self.epoch + epochs
         # the run's last epoch (train(epochs=N) may stop before it), where the algorithm may act (ctrl.certify_z)
         self.end_epoch = max(cfg.epochs, end)
+        try:
+            return self._train_until(end)
+        finally:
+            self.end_epoch = None  # also when a run raises: a later update() outside train() certifies nothing
+
+    def _train_until(self, end: int) -> list[dict]:
+        """:meth:`train`'s loop, up to epoch ``end``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
         if self.epoch < end:
             self.algo.continue_training()
         records = []
@@ -383,7 +391,6 @@ class Trainer:
             self.dist.barrier()
         if self._trackers is not None:
             self._trackers.close()
-        self.end_epoch = None
         return records
 
     def is_complete(self) -> bool:
