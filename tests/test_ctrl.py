@@ -421,7 +421,9 @@ def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified()
             else:
                 assert recs[-1]["train/certified"] == 1.0 and not same, (seed, recs[-1])
                 assert recs[-1]["train/certified_gain"] > 2 * recs[-1]["train/certified_gain_se"]
-            assert recs[-1]["reward_queries"] - recs[-2]["reward_queries"] > 128  # the certification's 64 queries
+            assert recs[-1]["reward_queries"] - recs[-2]["reward_queries"] >= 128 + 2 * 64  # the batch, and 64
+            # certification queries at each of the two grids (the training one and ctrl.certify_refine = 5 x finer)
+            assert recs[-1]["train/certified_steps_fine"] == 5 * 8 and "train/certified_gain_fine_se" in recs[-1]
     tr = Trainer(_cfg(algo="ctrl", epochs=2, ctrl=dict(certify_z=0)))
     assert "train/certified" not in tr.train()[-1] and tr.algo.start_params is None
 
@@ -455,6 +457,33 @@ def test_a_run_that_ends_with_its_start_keeps_its_weight_ema_for_training_furthe
     assert tr.end_epoch is None
 
 
+def test_a_gain_at_the_training_grid_that_is_lost_at_a_finer_one_is_not_certified(monkeypatch):
+    """ctrl.certify_refine: the gain must pass the test at the training solver and at certify_refine times its steps.
+    Terms (r - beta KL_path per certification sample) that rise at the training grid and fall at the finer one -- a
+    fine-tune that fitted its grid's error -- end the run at its start; with certify_refine = 1 the same run keeps
+    them."""
+    gen = torch.Generator().manual_seed(0)
+
+    def terms(m, n, k=1):  # start: zeros; end: +1 at the training grid, -0.1 at the finer one (noise 0.01)
+        base = torch.zeros(n, 2 if k > 1 else 1, dtype=torch.float64)
+        if len(calls) == 0:
+            calls.append(k)
+            return base
+        calls.append(k)
+        return base + torch.tensor([1.0, -0.1][: base.shape[1]], dtype=torch.float64) + 0.01 * torch.randn(
+            base.shape, generator=gen, dtype=torch.float64)
+
+    for refine, want in ((5, 0.0), (1, 1.0)):
+        calls = []
+        tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=2, ctrl=dict(certify_refine=refine)))
+        monkeypatch.setattr(tr, "certification_terms", terms)
+        last = tr.train()[-1]
+        assert calls == [refine, refine] and last["train/certified"] == want, (refine, last)
+        assert last["train/certified_gain"] > 0.9 and ("train/certified_gain_fine" in last) == (refine > 1)
+        if refine > 1:
+            assert last["train/certified_gain_fine"] < 0 and tr.algo.uncertified_params is not None
+
+
 def test_a_certification_the_reward_failed_on_keeps_the_fine_tune(monkeypatch):
     """reward_errors=skip: where the reward fails on the certification noise (Trainer.certification_terms -> None)
     at the end, the run keeps its fine-tuned weights and reports certified = NaN; at the start, there is no test."""
@@ -463,10 +492,10 @@ def test_a_certification_the_reward_failed_on_keeps_the_fine_tune(monkeypatch):
     tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=3, reward_errors="skip"))
     calls = []
     real = tr.certification_terms
-    monkeypatch.setattr(tr, "certification_terms", lambda m, n: calls.append(n) or (real(m, n) if len(calls) == 1
-                                                                                       else None))
+    monkeypatch.setattr(tr, "certification_terms", lambda m, n, k=1: calls.append(n) or (real(m, n, k) if len(calls) == 1
+                                                                                            else None))
     recs = tr.train()
     assert calls == [64, 64] and math.isnan(recs[-1]["train/certified"]) and tr.algo.uncertified_params is None
     tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=3, reward_errors="skip"))
-    monkeypatch.setattr(tr, "certification_terms", lambda m, n: None)
+    monkeypatch.setattr(tr, "certification_terms", lambda m, n, k=1: None)
     assert "train/certified" not in tr.train()[-1] and tr.algo.start_terms is None

@@ -181,9 +181,11 @@ def _echo_summary(out_dir: Path, records: list[dict] | None, echo, seconds: floa
              f"{last['kl_path']:.4f}, J {first['objective']:.4f} -> {last['objective']:.4f} (first -> last epoch, one "
              f"batch each), reward queries {last['reward_queries']}" + (f", {seconds:.1f} s" if seconds else ""))
         if last.get("train/certified") == 0.0:
+            fine = (f"; at {last['train/certified_steps_fine']} steps {last['train/certified_gain_fine']:+.4g} +- "
+                    f"{last['train/certified_gain_fine_se']:.2g}" if "train/certified_gain_fine" in last else "")
             echo(f"the gain over the start was not certified (J {last['train/certified_gain']:+.4g} +- "
-                 f"{last['train/certified_gain_se']:.2g}, paired on fixed noises that training never saw: not "
-                 "ctrl.certify_z standard errors above 0): the run ends with the start's weights; the trained ones "
+                 f"{last['train/certified_gain_se']:.2g}{fine}, paired on fixed noises that training never saw: not "
+                 "ctrl.certify_z standard errors above 0 at each): the run ends with the start's weights; the trained ones "
                  "are in the last checkpoint's algorithm state (uncertified_params), and --resume --set epochs=N "
                  "trains on from them")
     names = ["final_eval.json", "metrics.jsonl", "samples/before_after.png", "reward_curve.png", "final_model.safetensors",

@@ -278,12 +278,17 @@ class Algorithm:
         """Size of the certification noise set (:meth:`certify`)."""
         return 64
 
+    def certify_refine(self) -> int:
+        """:meth:`certify` also tests the gain with the training solver at this many times its steps (1: not)."""
+        return 1
+
     @torch.no_grad()
     def record_start(self) -> None:
-        """At the run's first update, before it: the start's r - beta KL_path on the certification noise
-        (:meth:`Trainer.certification_terms`) and a copy of the start's weights (on the CPU, and in the checkpoint)."""
+        """At the run's first update, before it: the start's r - beta KL_path on the certification noise, at the
+        training solver and at :meth:`certify_refine` times its steps (:meth:`Trainer.certification_terms`), and a
+        copy of the start's weights (on the CPU, and in the checkpoint)."""
         tr = self.trainer
-        terms = tr.certification_terms(tr.policy, self.certify_samples())
+        terms = tr.certification_terms(tr.policy, self.certify_samples(), self.certify_refine())
         if tr.dist.all_reduce_int([terms is None])[0]:  # reward_errors=skip and the reward failed: no certification
             return
         self.start_terms = terms
@@ -296,23 +301,33 @@ class Algorithm:
         comparison is paired: both models are sampled from the same fixed noises (the certification set,
         :meth:`certify_samples` of them, which no rollout, update or evaluation uses), so the difference of J is
         estimated without the sampling noise that each J has on its own, and without any model of the gain: it is the
-        plain Monte Carlo difference, unbiased for the fine-tune, which never saw that noise. A fine-tune whose gain
-        cannot be told from noise is not returned for a better model. The trained weights (and EMA) stay in the
+        plain Monte Carlo difference, unbiased for the fine-tune, which never saw that noise. With
+        :meth:`certify_refine` > 1 the gain must also pass at that many times the training solver's steps (a gain at
+        the training grid only may be a fit of its discretisation error). A fine-tune whose gain cannot be told from
+        noise is not returned for a better model. The trained weights (and EMA) stay in the
         algorithm's state (``uncertified_params``, saved in the checkpoint), and training further goes on from them
         (:meth:`continue_training`)."""
         tr = self.trainer
-        end = tr.certification_terms(tr.policy, self.certify_samples())
+        start = self.start_terms if self.start_terms.dim() == 2 else self.start_terms[:, None]  # older checkpoints
+        end = tr.certification_terms(tr.policy, self.certify_samples(),
+                                     self.certify_refine() if start.shape[1] > 1 else 1)
         if tr.dist.all_reduce_int([end is None])[0]:  # reward_errors=skip and the reward failed: the fine-tune is kept
             return {"train/certified": float("nan")}
-        gain, se = mean_and_se(tr.dist.all_gather_cat(end - self.start_terms))
-        ok = gain - self.certify_z() * se > 0
+        diffs = tr.dist.all_gather_cat(end - start)
+        out, ok = {}, True
+        for c, name in enumerate(["", "_fine"][: diffs.shape[1]]):  # the training solver, and refine x its steps
+            gain, se = mean_and_se(diffs[:, c])
+            ok = ok and gain - self.certify_z() * se > 0
+            out[f"train/certified_gain{name}"], out[f"train/certified_gain{name}_se"] = gain, se
         if not ok:
             self.uncertified_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
             copy_into(tr.trainable_parameters, self.start_params)
             if tr.ema is not None:
                 self.uncertified_ema = [e.detach().to("cpu", copy=True) for e in tr.ema]
                 copy_into(tr.ema, self.start_params)
-        return {"train/certified": float(ok), "train/certified_gain": gain, "train/certified_gain_se": se}
+        if diffs.shape[1] > 1:
+            out["train/certified_steps_fine"] = tr.cfg.sampler.steps * self.certify_refine()
+        return {"train/certified": float(ok), **out}
 
     def verify_lengthened(self, batch: RolloutBatch, start: list[Tensor], held: Tensor, out: dict,
                           tries: int = 3) -> bool:

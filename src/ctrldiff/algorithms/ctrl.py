@@ -30,7 +30,8 @@ Two critics (ctrl.value.select): V as above and V = U_phi alone; an epoch's adva
 when it predicts that batch's returns better (neither was fitted on it) by value.select_z standard errors. R(x0_hat)
 is a biased prior where the reward is curved across the modes of p_t (E r(x0) != r(E x0)).
 The end of a run (ctrl.certify_z): the fine-tuned weights are kept only if their J is above the start's by certify_z
-standard errors, paired on fixed noises that nothing else uses; otherwise the run ends with the start's weights
+standard errors, paired on fixed noises that nothing else uses, with the training solver and with certify_refine times
+its steps; otherwise the run ends with the start's weights
 (:meth:`ctrldiff.algorithms.base.Algorithm.certify`).
 """
 
@@ -111,6 +112,11 @@ class CTRLConfig(Strict):
                              "weights (LoRA: small; a full fine-tune: one more copy of the model, in memory and in each "
                              "checkpoint). 0 = no test")
     certify_samples: int = Field(64, ge=2, description="size of the certification noise set (see certify_z)")
+    certify_refine: int = Field(5, ge=1, description="certify_z tests the gain twice, each at certify_z standard "
+                                "errors: with the training solver and with the same solver at this many times its "
+                                "steps (the continuous-time J, which a fine-tune must not lose at finer solvers: a "
+                                "gain at the training grid alone can be a fit of that grid's error). Costs "
+                                "certify_samples more reward queries at each end. 1 = the training solver only")
     fill_trust_region: bool = Field(True, description="estimator (a), with held_out: a step that stopped short "
                                     "of max_update_kl may be lengthened along itself up to it, as far as the held-out "
                                     "gain's lower confidence bound supports (the step's length is chosen in nats by "
@@ -376,6 +382,9 @@ class CTRL(Algorithm):
 
     def certify_samples(self) -> int:
         return self.acfg.certify_samples
+
+    def certify_refine(self) -> int:
+        return self.acfg.certify_refine
 
     def fills_trust_region(self) -> bool:
         return self.acfg.fill_trust_region

@@ -503,29 +503,34 @@ class Trainer:
         self.trackers.log_image("before_after", path, self.epoch)
         return path
 
-    def certification_terms(self, model, n: int) -> torch.Tensor | None:
-        """[n / W] r - beta KL_path per sample of ``model`` on this process's share of the run's certification noise
-        (ctrl.certify_z): n fixed noises, with the rollout solver and grid, drawn from a seed of their own that no
-        rollout or evaluation uses, the same draws at every call, so that two models' terms pair up sample by sample.
-        Counts n / W reward queries. None where the reward failed on them and ``reward_errors=skip``."""
+    def certification_terms(self, model, n: int, refine: int = 1) -> torch.Tensor | None:
+        """[n / W, 1 or 2] r - beta KL_path per sample of ``model`` on this process's share of the run's certification
+        noise (ctrl.certify_z): n fixed noises drawn from a seed of their own that no rollout or evaluation uses, the
+        same draws at every call, so that two models' terms pair up sample by sample. Column 0: the rollout solver and
+        its step count; with ``refine`` > 1, column 1: the same solver with ``refine`` times the steps (the
+        continuous-time J that the fine-tune must not lose at finer solvers). Counts n / W reward queries per column.
+        None where the reward failed on them and ``reward_errors=skip``."""
         from ..eval.evaluate import evaluate_policy
 
         s, dist = self.cfg.sampler, self.dist
         lo, hi = (n * r // dist.world_size for r in (dist.rank, dist.rank + 1))  # this process's share
         cond = self.task.eval_conditions(n)
-        self.count_queries(hi - lo)
-        try:
-            ev = evaluate_policy(model, self.ref, self.process, self.reward, sample_shape=self.task.sample_shape,
-                                 n=hi - lo, solver=s.solver, steps=s.steps, eta=s.eta,
-                                 cond=None if cond is None else cond[lo:hi], beta=self.cfg.beta,
-                                 seed=self.process_seed(self.cfg.seed + 1_000_003),
-                                 chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
-                                 reward_cond=self.task.reward_cond, device=self.device, return_terms=True)
-        except RewardError:
-            if self.cfg.reward_errors == "skip":
-                return None
-            raise
-        return (ev["rewards"] - self.cfg.beta * ev["kl_paths"]).double()
+        cols = []
+        for steps in [s.steps] + ([s.steps * refine] if refine > 1 else []):
+            self.count_queries(hi - lo)
+            try:
+                ev = evaluate_policy(model, self.ref, self.process, self.reward, sample_shape=self.task.sample_shape,
+                                     n=hi - lo, solver=s.solver, steps=steps, eta=s.eta,
+                                     cond=None if cond is None else cond[lo:hi], beta=self.cfg.beta,
+                                     seed=self.process_seed(self.cfg.seed + 1_000_003),
+                                     chunk=max(self.cfg.rollout_chunk, 1), decode=self.task.decode,
+                                     reward_cond=self.task.reward_cond, device=self.device, return_terms=True)
+            except RewardError:
+                if self.cfg.reward_errors == "skip":
+                    return None
+                raise
+            cols.append((ev["rewards"] - self.cfg.beta * ev["kl_paths"]).double())
+        return torch.stack(cols, 1)
 
     def final_eval(self) -> dict | None:
         """Score ``log.num_final_eval`` fixed-noise samples of the reference and of the fine-tuned model with the
