@@ -136,8 +136,9 @@ def test_every_algorithm_runs_an_epoch(algo):
     rec = tr.train()[0]
     for key in ("epoch", "reward_mean", "reward_std", "kl_path", "objective", "reward_queries", "wall_s"):
         assert key in rec and math.isfinite(rec[key])
-    # 64 rollouts; CTRL also samples its start and its end on the 64 noises of ctrl.certify_z (one epoch: both)
-    assert rec["reward_queries"] - rec["value_reward_queries"] == 64 + (128 if algo == "ctrl" else 0)
+    # 64 rollouts; CTRL also samples its start and its end on the 64 noises of ctrl.certify_z (one epoch: both), each
+    # at the training grid and at ctrl.certify_refine x its steps
+    assert rec["reward_queries"] - rec["value_reward_queries"] == 64 + (256 if algo == "ctrl" else 0)
     assert rec["train/updates"] > 0
 
 

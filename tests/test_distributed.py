@@ -366,8 +366,8 @@ def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     r = torch.cat(halves)
     assert recs[0]["reward_mean"] == float(r.mean()) and recs[0]["reward_std"] == float(r.std())
     assert not torch.equal(halves[0], halves[1])
-    # ... and the 64 of ctrl.certify_z at the first and at the last epoch (32 on each process)
-    cert = [64 + 64 * (e == EPOCHS - 1) for e in range(EPOCHS)]
+    # ... and the 64 of ctrl.certify_z at the first and at the last epoch (32 on each process), at two grids
+    cert = [128 + 128 * (e == EPOCHS - 1) for e in range(EPOCHS)]
     assert [x["reward_queries"] - x["value_reward_queries"] for x in recs] == [B * (e + 1) + c
                                                                              for e, c in enumerate(cert)]
     assert recs[-1]["value_reward_queries"] == EPOCHS * B * 4  # R(x0_hat) at every visited state of both

@@ -28,9 +28,9 @@ def test_run_directory_contents(tmp_path):
     assert [r["epoch"] for r in recs] == [0, 1, 2]
     for r in recs:
         assert math.isclose(r["objective"], r["reward_mean"] - 0.5 * r["kl_path"], rel_tol=1e-9, abs_tol=1e-12)
-    # terminal queries are 3 x 32 and the 2 x 64 of ctrl.certify_z (the start and the end on the certification noise);
-    # the true (differentiable) reward inside V is counted separately too
-    assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32 + 2 * 64
+    # terminal queries are 3 x 32 and the 2 x 2 x 64 of ctrl.certify_z (the start and the end on the certification
+    # noise, at the training grid and at ctrl.certify_refine x its steps); the reward inside V is counted separately
+    assert recs[-1]["reward_queries"] - recs[-1]["value_reward_queries"] == 3 * 32 + 4 * 64
     assert recs[-1]["value_reward_queries"] == 3 * 32 * 8  # CTRL(a): R(x0_hat) once per visited state
     assert (out / "samples" / "before_after.png").exists() and (out / "reward_curve.png").exists()
     assert (out / "samples" / "epoch_00000.png").exists()
