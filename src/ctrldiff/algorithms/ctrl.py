@@ -101,8 +101,8 @@ class CTRLConfig(Strict):
                             "by which it must be above 0 for an update to be kept (see held_out). 0: the step is kept "
                             "at the length that maximises the estimated gain, undone where that is not above 0; the "
                             "guarantee against ending below the start is certify_z's, at the end of the run. A "
-                            "margin here shortens every step by z standard errors of a noisy estimate (1 cost the "
-                            "main job 1.5 J at em:20, docs/CTRL.md section 10)")
+                            "margin here shortens every step by z standard errors of a noisy estimate (z = 1 cost the "
+                            "main job 1.5-2.6 J at em:20, docs/CTRL.md section 10)")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
