@@ -1,9 +1,9 @@
 """CTRL's two promises, measured (issue: robust to solver and step count; a fine-tune that never lowers J).
 
-    python benchmarks/ctrl_promises.py robustness [--epochs N] [--n 500]
+    python benchmarks/ctrl_promises.py robustness [--epochs N] [--n 500] [--seed 0] [--algo ctrl]
         The default main job (`ctrldiff train --algo ctrl`, every default), then J = E r - beta KL_path of the
         fine-tuned and of the untouched model at the training solver and at em:20, em:50, em:100, ddim:50 (eta 1)
-        and heun:25, on the same fixed noises and conditions.
+        and heun:25, on the same fixed noises and conditions. --algo dpok: the same for DPOK, to compare.
     python benchmarks/ctrl_promises.py grid [--epochs N] [--seeds 0 1 2] [--scales 0.1 1 10] [--algos ctrl dpok]
         The same defaults on 8 rewards (6 image, 2 exact 2-D), each also scaled by 10 and by 0.1: J of CTRL, DPOK
         and the reference at the training solver and at em:100, reward calls (terminal and value) and wall-clock.
@@ -85,7 +85,8 @@ def train(algo: str, model: str, reward, seed: int, epochs: int | None) -> tuple
 
 
 def robustness(args) -> dict:
-    tr, wall = train("ctrl", TrainConfig().model, TrainConfig().reward, args.seed, args.epochs)
+    algo = getattr(args, "algo", "ctrl")  # --algo dpok: the same main job and evaluation, for comparison
+    tr, wall = train(algo, TrainConfig().model, TrainConfig().reward, args.seed, args.epochs)
     s = tr.cfg.sampler
     train_solver = f"{s.solver}:{s.steps}"
     rows = []
@@ -94,7 +95,7 @@ def robustness(args) -> dict:
         rows.append(row)
         print(f"{solver:8s} J ref {row['ref']['objective']:.4f}  J fine-tuned {row['ft']['objective']:.4f} "
               f"(E r {row['ft']['reward_mean']:.4f}, KL_path {row['ft']['kl_path']:.3f})", flush=True)
-    return {"config": json.loads(tr.cfg.model_dump_json()), "train_solver": train_solver, "wall_s": wall,
+    return {"algo": algo, "config": json.loads(tr.cfg.model_dump_json()), "train_solver": train_solver, "wall_s": wall,
             "reward_queries": tr.reward_queries, "value_reward_queries": tr.value_reward_queries, "n": args.n,
             "rows": rows}
 
@@ -192,6 +193,7 @@ def main() -> None:
     ap.add_argument("what", choices=["robustness", "grid", "render"])
     ap.add_argument("--epochs", type=int, default=None, help="default: the config default")
     ap.add_argument("--seed", type=int, default=0, help="robustness: the training seed")
+    ap.add_argument("--algo", default="ctrl", help="robustness: the algorithm (e.g. dpok, for comparison)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.1, 10.0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
