@@ -292,7 +292,7 @@ class Algorithm:
         if tr.dist.all_reduce_int([terms is None])[0]:  # reward_errors=skip and the reward failed: no certification
             return
         self.start_terms = terms
-        self.start_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
+        self.start_params = cpu_copy(tr.trainable_parameters)
 
     @torch.no_grad()
     def certify(self) -> dict:
@@ -304,8 +304,8 @@ class Algorithm:
         plain Monte Carlo difference, unbiased for the fine-tune, which never saw that noise. With
         :meth:`certify_refine` > 1 the gain must also pass at that many times the training solver's steps (a gain at
         the training grid only may be a fit of its discretisation error). A fine-tune whose gain cannot be told from
-        noise is not returned for a better model. The trained weights (and EMA) stay in the
-        algorithm's state (``uncertified_params``, saved in the checkpoint), and training further goes on from them
+        noise is not returned for a better model. The trained weights (and EMA) stay in the algorithm's state
+        (``uncertified_params``, saved in the checkpoint), and training further goes on from them
         (:meth:`continue_training`)."""
         tr = self.trainer
         start = self.start_terms if self.start_terms.dim() == 2 else self.start_terms[:, None]  # older checkpoints
@@ -313,17 +313,17 @@ class Algorithm:
                                      self.certify_refine() if start.shape[1] > 1 else 1)
         if tr.dist.all_reduce_int([end is None])[0]:  # reward_errors=skip and the reward failed: the fine-tune is kept
             return {"train/certified": float("nan")}
-        diffs = tr.dist.all_gather_cat(end - start)
+        diffs = tr.dist.all_gather_cat(end - start[:, : end.shape[1]])  # the grids both ends were sampled at
         out, ok = {}, True
         for c, name in enumerate(["", "_fine"][: diffs.shape[1]]):  # the training solver, and refine x its steps
             gain, se = mean_and_se(diffs[:, c])
             ok = ok and gain - self.certify_z() * se > 0
             out[f"train/certified_gain{name}"], out[f"train/certified_gain{name}_se"] = gain, se
         if not ok:
-            self.uncertified_params = [p.detach().to("cpu", copy=True) for p in tr.trainable_parameters]
+            self.uncertified_params = cpu_copy(tr.trainable_parameters)
             copy_into(tr.trainable_parameters, self.start_params)
             if tr.ema is not None:
-                self.uncertified_ema = [e.detach().to("cpu", copy=True) for e in tr.ema]
+                self.uncertified_ema = cpu_copy(tr.ema)
                 copy_into(tr.ema, self.start_params)
         if diffs.shape[1] > 1:
             out["train/certified_steps_fine"] = tr.cfg.sampler.steps * self.certify_refine()
@@ -660,6 +660,11 @@ class TerminalRewardAlgorithm(Algorithm):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.stats.load_state_dict(state["stats"])
+
+
+def cpu_copy(tensors: list[Tensor]) -> list[Tensor]:
+    """Detached copies on the CPU (weights kept aside: the certification's start, a run's uncertified end)."""
+    return [t.detach().to("cpu", copy=True) for t in tensors]
 
 
 @torch.no_grad()
