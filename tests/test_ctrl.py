@@ -457,6 +457,31 @@ def test_a_run_that_ends_with_its_start_keeps_its_weight_ema_for_training_furthe
     assert tr.end_epoch is None
 
 
+def test_with_a_weight_ema_the_certification_tests_the_weights_the_run_ends_with(monkeypatch):
+    """With optim.ema_decay the run's final model is its weight EMA (Trainer.finish), so the end of the certification
+    samples the EMA weights, not the last trained ones; the trained weights are back in the policy afterwards."""
+    tr = Trainer(_cfg(algo="ctrl", seed=0, batch_size=64, epochs=3, optim=dict(ema_decay=0.5)))
+    seen, real = [], tr.certification_terms
+
+    def terms(m, n, k=1):
+        seen.append([p.detach().clone() for p in tr.trainable_parameters])
+        return real(m, n, k)
+
+    def certify(real_certify=tr.algo.certify):  # what the policy and the EMA hold when the test begins
+        trained.extend(p.detach().clone() for p in tr.trainable_parameters)
+        ema.extend(e.clone() for e in tr.ema)
+        return real_certify()
+
+    trained, ema = [], []
+    monkeypatch.setattr(tr, "certification_terms", terms)
+    monkeypatch.setattr(tr.algo, "certify", certify)
+    tr.train()
+    assert len(seen) == 2 and any(not torch.equal(e, p) for e, p in zip(ema, trained, strict=True))
+    assert all(torch.equal(s, e) for s, e in zip(seen[1], ema, strict=True))
+    if tr.algo.uncertified_params is None:  # certified: the trained weights are back
+        assert all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, trained, strict=True))
+
+
 def test_a_gain_at_the_training_grid_that_is_lost_at_a_finer_one_is_not_certified(monkeypatch):
     """ctrl.certify_refine: the gain must pass the test at the training solver and at certify_refine times its steps.
     Terms (r - beta KL_path per certification sample) that rise at the training grid and fall at the finer one -- a

@@ -309,8 +309,9 @@ class Algorithm:
         (:meth:`continue_training`)."""
         tr = self.trainer
         start = self.start_terms if self.start_terms.dim() == 2 else self.start_terms[:, None]  # older checkpoints
-        end = tr.certification_terms(tr.policy, self.certify_samples(),
-                                     self.certify_refine() if start.shape[1] > 1 else 1)
+        with tr.final_weights():  # with optim.ema_decay the run ends with its weight EMA: that is what is tested
+            end = tr.certification_terms(tr.policy, self.certify_samples(),
+                                         self.certify_refine() if start.shape[1] > 1 else 1)
         if tr.dist.all_reduce_int([end is None])[0]:  # reward_errors=skip and the reward failed: the fine-tune is kept
             return {"train/certified": float("nan")}
         diffs = tr.dist.all_gather_cat(end - start[:, : end.shape[1]])  # the grids both ends were sampled at

@@ -444,21 +444,29 @@ class Trainer:
         UNet has hundreds of small ones)."""
         torch._foreach_lerp_(self.ema, [p.detach() for p in self.trainable_parameters], 1 - self.cfg.optim.ema_decay)
 
-    def finish(self) -> None:
-        """Write the final model, the before/after figure and the reward curve (with ``optim.ema_decay``: of the
-        EMA weights; the trained weights are put back afterwards)."""
+    @contextmanager
+    def final_weights(self):
+        """Inside the block the policy holds the weights a run ends with: with ``optim.ema_decay``, the EMA weights
+        (the trained ones are put back afterwards), otherwise the trained weights as they are. What the run writes
+        out (:meth:`finish`) and what its certification tests (:meth:`Algorithm.certify`) are the same weights."""
         if self.ema is None:
-            return self._finish()
+            yield
+            return
         with torch.no_grad():
             raw = [p.detach().clone() for p in self.trainable_parameters]
             for p, e in zip(self.trainable_parameters, self.ema, strict=True):
                 p.copy_(e)
         try:
-            self._finish()
+            yield
         finally:
             with torch.no_grad():
                 for p, r in zip(self.trainable_parameters, raw, strict=True):
                     p.copy_(r)
+
+    def finish(self) -> None:
+        """Write the final model, the before/after figure and the reward curve, of :meth:`final_weights`."""
+        with self.final_weights():
+            self._finish()
 
     def _finish(self) -> None:
         from ..viz import plot_curves
