@@ -72,7 +72,7 @@ def main() -> None:
         ev = evaluate_policy(tr.ref, tr.ref, tr.process, reward, sample_shape=(2,), n=args.n_eval, solver=solver,
                              steps=steps, eta=eta, beta=BETA, seed=777)
         ref_rows.append({"solver": solver, "steps": steps, **ev})
-    opt_rows = optimal_rows(target, tr.ref, tr.process, reward, args.n_eval) if args.optimal else []
+    opt_rows = optimal_rows(target.gmm, reward, BETA, tr.process, tr.ref, args.n_eval) if args.optimal else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"budget": args.budget, "seeds": args.seeds, "beta": BETA, "J_star": target.J_star,
@@ -95,19 +95,20 @@ def main() -> None:
     print(f"\ntotal {meta['total_s']:.0f} s; wrote {out}")
 
 
-def optimal_rows(target: TiltedTarget, ref, process, reward, n_eval: int, n_grid: int = 100) -> list[dict]:
+def optimal_rows(gmm, reward, beta: float, process, ref, n_eval: int, solvers=None, n_grid: int = 100,
+                 seed: int = 777) -> list[dict]:
     """The exact optimal control s* = s_ref + grad V / beta, sampled and scored like the fine-tuned models under each
-    solver of EVALS (the same seed as the reference row): E r, KL_path and J. A model that learned the
+    solver (``solvers``: (solver, steps, eta), EVALS by default): E r, KL_path and J. A model that learned the
     continuous-time optimum gets these numbers, whatever a coarse solver's KL_path quadrature makes of them. The
     target's grid: ``n_grid`` cells a side (100 and 200 gave the same E r, KL_path and J to 3 decimals at em 5, 10, 20
     and 50 on the mode switch)."""
     from ctrldiff.eval.exact2d import OptimalScore
 
-    star = OptimalScore(TiltedTarget(target.gmm, reward, target.beta, n_grid=n_grid), process, mass_tol=1e-8)
+    star = OptimalScore(TiltedTarget(gmm, reward, beta, n_grid=n_grid), process, mass_tol=1e-8)
     rows = []
-    for solver, steps, eta in EVALS:
+    for solver, steps, eta in solvers or EVALS:
         ev = evaluate_policy(star, ref, process, reward, sample_shape=(2,), n=n_eval, solver=solver, steps=steps,
-                             eta=eta, beta=target.beta, seed=777)
+                             eta=eta, beta=beta, seed=seed)
         rows.append({"solver": solver, "steps": steps, **{k: ev[k] for k in ("reward_mean", "kl_path", "objective")}})
     return rows
 

@@ -138,6 +138,7 @@ def section_finetune2d(mode: dict) -> dict:
     import robustness
     import yardstick2d
 
+    from ctrldiff.data.toy2d import gmm_preset
     from ctrldiff.eval.evaluate import evaluate_policy
 
     solvers = mode["robust"] or [(s, n) for s, n, _ in robustness.EVALS]
@@ -168,7 +169,11 @@ def section_finetune2d(mode: dict) -> dict:
             ev = evaluate_policy(tr.ref, tr.ref, tr.process, reward, sample_shape=(2,), n=mode["n_eval"],
                                  solver=solver, steps=steps, beta=beta, seed=777)
             ref[rname][f"{solver}:{steps}"] = ev["objective"]
-    return {"runs": runs, "reference": ref, "solvers": [f"{s}:{n}" for s, n in solvers]}
+    # the exact optimal control under each solver: what the continuous-time optimum itself scores there
+    optimal = {rname: {f"{r['solver']}:{r['steps']}": r["objective"] for r in robustness.optimal_rows(
+        gmm_preset("gmm2"), yardstick2d.REWARDS[rname][0](), yardstick2d.REWARDS[rname][1], tr.process, tr.ref,
+        mode["n_eval"], [(s, n, 0.0) for s, n in solvers])} for rname in mode["rewards"]}
+    return {"runs": runs, "reference": ref, "optimal": optimal, "solvers": [f"{s}:{n}" for s, n in solvers]}
 
 
 def render_finetune2d(data: dict, mode: dict, fig_dir: Path, prefix: str = "finetune2d") -> str:
@@ -194,9 +199,13 @@ def render_finetune2d(data: dict, mode: dict, fig_dir: Path, prefix: str = "fine
         out.append(md_table(["algo", "queries", "E r", "KL_path", "J", "gap (J*−J)/|J*|", "MMD² to p*"], rows))
         out.append("\nRobustness: J of the score fine-tuned with EM-20 (at the last budget), evaluated with other "
                    "solvers / step counts (KL_path by Girsanov along each solver's paths; with deterministic solvers "
-                   "J can exceed J*, see `ctrldiff eval --help`).\n")
+                   "J can exceed J*, see `ctrldiff eval --help`). The exact optimal control is the continuous-time "
+                   "optimum sampled the same way: a fine-tune that has learned it scores as that row does, "
+                   "at the coarse grids too.\n")
         sol = data["solvers"]
         rows = [["reference"] + [f"{data['reference'][rname][s]:.3f}" for s in sol]]
+        if rname in data.get("optimal", {}):
+            rows.append(["exact optimal control"] + [f"{data['optimal'][rname][s]:.3f}" for s in sol])
         for algo in algos:
             ra = [r for r in rs if r["algo"] == algo]
             rows.append([algo] + [cell([r["robust"][s] for r in ra]) for s in sol])

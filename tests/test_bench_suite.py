@@ -53,6 +53,10 @@ def test_page_states_machine_seeds_time_and_tables(smoke):
     runs = saved["sections"]["finetune2d"]["runs"]
     assert {(r["algo"], r["seed"]) for r in runs} == {("ctrl-a", 0), ("ctrl-a", 1), ("ddpo", 0), ("ddpo", 1)}
     assert all(set(r["robust"]) == {"em:5", "em:20", "ddim:10"} for r in runs)
+    # the continuous-time optimum under the same solvers, beside the reference
+    optimal = saved["sections"]["finetune2d"]["optimal"]["mode_switch"]
+    assert set(optimal) == {"em:5", "em:20", "ddim:10"} and "| exact optimal control |" in page
+    assert optimal["em:20"] > saved["sections"]["finetune2d"]["reference"]["mode_switch"]["em:20"]
 
 
 def test_rerun_reproduces_every_number(suite, smoke, tmp_path):
