@@ -371,7 +371,7 @@ def test_ctrl_two_processes_in_sync_and_global_metrics(real):
     assert [x["reward_queries"] - x["value_reward_queries"] for x in recs] == [B * (e + 1) + c
                                                                              for e, c in enumerate(cert)]
     assert recs[-1]["value_reward_queries"] == EPOCHS * B * 4  # R(x0_hat) at every visited state of both
-    n_pairs = (B - 2 * 4) * 4  # each process holds 4 of its 8 trajectories out of the update (ctrl.held_out 0.5)
+    n_pairs = (B - 2 * 2) * 4  # each process holds 2 of its 8 trajectories out of the update (ctrl.held_out 0.25)
     assert recs[0]["train/updates"] == n_pairs // 16  # the global minibatch: 8 pairs per process per step
     cfg = _cfg(epochs=EPOCHS, ctrl=dict(value=dict(minibatch=16)))
     _assert_in_sync(_final(run), cfg)

@@ -19,13 +19,14 @@ proximal term (rho beta / 2) g^2 ||s_theta - s_old||^2 dtau is added (rho = ctrl
 becomes (s_ref + grad V / beta + rho s_old) / (1 + rho), a damped step towards the same fixed point; and a
 trust region caps the per-step KL between that target and s_old (ctrl.trust_region), so one badly fitted
 grad V cannot throw the policy far (the fixed point is unchanged: at convergence the step is zero).
-Keeping an update (estimator (a), ctrl.held_out): the epoch's update is fitted on half of the batch; the other half
-estimates its gain in J (likelihood ratios times Monte Carlo advantages, less beta times the exact change of the step
-KL to the reference) and the step is kept at the length that maximises that gain's lower confidence bound, or undone
-(:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`). That length may reach past the optimiser's own step, along
-it, up to the trust region's edge (ctrl.fill_trust_region): the step's size is chosen in nats, not by the learning
-rate. The edge itself widens, up to ctrl.trust_region_growth times max_update_kl, while the held-out gain asks for
-longer steps, and narrows back when it does not.
+Keeping an update (estimator (a), ctrl.held_out): the epoch's update is fitted on three quarters of the batch; the
+other quarter estimates its gain in J (likelihood ratios times Monte Carlo advantages, less beta times the exact change
+of the step KL to the reference) and the step is kept at the length that maximises that estimate (less accept_z
+standard errors, 0 by default), or undone (:meth:`ctrldiff.algorithms.base.Algorithm.accept_update`).
+That length may reach past the optimiser's own step, along it, up to the trust region's edge
+(ctrl.fill_trust_region): the step's size is chosen in nats, not by the learning rate. The edge itself widens, up
+to ctrl.trust_region_growth times max_update_kl, while the held-out gain asks for longer steps, and narrows back when
+it does not.
 Two critics (ctrl.value.select): V as above and V = U_phi alone; an epoch's advantages come from the free one only
 when it predicts that batch's returns better (neither was fitted on it) by value.select_z standard errors. R(x0_hat)
 is a biased prior where the reward is curved across the modes of p_t (E r(x0) != r(E x0)).
@@ -91,12 +92,13 @@ class CTRLConfig(Strict):
                                 "moves the policy by at most rho * max_update_kl nats, and not at all when the parts "
                                 "do not agree on a direction. Off by default: measured, it keeps near-saturated "
                                 "rewards at the start but cuts the gains of rewards with headroom ~10x (docs/CTRL.md)")
-    held_out: float = Field(0.5, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
+    held_out: float = Field(0.25, ge=0, lt=1, description="estimator (a): share of each batch's trajectories kept "
                             "out of the policy update to test it: on them the gain in J of the step scaled by s "
                             "(likelihood ratios times Monte Carlo advantages, less beta times the closed-form change "
                             "in KL to the reference) is estimated as s L - s^2 Q, and the step is kept at the length "
                             "that maximises its lower confidence bound, undone unless L is accept_z standard errors "
-                            "above 0. 0 = no test (every update is kept)")
+                            "above 0. 0 = no test (every update is kept). 0.25 since December 5 (0.5 before): "
+                            "the update is fitted on 3/4 of the batch (docs/CTRL.md section 12)")
     accept_z: float = Field(0.0, ge=0, description="estimator (a): standard errors of the held-out gain estimate "
                             "by which it must be above 0 for an update to be kept (see held_out). 0: the step is kept "
                             "at the length that maximises the estimated gain, undone where that is not above 0; the "
@@ -285,7 +287,7 @@ class CTRL(Algorithm):
             lam = self.acfg.gae_lambda
             if self.value_free is not None:  # value.select: the critic that predicts this batch's returns better
                 v_free = self._critic_values(t, x, x0, cond, None, self.value_free).reshape(B, K)
-                G, on = self._return_to_go(batch), self.trained(batch)  # (not the held-out half the test scores)
+                G, on = self._return_to_go(batch), self.trained(batch)  # (not the held-out share the test scores)
                 gather = self.trainer.dist.all_gather_cat
                 err, err_free = (gather((u - G)[on].pow(2).mean(1).double()) for u in (v, v_free))
                 # the R-term critic unless the free one predicts better by select_z standard errors (paired per
