@@ -1,7 +1,7 @@
 """The benchmark suite: one command reproduces, in miniature, the comparisons of the source documents at matched
 reward-query budgets, with several seeds, and writes docs/BENCHMARKS.md (tables and plots).
 
-    python benchmarks/run.py --quick            # under 15 min on 2 CPU cores
+    python benchmarks/run.py --quick            # about 30 min on 2 CPU cores (27 min measured)
     python benchmarks/run.py                    # full mode (its time is stated in the page it writes)
     python benchmarks/run.py --quick --check benchmarks/results/suite_quick.json   # rerun and compare
 
@@ -666,7 +666,7 @@ def render_page(result: dict, mode_name: str, fig_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the quick mode (< 15 min on 2 CPU cores)")
+    g.add_argument("--quick", action="store_true", help="the quick mode (about 30 min on 2 CPU cores)")
     g.add_argument("--smoke", action="store_true", help="a seconds-long run of the machinery (tests)")
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: reproducible and fastest on a "
