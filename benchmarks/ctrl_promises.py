@@ -18,6 +18,7 @@ Results go to benchmarks/results/ctrl_promises_{robustness,grid}.json. Every run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,12 +58,15 @@ def scaled_reward(spec, scale: float):
 
 def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321, samples: bool = False) -> dict:
     """E r, KL_path, J (and the classifier's accuracy) of ``model`` at ``solver`` ('name:steps') on n fixed noises and
-    conditions; ``samples``: also the samples themselves, under "samples" (with "cond", their conditions)."""
+    conditions; ``samples``: also the samples themselves, under "samples" (with "cond", their conditions). The policy
+    is evaluated with the weights the run ends with (:meth:`Trainer.final_weights`: the weight EMA with
+    ``optim.ema_decay``)."""
     name, steps = solver.split(":")
     cond = tr.task.eval_conditions(n)
-    ev = evaluate_policy(model, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n, solver=name,
-                         steps=int(steps), eta=tr.cfg.sampler.eta, cond=cond, seed=seed, beta=tr.cfg.beta,
-                         return_samples=True)
+    with tr.final_weights() if model is tr.policy else contextlib.nullcontext():
+        ev = evaluate_policy(model, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n,
+                             solver=name, steps=int(steps), eta=tr.cfg.sampler.eta, cond=cond, seed=seed,
+                             beta=tr.cfg.beta, return_samples=True)
     out = {k: ev[k] for k in ("reward_mean", "kl_path", "objective")}
     if tr.task.num_classes:  # the classifier's verdict on the same samples
         out["accuracy"] = float(make_reward("digit-correct")(ev["samples"], cond).mean())
