@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..algorithms import ALGORITHMS
+from ..algorithms.base import copy_into
 from ..config import build_config, dump_yaml, load_yaml
 from ..errors import CtrlDiffError, RewardError
 from ..guidance import with_guidance
@@ -452,16 +453,12 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in self.trainable_parameters]
-            for p, e in zip(self.trainable_parameters, self.ema, strict=True):
-                p.copy_(e)
+        raw = [p.detach().clone() for p in self.trainable_parameters]
+        copy_into(self.trainable_parameters, self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, r in zip(self.trainable_parameters, raw, strict=True):
-                    p.copy_(r)
+            copy_into(self.trainable_parameters, raw)
 
     def finish(self) -> None:
         """Write the final model, the before/after figure and the reward curve, of :meth:`final_weights`."""
