@@ -1,6 +1,7 @@
 """CTRL's fair critic, its KL trust region and the per-epoch random time grid."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def _advantages_with_rewards(tr, batch, rewards):
     return b.advantages
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.9])
+@pytest.mark.parametrize("lam", [0.0, 0.9, 1.0])
 def test_advantages_come_from_a_critic_not_fitted_on_the_same_samples(lam):
     """Changing one sample's reward changes the other samples' advantages only through the per-step batch mean
     (a constant shift): the critic that scores a batch has not been fitted on it. A critic fitted on the batch first
@@ -392,6 +393,39 @@ def test_an_update_that_does_not_help_on_held_out_trajectories_is_undone():
             undone += noise and same
             kept += (not noise) and not same
     assert undone >= 4 and kept >= 4, (undone, kept)
+
+
+def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_level(monkeypatch):
+    """ctrl.accept_shrink: the held-out first-order gain L (standard error se) is shrunk to L (1 - se^2 / L^2)_+
+    before the step's length L / (2 Q) is chosen: a step with L = 3 se keeps 8/9 of the length it has without the
+    option, one with L = 0.8 se (kept, shortened, without it) is undone and the policy is where it started."""
+    n, Q = 32, 2.0
+    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
+    se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))  # the standard error of the mean of +-1: 1 / sqrt(n - 1)
+    for ratio in (3.0, 0.8):
+        got = {}
+        for shrink in (False, True):
+            tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_shrink=shrink)))
+            tr.train(epochs=1)
+            batch = tr.collect()
+            tr.algo.prepare(batch)
+            start = [p.detach().clone() for p in tr.trainable_parameters]
+            with torch.no_grad():  # some step to scale
+                for p in tr.trainable_parameters:
+                    p.add_(0.01)
+            lin = ratio * se1 + unit  # mean ratio * se, standard error se
+            monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
+                                lambda b, h, lin=lin: (lin, torch.full((n,), Q, dtype=torch.float64)))
+            got[shrink] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=4.0)["train/accepted"]
+            if got[shrink] == 0.0:
+                assert all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, start, strict=True))
+        L = ratio * se1
+        assert got[False] == pytest.approx(L / (2 * Q), rel=1e-6)
+        if ratio > 1:
+            assert got[True] == pytest.approx((L - se1 ** 2 / L) / (2 * Q), rel=1e-6)
+            assert got[True] / got[False] == pytest.approx(8 / 9, rel=1e-6)
+        else:
+            assert got[True] == 0.0 and got[False] > 0
 
 
 def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified():

@@ -390,6 +390,11 @@ class Algorithm:
         """Standard errors by which the held-out estimate of an update's gain in J must be above 0."""
         return 1.0
 
+    def acceptance_shrink(self) -> bool:
+        """Whether the held-out gain's first-order term L is shrunk by its own noise before the step's length is
+        chosen: L (1 - se^2 / L^2)_+ (positive-part James-Stein), see :meth:`accept_update`."""
+        return False
+
     def fills_trust_region(self) -> bool:
         """Whether :meth:`accept_update` may lengthen a step that stopped short of the trust region up to its edge
         (so that the step's length in nats, not the learning rate, is what the held-out trajectories choose)."""
@@ -469,7 +474,10 @@ class Algorithm:
         z = self.acceptance_z()
         lin, quad = self.gathered_held_out_terms(batch, held)
         (L, se), Q = mean_and_se(lin), float(quad.mean())
-        lcb, top = L - z * se, max(s_max, 1.0)
+        # shrunk: E[L_true | L] under a flat-ish prior is about L (1 - se^2 / L^2)_+, so that a step of noise-level
+        # evidence (L ~ se) moves the policy little and one of strong evidence (L >> se) keeps its length
+        Ls = (L - se * se / L if L > se else 0.0) if self.acceptance_shrink() else L
+        lcb, top = Ls - z * se, max(s_max, 1.0)
         s = min(max(lcb / (2 * Q), 0.0), top) if Q > 0 else (top if lcb > 0 else 0.0)
         # the length without an edge at one standard error more: the evidence that a wider trust region asks for
         wide = L - (z + 1) * se
