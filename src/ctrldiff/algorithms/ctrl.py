@@ -82,8 +82,8 @@ class CTRLConfig(Strict):
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
                               "(unbiased whatever the critic). Measured (docs/CTRL.md section 13): 1 is better on the "
                               "60-epoch main job (+0.35 to +0.81 J at em:20 on 2 seeds) and worse on 15-epoch runs at "
-                              "x10 rewards "
-                              "(the critic's R(x0_hat) term carries the early steps' advantages at lambda < 1)")
+                              "x10 rewards (the critic's R(x0_hat) term carries the early steps' advantages at "
+                              "lambda < 1)")
     max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
                                  "steps the Girsanov KL_path between the updated and the sampling policy (per "
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
@@ -111,7 +111,8 @@ class CTRLConfig(Strict):
     accept_shrink: bool = Field(False, description="estimator (a), with held_out: shrink the held-out gain's "
                                 "first-order term L to L (1 - se^2 / L^2)_+ before choosing the step's length "
                                 "(positive-part James-Stein: a step whose evidence is at noise level moves the "
-                                "policy little, a well-supported one keeps its length). Measured on the main job: less "
+                                "policy little, a well-supported one keeps its length; the trust region's widening still "
+                                "reads L unshrunk). Measured on the main job: less "
                                 "KL and less reward, J 16.71 against 17.58 at em:20 (docs/CTRL.md section 13)")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
