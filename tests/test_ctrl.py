@@ -402,30 +402,32 @@ def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_l
     n, Q = 32, 2.0
     unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
     se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))  # the standard error of the mean of +-1: 1 / sqrt(n - 1)
-    for ratio in (3.0, 0.8):
-        got = {}
-        for shrink in (False, True):
-            tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_shrink=shrink)))
-            tr.train(epochs=1)
-            batch = tr.collect()
-            tr.algo.prepare(batch)
-            start = [p.detach().clone() for p in tr.trainable_parameters]
+    got = {}
+    for shrink in (False, True):  # one run per setting; each ratio scales the same step from the same start
+        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_shrink=shrink)))
+        tr.train(epochs=1)
+        batch = tr.collect()
+        tr.algo.prepare(batch)
+        start = [p.detach().clone() for p in tr.trainable_parameters]
+        for ratio in (3.0, 0.8):
             with torch.no_grad():  # some step to scale
-                for p in tr.trainable_parameters:
-                    p.add_(0.01)
+                for p, p0 in zip(tr.trainable_parameters, start, strict=True):
+                    p.copy_(p0 + 0.01)
             lin = ratio * se1 + unit  # mean ratio * se, standard error se
             monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
                                 lambda b, h, lin=lin: (lin, torch.full((n,), Q, dtype=torch.float64)))
-            got[shrink] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=4.0)["train/accepted"]
-            if got[shrink] == 0.0:
+            got[ratio, shrink] = tr.algo.accept_update(batch, start, batch.extras["held_out"],
+                                                       s_max=4.0)["train/accepted"]
+            if got[ratio, shrink] == 0.0:
                 assert all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, start, strict=True))
+    for ratio in (3.0, 0.8):
         L = ratio * se1
-        assert got[False] == pytest.approx(L / (2 * Q), rel=1e-6)
+        assert got[ratio, False] == pytest.approx(L / (2 * Q), rel=1e-6)
         if ratio > 1:
-            assert got[True] == pytest.approx((L - se1 ** 2 / L) / (2 * Q), rel=1e-6)
-            assert got[True] / got[False] == pytest.approx(8 / 9, rel=1e-6)
+            assert got[ratio, True] == pytest.approx((L - se1 ** 2 / L) / (2 * Q), rel=1e-6)
+            assert got[ratio, True] / got[ratio, False] == pytest.approx(8 / 9, rel=1e-6)
         else:
-            assert got[True] == 0.0 and got[False] > 0
+            assert got[ratio, True] == 0.0 and got[ratio, False] > 0
 
 
 def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified():

@@ -111,9 +111,9 @@ class CTRLConfig(Strict):
     accept_shrink: bool = Field(False, description="estimator (a), with held_out: shrink the held-out gain's "
                                 "first-order term L to L (1 - se^2 / L^2)_+ before choosing the step's length "
                                 "(positive-part James-Stein: a step whose evidence is at noise level moves the "
-                                "policy little, a well-supported one keeps its length; the trust region's widening still "
-                                "reads L unshrunk). Measured on the main job: less "
-                                "KL and less reward, J 16.71 against 17.58 at em:20 (docs/CTRL.md section 13)")
+                                "policy little, a well-supported one keeps its length; the trust region's widening "
+                                "still reads L unshrunk). Measured on the main job: less KL and less reward, J 16.71 "
+                                "against 17.58 at em:20 (docs/CTRL.md section 13)")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
