@@ -562,3 +562,51 @@ def test_a_certification_the_reward_failed_on_keeps_the_fine_tune(monkeypatch):
     tr = Trainer(_cfg(algo="ctrl", seed=0, epochs=3, reward_errors="skip"))
     monkeypatch.setattr(tr, "certification_terms", lambda m, n, k=1: None)
     assert "train/certified" not in tr.train()[-1] and tr.algo.start_terms is None
+
+
+@pytest.mark.parametrize("lams", [(0.0, 1.0), (1.0, 0.0)])
+def test_lambda_candidates_start_from_one_state_and_the_larger_held_out_gain_is_kept(monkeypatch, lams):
+    """ctrl.gae_lambda_candidates: each lambda's update starts from the same weights, optimiser state and trust
+    region; the weights and optimiser state kept are those of the update whose held-out gain, where its step ended,
+    is the larger (both orders: the kept one is fitted first or last)."""
+    from ctrldiff.algorithms.base import Algorithm
+
+    seen = []
+    orig = Algorithm.policy_step
+
+    def moments(opt):
+        return torch.cat([s["exp_avg"].flatten() for s in opt.state.values()]) if opt.state else None
+
+    def spy(self, batch):
+        entry = ([p.detach().clone() for p in self.trainer.trainable_parameters], moments(self.trainer.optimizer),
+                 self.trust_radius)
+        out = orig(self, batch)
+        lin, quad = self.gathered_held_out_terms(batch, batch.extras["held_out"])
+        seen.append(dict(adv=batch.advantages.clone(), entry=entry, gain=float((lin - quad).mean()),
+                         exit=[p.detach().clone() for p in self.trainer.trainable_parameters],
+                         opt=moments(self.trainer.optimizer)))
+        return out
+
+    monkeypatch.setattr(Algorithm, "policy_step", spy)
+    tr = Trainer(_cfg(algo="ctrl", seed=1, ctrl=dict(gae_lambda=lams[0], gae_lambda_candidates=[lams[1]]),
+                      optim=dict(lr=3e-2, minibatch=64)))
+    tr.train(epochs=1)
+    seen.clear()
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    info = tr.algo.update(batch)
+    assert len(seen) == 2 and not torch.equal(seen[0]["adv"], seen[1]["adv"])
+    for a, b in zip(seen[0]["entry"][0], seen[1]["entry"][0], strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(seen[0]["entry"][1], seen[1]["entry"][1]) and seen[0]["entry"][2] == seen[1]["entry"][2]
+    best = max(range(2), key=lambda i: seen[i]["gain"])
+    assert info["ctrl/gae_lambda"] == lams[best] and info["ctrl/lambda_gain"] == pytest.approx(seen[best]["gain"])
+    for p, q in zip(tr.trainable_parameters, seen[best]["exit"], strict=True):
+        assert torch.equal(p.detach(), q)
+    assert torch.equal(moments(tr.optimizer), seen[best]["opt"])
+    assert torch.equal(batch.advantages, seen[best]["adv"])
+
+
+def test_lambda_candidates_need_the_held_out_test():
+    with pytest.raises(CtrlDiffError, match="gae_lambda_candidates needs estimator a with held_out"):
+        Trainer(_cfg(algo="ctrl", ctrl=dict(held_out=0.0, gae_lambda_candidates=[1.0])))

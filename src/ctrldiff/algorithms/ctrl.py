@@ -38,6 +38,7 @@ its steps; otherwise the run ends with the start's weights
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -48,7 +49,7 @@ from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
 from ..solvers import model_eps
-from .base import Algorithm, Minibatch, RolloutBatch, mean_and_se, ppo_clip_loss, register_algorithm
+from .base import Algorithm, Minibatch, RolloutBatch, copy_into, mean_and_se, ppo_clip_loss, register_algorithm
 from .value import RewardSurrogate, StructuredValue, value_weight
 
 
@@ -84,6 +85,13 @@ class CTRLConfig(Strict):
                               "60-epoch main job (+0.35 to +0.81 J at em:20 on 2 seeds) and worse on 15-epoch runs at "
                               "x10 rewards (the critic's R(x0_hat) term carries the early steps' advantages at "
                               "lambda < 1)")
+    gae_lambda_candidates: list[float] = Field(default_factory=list, description="estimator (a), with held_out: "
+                                               "further values of lambda. Each epoch (once the critic is fitted) "
+                                               "one update is fitted with gae_lambda and one with each of these, "
+                                               "all from the same start (weights, optimiser state, trust region), "
+                                               "and the one whose held-out gain in J is largest where its step "
+                                               "ended is kept: lambda chosen by the data, per epoch. Costs one "
+                                               "policy update per value. Empty: gae_lambda alone")
     max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
                                  "steps the Girsanov KL_path between the updated and the sampling policy (per "
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
@@ -180,6 +188,12 @@ class CTRL(Algorithm):
             self.surrogate_opt = trainer.make_optimizer(self.surrogate.parameters(), lr=vcfg.lr)
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self.critic_fitted = False  # V has been fitted on at least one earlier batch
+        cands = self.acfg.gae_lambda_candidates
+        if any(not 0 <= lam <= 1 for lam in cands):
+            raise CtrlDiffError(f"ctrl.gae_lambda_candidates must lie in [0, 1]; got {cands}")
+        if cands and (self.acfg.estimator != "a" or self.acfg.held_out <= 0):
+            raise CtrlDiffError("ctrl.gae_lambda_candidates needs estimator a with held_out > 0 (the held-out "
+                                "trajectories choose between the updates)")
 
     # ---- the R term of V ---------------------------------------------------------------------------
     def _reward_fn(self, x: Tensor, cond: Tensor | None) -> Tensor:
@@ -311,18 +325,26 @@ class CTRL(Algorithm):
         batch.extras["values"] = v  # V before this batch's fit: the held-out test's baseline
         v_next = torch.cat([v[:, 1:], batch.rewards[:, None]], 1)  # V(t_K, x_K) := r exactly
         delta = v_next - v - self.cfg.beta * batch.kl_rate
+        adv = self._gae(batch, delta, lam)
+        metrics["ctrl/td_adv_std"] = float(self.trainer.dist.std(adv[self.trained(batch)], None))
+        if self.critic_fitted and self.acfg.gae_lambda_candidates:  # one update per lambda, see policy_step
+            batch.extras["advantage_candidates"] = [(lam, adv)] + [
+                (c, self._gae(batch, delta, c)) for c in self.acfg.gae_lambda_candidates if c != lam]
+        return adv, metrics
+
+    def _gae(self, batch: RolloutBatch, delta: Tensor, lam: float) -> Tensor:
+        """A_k = sum_{j >= k} lambda^(j - k) delta_j, centred (or standardised) per step over the trained-on part."""
         adv = torch.empty_like(delta)
         run = torch.zeros_like(delta[:, 0])
-        for k in range(K - 1, -1, -1):
+        for k in range(delta.shape[1] - 1, -1, -1):
             run = delta[:, k] + lam * run
             adv[:, k] = run
         dist = self.trainer.dist  # several processes: the statistics of the global batch
         train = self.trained(batch)
         adv = adv - dist.mean(adv[train], 0)
-        metrics["ctrl/td_adv_std"] = float(dist.std(adv[train], None))
         if self.acfg.advantage_norm == "std":
             adv = adv / (dist.std(adv[train], 0) + 1e-6)
-        return adv, metrics
+        return adv
 
     @torch.no_grad()
     def _critic_values(self, t, x, x0, cond, r_term: Tensor | None, value=None) -> Tensor:
@@ -353,6 +375,46 @@ class CTRL(Algorithm):
         return g.detach()
 
     # ---- the policy update -------------------------------------------------------------------------
+    def policy_step(self, batch: RolloutBatch) -> dict:
+        """With ctrl.gae_lambda_candidates: one update per lambda, each from the same start (weights, optimiser
+        state, trust region, EMA), each shortened or undone by the held-out test as usual; the one kept is the one
+        whose held-out gain in J, estimated again where its step ended (exact ratios and KL change, paired on the
+        same held-out trajectories, whose Monte Carlo advantages do not depend on lambda), is largest."""
+        cands = batch.extras.pop("advantage_candidates", None)
+        if not cands:
+            return super().policy_step(batch)
+        held = self.held_out(batch)
+        start = self._snapshot()
+        best = None
+        for i, (lam, adv) in enumerate(cands):
+            if i:
+                self._restore(start)
+            batch.advantages = adv
+            out = super().policy_step(batch)
+            lin, quad = self.gathered_held_out_terms(batch, held)
+            gain = float((lin - quad).mean())
+            if best is None or gain > best[1]:
+                best = (lam, gain, out, self._snapshot() if i < len(cands) - 1 else None)
+        lam, gain, out, state = best
+        if state is not None:  # the last candidate fitted is not the one kept
+            self._restore(state)
+        batch.advantages = dict(cands)[lam]
+        return {**out, "ctrl/gae_lambda": lam, "ctrl/lambda_gain": gain}
+
+    def _snapshot(self) -> tuple:
+        tr = self.trainer
+        return ([p.detach().clone() for p in tr.trainable_parameters], copy.deepcopy(tr.optimizer.state_dict()),
+                self.trust_radius, None if tr.ema is None else [e.clone() for e in tr.ema])
+
+    def _restore(self, state: tuple) -> None:
+        tr = self.trainer
+        params, opt, radius, ema = state
+        copy_into(tr.trainable_parameters, params)
+        tr.optimizer.load_state_dict(copy.deepcopy(opt))
+        self.trust_radius = radius
+        if ema is not None:
+            copy_into(tr.ema, ema)
+
     def loss(self, mb: Minibatch):
         K = mb.batch.traj.num_steps
         if self.acfg.estimator == "a":
