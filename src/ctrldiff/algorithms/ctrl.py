@@ -81,10 +81,10 @@ class CTRLConfig(Strict):
     clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
     gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
-                              "(unbiased whatever the critic). Measured (docs/CTRL.md section 13): 1 is better on the "
-                              "60-epoch main job (+0.35 to +0.81 J at em:20 on 2 seeds) and worse on 15-epoch runs at "
-                              "x10 rewards (the critic's R(x0_hat) term carries the early steps' advantages at "
-                              "lambda < 1)")
+                              "(unbiased whatever the critic). Measured with 1 (docs/CTRL.md sections 13 and 15): worse "
+                              "on 15-epoch runs at x10 rewards (the critic's R(x0_hat) term carries the early steps' "
+                              "advantages at lambda < 1), and below 0.9 on the main job run on one machine (J 18.33 "
+                              "against 18.65 at em:20)")
     gae_lambda_candidates: list[float] = Field(default_factory=list, description="estimator (a), with held_out: "
                                                "further values of lambda. Each epoch (once the critic is fitted) "
                                                "one update is fitted with gae_lambda and one with each of these, "
@@ -92,8 +92,8 @@ class CTRLConfig(Strict):
                                                "and the one whose held-out gain in J is largest where its step "
                                                "ended is kept: lambda chosen by the data, per epoch. Costs one "
                                                "policy update per value. Empty: gae_lambda alone. Measured with [1.0] "
-                                               "(docs/CTRL.md section 14): on the main job +0.66 J at em:20 on one "
-                                               "seed, -0.36 on the other, for 1.5x the wall-clock")
+                                               "(docs/CTRL.md sections 14 and 15): on the main job 0.5-0.6 J below "
+                                               "the default at em:20 on 2 seeds, for 1.5x the wall-clock")
     max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
                                  "steps the Girsanov KL_path between the updated and the sampling policy (per "
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
