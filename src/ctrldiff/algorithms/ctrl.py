@@ -39,7 +39,7 @@ its steps; otherwise the run ends with the start's weights
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -85,15 +85,13 @@ class CTRLConfig(Strict):
                               "on 15-epoch runs at x10 rewards (the critic's R(x0_hat) term carries the early steps' "
                               "advantages at lambda < 1), and below 0.9 on the main job run on one machine (J 18.33 "
                               "against 18.65 at em:20)")
-    gae_lambda_candidates: list[float] = Field(default_factory=list, description="estimator (a), with held_out: "
-                                               "further values of lambda. Each epoch (once the critic is fitted) "
-                                               "one update is fitted with gae_lambda and one with each of these, "
-                                               "all from the same start (weights, optimiser state, trust region), "
-                                               "and the one whose held-out gain in J is largest where its step "
-                                               "ended is kept: lambda chosen by the data, per epoch. Costs one "
-                                               "policy update per value. Empty: gae_lambda alone. Measured with [1.0] "
-                                               "(docs/CTRL.md sections 14 and 15): on the main job 0.5-0.6 J below "
-                                               "the default at em:20 on 2 seeds, for 1.5x the wall-clock")
+    gae_lambda_candidates: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=list, description="estimator (a), with held_out: further values of lambda. Each epoch (once "
+        "the critic is fitted) one update is fitted with gae_lambda and one with each of these, all from the same "
+        "start (weights, optimiser state, trust region), and the one whose held-out gain in J is largest where its "
+        "step ended is kept: lambda chosen by the data, per epoch. Costs one policy update per value. Empty: "
+        "gae_lambda alone. Measured with [1.0] (docs/CTRL.md sections 14 and 15): on the main job 0.5-0.6 J below "
+        "the default at em:20 on 2 seeds, for 1.5x the wall-clock")
     max_update_kl: float = Field(0.05, ge=0, description="estimator (a): trust region in nats. After an epoch's policy "
                                  "steps the Girsanov KL_path between the updated and the sampling policy (per "
                                  "trajectory, closed form from the scores at 512 of the batch's states) is measured; "
@@ -190,10 +188,7 @@ class CTRL(Algorithm):
             self.surrogate_opt = trainer.make_optimizer(self.surrogate.parameters(), lr=vcfg.lr)
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self.critic_fitted = False  # V has been fitted on at least one earlier batch
-        cands = self.acfg.gae_lambda_candidates
-        if any(not 0 <= lam <= 1 for lam in cands):
-            raise CtrlDiffError(f"ctrl.gae_lambda_candidates must lie in [0, 1]; got {cands}")
-        if cands and (self.acfg.estimator != "a" or self.acfg.held_out <= 0):
+        if self.acfg.gae_lambda_candidates and (self.acfg.estimator != "a" or self.acfg.held_out <= 0):
             raise CtrlDiffError("ctrl.gae_lambda_candidates needs estimator a with held_out > 0 (the held-out "
                                 "trajectories choose between the updates)")
 
