@@ -45,3 +45,30 @@ def left_heavy(x: Tensor, cond: Tensor | None = None) -> Tensor:
 
 
 left_heavy.differentiable = False
+
+
+# ---- written on December 6, after every default of sections 1-15 of docs/CTRL.md was fixed (the 60-epoch check) ----
+def thickness(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Differentiable: the mean smooth ink per pixel (thicker strokes, more ink)."""
+    return torch.sigmoid(3 * x).flatten(1).mean(1)
+
+
+thickness.differentiable = True
+
+
+def symmetry(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Differentiable: minus the mean squared difference between the image and its left-right mirror image."""
+    return -(x - x.flip(-1)).pow(2).flatten(1).mean(1)
+
+
+symmetry.differentiable = True
+
+
+def hollow(x: Tensor, cond: Tensor | None = None) -> Tensor:
+    """Black box, 0/1: 1 if none of the four central pixels holds more than half ink."""
+    h, w = x.shape[-2:]
+    centre = _ink(x)[:, 0, h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1]
+    return (centre.flatten(1).max(1).values <= 0.5).to(x.dtype)
+
+
+hollow.differentiable = False
