@@ -1,5 +1,6 @@
-"""Three image rewards that no default of ctrldiff was tuned on, for the CTRL robustness grid
-(benchmarks/ctrl_promises.py). They were written after the defaults were chosen and are used by nothing else.
+"""Image rewards that no default of ctrldiff was tuned on, for benchmarks/ctrl_promises.py: centering, crispness and
+left_heavy (the grid's), and thickness, symmetry and hollow (the 60-epoch check of docs/CTRL.md section 16). Each was
+written after the defaults it checks were chosen, and nothing else uses them.
 
 Digits are [B, 1, 8, 8] in [-1, 1] (-1 = background); ink = (x + 1) / 2.
 """
