@@ -564,7 +564,7 @@ def section_ctrl(mode: dict) -> dict | None:
     g = m["grid"]
     with tempfile.TemporaryDirectory() as tmp:
         cp.RESULTS = Path(tmp)  # the suite keeps its own copy; the saved standalone results stay as they are
-        grid = cp.grid(argparse.Namespace(tasks=g["tasks"] or cp.GRID_TASKS, scales=g["scales"], seeds=g["seeds"],
+        grid = cp.grid(argparse.Namespace(tasks=g["tasks"] or list(cp.GRID), scales=g["scales"], seeds=g["seeds"],
                                           algos=["ctrl", "dpok"], epochs=g["epochs"], n=m["n"], resume=False))
     return {"robustness": rob, "grid": grid}
 
