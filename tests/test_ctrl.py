@@ -58,6 +58,22 @@ def test_advantages_come_from_a_critic_not_fitted_on_the_same_samples(lam):
     torch.testing.assert_close(own, expect.to(own.dtype), atol=1e-4, rtol=1e-4)
 
 
+def test_the_default_estimator_is_b_on_a_black_box_reward_with_the_surrogate_and_a_otherwise():
+    """ctrl.estimator=auto: (b) where the reward is a black box and V's R term is the reward surrogate (and beta > 0);
+    (a) for a differentiable reward, without an R term, or at beta = 0. An explicit choice is kept."""
+    from ctrldiff.rewards.base import FunctionReward
+
+    box = FunctionReward(lambda x, c=None: (x[:, 0] > 0).float(), "box", differentiable=False)
+    assert Trainer(_cfg(algo="ctrl")).algo.estimator == "a"  # toy2d-mode-switch: differentiable
+    assert Trainer(_cfg(algo="ctrl"), reward=box).algo.estimator == "b"
+    assert Trainer(_cfg(algo="ctrl", beta=0.0), reward=box).algo.estimator == "a"
+    assert Trainer(_cfg(algo="ctrl", ctrl=dict(value=dict(reward_term="none"))), reward=box).algo.estimator == "a"
+    assert Trainer(_cfg(algo="ctrl", ctrl=dict(estimator="a")), reward=box).algo.estimator == "a"
+    assert Trainer(_cfg(algo="ctrl", ctrl=dict(estimator="b"))).algo.estimator == "b"
+    with pytest.raises(CtrlDiffError, match="stochastic rollouts"):
+        Trainer(_cfg(algo="ctrl", sampler=dict(solver="ode-euler", steps=8)))
+
+
 def test_first_epoch_uses_monte_carlo_returns_before_any_critic_fit():
     tr = Trainer(_cfg(algo="ctrl"))
     batch = tr.collect()
@@ -237,6 +253,28 @@ def test_adapt_trust_radius_doubles_to_its_cap_and_halves_to_the_fixed_region():
         algo.adapt_trust_radius(past_edge, short)
         seen.append(algo.trust_radius)
     assert seen == [2, 4, 8, 8, 8, 8, 4, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("narrow", ["kept", "evidence"])
+def test_the_trust_region_narrows_on_a_short_step_or_only_on_evidence(monkeypatch, narrow):
+    """ctrl.trust_region_start: the first epoch's region is that many times max_update_kl (at most the growth cap).
+    ctrl.trust_region_narrow: with "kept" a step kept under half the edge halves the region; with "evidence" it does
+    only where the held-out gain one standard error above its estimate (accept_upper) still wants under half of it."""
+    cfg = _cfg(algo="ctrl", batch_size=128, ctrl=dict(trust_region_growth=16.0, trust_region_start=32.0,
+                                                      trust_region_narrow=narrow))
+    tr = Trainer(cfg)
+    assert tr.algo.trust_radius == 16.0  # capped by the growth
+    tr.train(epochs=1)
+    seen = []
+    for upper in (1e3, 0.0):  # the optimistic length: far past the edge (noise), then none
+        tr.algo.trust_radius = 16.0
+        batch = tr.collect()
+        tr.algo.prepare(batch)
+        monkeypatch.setattr(tr.algo, "accept_update", lambda *a, upper=upper, **k: {
+            "train/accepted": 0.01, "train/accept_free": 0.0, "train/accept_upper": upper})
+        tr.algo.update(batch)
+        seen.append(tr.algo.trust_radius)
+    assert seen == ([8.0, 8.0] if narrow == "kept" else [16.0, 8.0])
 
 
 def test_signal_fraction_tells_a_reward_from_noise_and_ignores_the_reward_scale():
@@ -428,6 +466,53 @@ def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_l
             assert got[ratio, True] / got[ratio, False] == pytest.approx(8 / 9, rel=1e-6)
         else:
             assert got[ratio, True] == 0.0 and got[ratio, False] > 0
+
+
+def test_accept_pool_shrinks_an_epochs_gain_towards_the_last_epochs_by_their_spread():
+    """ctrl.accept_pool (empirical Bayes): per unit of root cost, l = L / sqrt(Q). Under 3 earlier epochs, an epoch's
+    own estimate is used as it is. After 8 epochs that agree (the same l, each with standard error 0.5), a ninth of
+    the same standard error counts as one of nine: the posterior mean is the mean of all nine. After 8 epochs whose
+    gains differ far more than their noise, an epoch's own estimate is kept (almost) as it is. Each estimate enters
+    the history before any selection, and the history is in the checkpoint."""
+    tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_pool=8)))
+    algo, Q = tr.algo, 4.0  # root cost 2: L = 2 l
+    assert algo.pooled_gain(2.0, 1.0, Q) == (2.0, 1.0)  # no history yet
+    assert algo.gain_history == [(1.0, 0.5)]
+    algo.gain_history = [(1.0, 0.5)] * 8
+    L, se = algo.pooled_gain(-2.0, 1.0, Q)  # l_hat = -1, se 0.5
+    assert L / 2 == pytest.approx((8 * 1.0 - 1.0) / 9, rel=1e-9)
+    assert se == pytest.approx(1.0 / 3, rel=1e-9)  # sqrt(k) se, k = 1/9
+    assert len(algo.gain_history) == 8 and algo.gain_history[-1] == (-1.0, 0.5)  # the window keeps the last 8
+    algo.gain_history = [(5.0 * (-1) ** j, 0.01) for j in range(8)]
+    L, _ = algo.pooled_gain(6.0, 0.02, Q)  # l_hat = 3
+    assert L / 2 == pytest.approx(3.0, abs=1e-3)
+    again = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_pool=8)))
+    again.algo.load_state_dict(copy.deepcopy(algo.state_dict()))
+    assert again.algo.gain_history == algo.gain_history
+
+
+def test_accept_pool_keeps_a_step_whose_own_estimate_is_noise_where_the_last_epochs_gained(monkeypatch):
+    """Where the last epochs' held-out gains agree on a positive l, a step whose own estimate is slightly negative (at
+    noise level) is kept at about the length the pooled evidence supports, not undone as it is without the option."""
+    n, Q = 32, 0.01
+    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
+    got = {}
+    for pool in (0, 8):
+        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_pool=pool)))
+        tr.train(epochs=1)
+        batch = tr.collect()
+        tr.algo.prepare(batch)
+        tr.algo.gain_history = [(0.2, 0.05)] * 8  # l = 0.2 per root cost, well measured
+        start = [p.detach().clone() for p in tr.trainable_parameters]
+        with torch.no_grad():
+            for p, p0 in zip(tr.trainable_parameters, start, strict=True):
+                p.copy_(p0 + 0.01)
+        lin = -0.002 + 0.05 * unit  # L = -0.002 (l = -0.02), se 0.009
+        monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
+                            lambda b, h, lin=lin: (lin, torch.full((n,), Q, dtype=torch.float64)))
+        got[pool] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=4.0)["train/accepted"]
+    assert got[0] == 0.0
+    assert 0.5 < got[8] < 1.0  # about l / (2 sqrt(Q)) = 1, pulled a little towards its own estimate
 
 
 def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified():

@@ -82,6 +82,9 @@ class Algorithm:
     def __init__(self, cfg, trainer):
         self.cfg, self.trainer = cfg, trainer
         self.trust_radius = 1.0  # the trust region's current size, in units of max_update_kl (trust_region_growth)
+        # acceptance_pool: the last epochs' held-out first-order gains per unit of root cost, (l, se), before any
+        # selection (every epoch's, kept or undone): the prior that an epoch's own noisy estimate is shrunk towards
+        self.gain_history: list[tuple[float, float]] = []
         # certify_z: the start's r - beta KL_path on the certification noise (this process's share), the start's
         # weights (CPU), and the trained weights of a run whose end the test did not certify (kept, not thrown away)
         self.start_terms: Tensor | None = None
@@ -119,7 +122,7 @@ class Algorithm:
     def state_dict(self) -> dict:
         """The algorithm's state for a checkpoint: what every algorithm shares (the trust region's radius, the
         certification's start); subclasses add theirs to it."""
-        st = {"trust_radius": self.trust_radius}
+        st = {"trust_radius": self.trust_radius, "gain_history": list(self.gain_history)}
         if self.start_terms is not None:
             st.update(start_terms=self.start_terms, start_params=self.start_params,
                       uncertified_params=self.uncertified_params, uncertified_ema=self.uncertified_ema)
@@ -127,6 +130,7 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         self.trust_radius = state.get("trust_radius", 1.0)
+        self.gain_history = list(state.get("gain_history", []))
         self.start_terms = state.get("start_terms")
         self.start_params = state.get("start_params")
         self.uncertified_params = state.get("uncertified_params")
@@ -244,6 +248,7 @@ class Algorithm:
             s_max = math.sqrt(limit / kl) if self.fills_trust_region() and kl else 1.0  # kl: None without a limit
             out.update(self.accept_update(batch, start, held, s_max=s_max))
             past_edge = out.pop("train/accept_free", 0.0) >= s_max
+            upper = out.pop("train/accept_upper", 0.0)
             if out.get("train/accepted", 0.0) > 1.0:  # lengthened: the KL is checked again, and cut back if past the edge
                 check = self.enforce_trust_region(batch, start, limit=limit)
                 out["train/update_kl_kept"] = check["train/update_kl_kept"]
@@ -252,7 +257,10 @@ class Algorithm:
                 if self.verify_lengthened(batch, start, held, out):
                     past_edge = False
             if self.trust_region_growth() > 1 and limit > 0:
-                self.adapt_trust_radius(past_edge, out.get("train/accepted", 0.0) < 0.5 * s_max)
+                # narrowed after a step kept under half the edge; or, narrowing on evidence, only where even the
+                # held-out gain's upper bound (one standard error above it) wants under half of it
+                short = (upper if self.narrows_on_evidence() else out.get("train/accepted", 0.0)) < 0.5 * s_max
+                self.adapt_trust_radius(past_edge, short)
                 out["train/trust_radius"] = self.trust_radius
         return out
 
@@ -354,6 +362,11 @@ class Algorithm:
     def trust_region_growth(self) -> float:
         """Largest factor by which :meth:`adapt_trust_radius` may widen the trust region (1: a fixed one)."""
         return 1.0
+
+    def narrows_on_evidence(self) -> bool:
+        """Whether :meth:`adapt_trust_radius` narrows the trust region only where the held-out gain's upper bound
+        wants a step under half its edge (True), or whenever the step kept was (False)."""
+        return False
 
     def adapt_trust_radius(self, past_edge: bool, short: bool) -> None:
         """The trust region's size from the held-out test, as a classic trust-region method sets its radius from how
@@ -470,10 +483,15 @@ class Algorithm:
         not fitted on, a weak one is shortened (its KL cost grows as s^2, its gain as s), and a strong one is kept
         whole, or lengthened along itself up to ``s_max`` (the trust region's edge). Sampling noise in the update's
         direction does not pass for a gain, and a reward whose improvement cannot pay for beta times the KL it costs
-        does not move the policy."""
+        does not move the policy. With :meth:`acceptance_pool` the L that chooses the length is the epoch's own
+        estimate shrunk towards the last epochs' (:meth:`pooled_gain`)."""
         z = self.acceptance_z()
         lin, quad = self.gathered_held_out_terms(batch, held)
         (L, se), Q = mean_and_se(lin), float(quad.mean())
+        out = {"train/held_out_gain": L - Q, "train/held_out_gain_se": se}
+        if self.acceptance_pool() and Q > 0:
+            L, se = self.pooled_gain(L, se, Q)
+            out.update({"train/pooled_gain": L - Q, "train/pooled_gain_se": se})
         # shrunk: E[L_true | L] under a flat-ish prior is about L (1 - se^2 / L^2)_+, so that a step of noise-level
         # evidence (L ~ se) moves the policy little and one of strong evidence (L >> se) keeps its length
         Ls = (L - se * se / L if L > se else 0.0) if self.acceptance_shrink() else L
@@ -482,10 +500,43 @@ class Algorithm:
         # the length without an edge at one standard error more: the evidence that a wider trust region asks for
         wide = L - (z + 1) * se
         free = max(wide / (2 * Q), 0.0) if Q > 0 else (math.inf if wide > 0 else 0.0)
+        high = L + se  # and at one standard error above the estimate: the evidence that a narrower one asks for
+        upper = max(high / (2 * Q), 0.0) if Q > 0 else (math.inf if high > 0 else 0.0)
         if s != 1.0:
             self.rescale_update(start, s)
-        return {"train/accepted": s, "train/held_out_gain": L - Q, "train/held_out_gain_se": se,
-                "train/accept_free": free}
+        return {"train/accepted": s, **out, "train/accept_free": free, "train/accept_upper": upper}
+
+    def acceptance_pool(self) -> int:
+        """Epochs whose held-out gains form the prior of :meth:`pooled_gain` (0: each epoch's estimate alone)."""
+        return 0
+
+    def pooled_gain(self, L: float, se: float, Q: float) -> tuple[float, float]:
+        """The epoch's first-order held-out gain L (standard error se) shrunk towards the last epochs' (empirical
+        Bayes), -> (posterior mean, posterior standard deviation), in L's units.
+
+        Choosing the step's length by s* = L / (2 Q) from a noisy L is a winner's curse: with L_hat = L + n the chosen
+        step's expected true gain is (L^2 - se^2) / (4 Q), at or below 0 wherever the signal-to-noise ratio of one
+        epoch is under 1 (a sparse reward), and the run random-walks. The gains of successive epochs' steps share
+        their scale: per unit of root cost, l = L / sqrt(Q) (a step scaled by s has gain s l sqrt(Q) - s^2 Q, so l does
+        not depend on its length, nor on the learning rate). The last :meth:`acceptance_pool` epochs' estimates l_j
+        (every epoch's, before its own acceptance: no selection) give a prior for this epoch's l with mean m (their
+        mean) and variance tau^2 + var(m): tau^2 = max(var(l_j) - mean(se_j^2), 0) the spread of the true gains,
+        var(m) = max(var(l_j), mean(se_j^2)) / n. The posterior mean m + k (l_hat - m), k = prior var / (prior var +
+        se^2), weighs this epoch's own evidence by how much the epochs' true gains differ (a step of an unusual
+        direction keeps its own estimate) and by the prior's own noise (few epochs, k near 1). Fewer than 3 epochs: L as
+        it is."""
+        root = math.sqrt(Q)
+        ell, s_ell = L / root, se / root
+        hist = self.gain_history[-self.acceptance_pool():]
+        self.gain_history = (hist + [(ell, s_ell)])[-self.acceptance_pool():]
+        if len(hist) < 3:
+            return L, se
+        ls = torch.tensor([h[0] for h in hist], dtype=torch.float64)
+        m, v, noise = float(ls.mean()), float(ls.var()), sum(h[1] ** 2 for h in hist) / len(hist)
+        tau2 = max(v - noise, 0.0)
+        prior = tau2 + max(v, noise) / len(hist)  # m's own noise is at least its estimates' sampling noise
+        k = prior / (prior + s_ell ** 2) if prior + s_ell ** 2 > 0 else 1.0
+        return (m + k * (ell - m)) * root, math.sqrt(k) * se
 
     def rescale_update(self, start: list[Tensor], a: float) -> None:
         """theta <- start + a (theta - start): the epoch's step scaled along itself (a = 0 undoes it)."""

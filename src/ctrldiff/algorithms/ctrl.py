@@ -48,7 +48,7 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import model_eps
+from ..solvers import model_eps, stochastic_rollouts
 from .base import Algorithm, Minibatch, RolloutBatch, copy_into, mean_and_se, ppo_clip_loss, register_algorithm
 from .value import RewardSurrogate, StructuredValue, value_weight
 
@@ -77,7 +77,12 @@ class ValueConfig(Strict):
 
 
 class CTRLConfig(Strict):
-    estimator: Literal["a", "b"] = Field("a", description="a: PPO-style likelihood ratio; b: advantage rate")
+    estimator: Literal["auto", "a", "b"] = Field(
+        "auto", description="a: PPO-style likelihood ratio; b: advantage rate; auto: b where the reward is a black box "
+        "and the critic's R term is the reward surrogate (value.reward_term auto or surrogate) and beta > 0, else a. "
+        "On a black box (a) learns only from the sampled rewards through likelihood ratios, and on a rare 0/1 reward "
+        "it stays where it started; (b) follows grad_x V, where the surrogate fitted on every terminal reward carries "
+        "the reward's shape to every sample (docs/CTRL.md section 17)")
     clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
     gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
@@ -122,6 +127,11 @@ class CTRLConfig(Strict):
                                 "policy little, a well-supported one keeps its length; the trust region's widening "
                                 "still reads L unshrunk). Measured on the main job: less KL and less reward, J 16.71 "
                                 "against 17.58 at em:20 (docs/CTRL.md section 13)")
+    accept_pool: int = Field(0, ge=0, description="estimator (a), with held_out: choose each step's length from its "
+                             "held-out gain shrunk towards the last this-many epochs' (empirical Bayes: the prior's "
+                             "mean and spread are those epochs' estimates per unit of root KL cost, before any "
+                             "selection), not from its own noisy estimate alone, whose maximiser is a winner's curse "
+                             "wherever one epoch's signal-to-noise ratio is under 1. 0 = each epoch's own estimate")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
@@ -147,6 +157,14 @@ class CTRLConfig(Strict):
                                        "error below the acceptance test's, wanted a longer step than its edge, and "
                                        "halves (not below max_update_kl) after one that kept under half of it. "
                                        "1 = a fixed trust region")
+    trust_region_start: float = Field(1.0, ge=1, description="estimator (a), with trust_region_growth: the trust "
+                                      "region's size at the first epoch, in multiples of max_update_kl (at most "
+                                      "trust_region_growth); it narrows from there as the held-out test asks")
+    trust_region_narrow: Literal["kept", "evidence"] = Field(
+        "kept", description="estimator (a), with trust_region_growth: when the trust region halves. kept: after an "
+        "epoch that kept under half of its edge; evidence: only after one whose held-out gain, one standard error "
+        "above its estimate, still wanted under half of it (the mirror of the widening test, which reads one "
+        "standard error below: noise alone moves the edge neither way)")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -163,14 +181,21 @@ class CTRL(Algorithm):
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
         self.acfg: CTRLConfig = cfg.ctrl
-        self.needs_log_prob = self.acfg.estimator == "a"
-        if self.acfg.estimator == "b" and cfg.beta <= 0:
-            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
         vcfg = self.acfg.value
         term = vcfg.reward_term
         if term == "auto":
             term = "true" if trainer.reward.differentiable else "surrogate"
-        if term == "true" and self.acfg.estimator == "b" and not trainer.reward.differentiable:
+        self.estimator = self.acfg.estimator
+        if self.estimator == "auto":
+            self.estimator = "b" if term == "surrogate" and cfg.beta > 0 else "a"
+        self.needs_log_prob = self.estimator == "a"
+        if self.estimator == "b" and cfg.beta <= 0:
+            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
+        if self.needs_log_prob and not stochastic_rollouts(cfg.sampler):
+            raise CtrlDiffError(f"ctrl estimator a needs stochastic rollouts, but sampler.solver={cfg.sampler.solver!r} "
+                                f"(eta={cfg.sampler.eta}) with policy_std=0 is deterministic: use em, ddim with eta > 0, "
+                                "or set sampler.policy_std > 0")
+        if term == "true" and self.estimator == "b" and not trainer.reward.differentiable:
             raise CtrlDiffError(f"ctrl.value.reward_term=true with estimator b needs a differentiable reward; "
                                 f"{trainer.reward.name!r} is not (use surrogate or none)")
         self.reward_term = term
@@ -179,7 +204,7 @@ class CTRL(Algorithm):
         self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none", u_sees_x0=vcfg.u_sees_x0).to(dev)
         self.value_opt = trainer.make_optimizer(self.value.parameters(), lr=vcfg.lr)
         self.value_free = self.value_free_opt = None  # value.select: the critic without the R term
-        if vcfg.select and term != "none" and self.acfg.estimator == "a":
+        if vcfg.select and term != "none" and self.estimator == "a":
             self.value_free = StructuredValue(shape, ncls, use_tweedie_reward=False, u_sees_x0=vcfg.u_sees_x0).to(dev)
             self.value_free_opt = trainer.make_optimizer(self.value_free.parameters(), lr=vcfg.lr)
         self.surrogate = self.surrogate_opt = None
@@ -188,7 +213,8 @@ class CTRL(Algorithm):
             self.surrogate_opt = trainer.make_optimizer(self.surrogate.parameters(), lr=vcfg.lr)
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self.critic_fitted = False  # V has been fitted on at least one earlier batch
-        if self.acfg.gae_lambda_candidates and (self.acfg.estimator != "a" or self.acfg.held_out <= 0):
+        self.trust_radius = min(self.acfg.trust_region_start, self.trust_region_growth())
+        if self.acfg.gae_lambda_candidates and (self.estimator != "a" or self.acfg.held_out <= 0):
             raise CtrlDiffError("ctrl.gae_lambda_candidates needs estimator a with held_out > 0 (the held-out "
                                 "trajectories choose between the updates)")
 
@@ -275,8 +301,8 @@ class CTRL(Algorithm):
         t, x, x0, cond = self._pairs(batch)
         metrics: dict = {}
         self.held_out(batch)  # chosen before the advantages, so that no statistic of the update sees them
-        r_term = self._r_term(x0, cond) if self.critic_fitted and self.acfg.estimator == "a" else None
-        if self.acfg.estimator == "a":
+        r_term = self._r_term(x0, cond) if self.critic_fitted and self.estimator == "a" else None
+        if self.estimator == "a":
             batch.advantages, metrics = self._advantages(batch, t, x, x0, cond, r_term)
         else:
             mb = self.acfg.value.minibatch
@@ -401,11 +427,12 @@ class CTRL(Algorithm):
     def _snapshot(self) -> tuple:
         tr = self.trainer
         return ([p.detach().clone() for p in tr.trainable_parameters], copy.deepcopy(tr.optimizer.state_dict()),
-                self.trust_radius, None if tr.ema is None else [e.clone() for e in tr.ema])
+                self.trust_radius, None if tr.ema is None else [e.clone() for e in tr.ema], list(self.gain_history))
 
     def _restore(self, state: tuple) -> None:
         tr = self.trainer
-        params, opt, radius, ema = state
+        params, opt, radius, ema, self.gain_history = state
+        self.gain_history = list(self.gain_history)
         copy_into(tr.trainable_parameters, params)
         tr.optimizer.load_state_dict(copy.deepcopy(opt))
         self.trust_radius = radius
@@ -414,7 +441,7 @@ class CTRL(Algorithm):
 
     def loss(self, mb: Minibatch):
         K = mb.batch.traj.num_steps
-        if self.acfg.estimator == "a":
+        if self.estimator == "a":
             ratio = torch.exp(mb.log_prob - mb.log_prob_old)
             adv = mb.batch.advantages[mb.b, mb.k]
             pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
@@ -439,16 +466,19 @@ class CTRL(Algorithm):
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
     def max_update_kl(self) -> float:
-        return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
+        return self.acfg.max_update_kl if self.estimator == "a" else 0.0
 
     def held_out_fraction(self) -> float:
-        return self.acfg.held_out if self.acfg.estimator == "a" else 0.0
+        return self.acfg.held_out if self.estimator == "a" else 0.0
 
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
 
     def acceptance_shrink(self) -> bool:
         return self.acfg.accept_shrink
+
+    def acceptance_pool(self) -> int:
+        return self.acfg.accept_pool if self.estimator == "a" else 0
 
     def certify_z(self) -> float | None:
         return self.acfg.certify_z if self.acfg.certify_z > 0 else None
@@ -465,6 +495,9 @@ class CTRL(Algorithm):
     def trust_region_growth(self) -> float:
         return self.acfg.trust_region_growth if self.fills_trust_region() else 1.0
 
+    def narrows_on_evidence(self) -> bool:
+        return self.acfg.trust_region_narrow == "evidence"
+
     def _return_to_go(self, batch: RolloutBatch) -> Tensor:
         """[B, K] the Monte Carlo return-to-go G_k = r - beta sum_{j >= k} KL_j (the critic's regression target)."""
         return batch.rewards[:, None] - self.cfg.beta * batch.kl_rate.flip(1).cumsum(1).flip(1)
@@ -477,7 +510,7 @@ class CTRL(Algorithm):
         return adv[held] - self.trainer.dist.mean(adv[self.trained(batch)], 0)
 
     def signal_scaled(self) -> bool:
-        return self.acfg.signal_scaled and self.acfg.estimator == "a"
+        return self.acfg.signal_scaled and self.estimator == "a"
 
     def signal_fraction(self, batch: RolloutBatch, pairs=None, n: int = 128, groups: int = 8, z: float = 1.0) -> float:
         """As :meth:`Algorithm.signal_fraction`, with the Monte Carlo advantages (return-to-go r - beta sum_{j >= k}
