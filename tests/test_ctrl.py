@@ -58,22 +58,6 @@ def test_advantages_come_from_a_critic_not_fitted_on_the_same_samples(lam):
     torch.testing.assert_close(own, expect.to(own.dtype), atol=1e-4, rtol=1e-4)
 
 
-def test_the_default_estimator_is_b_on_a_black_box_reward_with_the_surrogate_and_a_otherwise():
-    """ctrl.estimator=auto: (b) where the reward is a black box and V's R term is the reward surrogate (and beta > 0);
-    (a) for a differentiable reward, without an R term, or at beta = 0. An explicit choice is kept."""
-    from ctrldiff.rewards.base import FunctionReward
-
-    box = FunctionReward(lambda x, c=None: (x[:, 0] > 0).float(), "box", differentiable=False)
-    assert Trainer(_cfg(algo="ctrl")).algo.estimator == "a"  # toy2d-mode-switch: differentiable
-    assert Trainer(_cfg(algo="ctrl"), reward=box).algo.estimator == "b"
-    assert Trainer(_cfg(algo="ctrl", beta=0.0), reward=box).algo.estimator == "a"
-    assert Trainer(_cfg(algo="ctrl", ctrl=dict(value=dict(reward_term="none"))), reward=box).algo.estimator == "a"
-    assert Trainer(_cfg(algo="ctrl", ctrl=dict(estimator="a")), reward=box).algo.estimator == "a"
-    assert Trainer(_cfg(algo="ctrl", ctrl=dict(estimator="b"))).algo.estimator == "b"
-    with pytest.raises(CtrlDiffError, match="stochastic rollouts"):
-        Trainer(_cfg(algo="ctrl", sampler=dict(solver="ode-euler", steps=8)))
-
-
 def test_first_epoch_uses_monte_carlo_returns_before_any_critic_fit():
     tr = Trainer(_cfg(algo="ctrl"))
     batch = tr.collect()

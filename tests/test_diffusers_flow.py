@@ -128,7 +128,7 @@ def _cfg(model, algo, prompts, kind, **kw):
                 sampler=dict(steps=3, guidance=GUIDANCE[kind]), optim=dict(lr=1e-2, minibatch=6, microbatch=3),
                 log=dict(progress=False, tensorboard=False, num_final_eval=0, num_eval_samples=2),
                 diffusers=dict(prompts=prompts, lora_rank=2, resolution=RES, max_sequence_length=16),
-                ctrl=dict(estimator="a", value=dict(epochs=1, surrogate_steps=2)))
+                ctrl=dict(value=dict(epochs=1, surrogate_steps=2)))
     base.update(kw)
     return TrainConfig(**base)
 

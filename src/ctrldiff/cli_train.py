@@ -50,8 +50,7 @@ def build_train_config(algo: str | None, config_file: str | None, flags: dict, o
 @click.option("--solver", default=None, help="Rollout solver: em, ddim, ode-euler, eta (with --set sampler.eta=...).")
 @click.option("--steps", type=int, default=None, help="Solver steps per rollout.")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
-@click.option("--estimator", type=click.Choice(["auto", "a", "b"]), default=None,
-              help="CTRL policy-update estimator (auto: b for a black-box reward, a for a differentiable one).")
+@click.option("--estimator", type=click.Choice(["a", "b"]), default=None, help="CTRL policy-update estimator.")
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None)

@@ -34,14 +34,6 @@ from .noise import NoiseProcess
 from .trajectory import Trajectory
 
 
-def stochastic_rollouts(sampler) -> bool:
-    """Whether rollouts with ``sampler`` (a SamplerConfig: solver, eta, policy_std) draw noise at their steps, as an
-    algorithm with likelihood ratios needs: not the probability-flow ODE, nor DDIM / eta at eta = 0, unless
-    policy_std adds noise."""
-    s = sampler
-    return not ((s.solver == "ode-euler" or (s.solver in ("ddim", "eta") and s.eta == 0)) and s.policy_std == 0)
-
-
 def model_eps(model, process: NoiseProcess, x: Tensor, t: Tensor | float, cond=None) -> Tensor:
     """Evaluate ``model`` at (t, x) and return its eps prediction. t: scalar or [B]."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)

@@ -48,7 +48,7 @@ from torch import Tensor
 from ..config import Strict
 from ..errors import CtrlDiffError
 from ..rewards.base import call_reward
-from ..solvers import model_eps, stochastic_rollouts
+from ..solvers import model_eps
 from .base import Algorithm, Minibatch, RolloutBatch, copy_into, mean_and_se, ppo_clip_loss, register_algorithm
 from .value import RewardSurrogate, StructuredValue, value_weight
 
@@ -77,12 +77,9 @@ class ValueConfig(Strict):
 
 
 class CTRLConfig(Strict):
-    estimator: Literal["auto", "a", "b"] = Field(
-        "auto", description="a: PPO-style likelihood ratio; b: advantage rate; auto: b where the reward is a black box "
-        "and the critic's R term is the reward surrogate (value.reward_term auto or surrogate) and beta > 0, else a. "
-        "On a black box (a) learns only from the sampled rewards through likelihood ratios, and on a rare 0/1 reward "
-        "it stays where it started; (b) follows grad_x V, where the surrogate fitted on every terminal reward carries "
-        "the reward's shape to every sample (docs/CTRL.md section 17)")
+    estimator: Literal["a", "b"] = Field("a", description="a: PPO-style likelihood ratio; b: advantage rate. On "
+                                         "a rare 0/1 black-box reward b gains where a stays at its start, but on a "
+                                         "black box scaled by 10 it overshoots (docs/CTRL.md section 17)")
     clip: float = Field(0.1, gt=0, description="ratio clip range for estimator (a)")
     gae_lambda: float = Field(0.9, ge=0, le=1, description="estimator (a): A_k = sum_j lambda^(j-k) delta_j over the "
                               "TD increments delta_j; 0 = the one-step TD advantage, 1 = Monte Carlo return minus V "
@@ -181,21 +178,14 @@ class CTRL(Algorithm):
     def __init__(self, cfg, trainer):
         super().__init__(cfg, trainer)
         self.acfg: CTRLConfig = cfg.ctrl
+        self.needs_log_prob = self.acfg.estimator == "a"
+        if self.acfg.estimator == "b" and cfg.beta <= 0:
+            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
         vcfg = self.acfg.value
         term = vcfg.reward_term
         if term == "auto":
             term = "true" if trainer.reward.differentiable else "surrogate"
-        self.estimator = self.acfg.estimator
-        if self.estimator == "auto":
-            self.estimator = "b" if term == "surrogate" and cfg.beta > 0 else "a"
-        self.needs_log_prob = self.estimator == "a"
-        if self.estimator == "b" and cfg.beta <= 0:
-            raise CtrlDiffError("ctrl.estimator=b needs beta > 0 (its update regresses onto s_ref + grad V / beta)")
-        if self.needs_log_prob and not stochastic_rollouts(cfg.sampler):
-            raise CtrlDiffError(f"ctrl estimator a needs stochastic rollouts, but sampler.solver={cfg.sampler.solver!r} "
-                                f"(eta={cfg.sampler.eta}) with policy_std=0 is deterministic: use em, ddim with eta > 0, "
-                                "or set sampler.policy_std > 0")
-        if term == "true" and self.estimator == "b" and not trainer.reward.differentiable:
+        if term == "true" and self.acfg.estimator == "b" and not trainer.reward.differentiable:
             raise CtrlDiffError(f"ctrl.value.reward_term=true with estimator b needs a differentiable reward; "
                                 f"{trainer.reward.name!r} is not (use surrogate or none)")
         self.reward_term = term
@@ -204,7 +194,7 @@ class CTRL(Algorithm):
         self.value = StructuredValue(shape, ncls, use_tweedie_reward=term != "none", u_sees_x0=vcfg.u_sees_x0).to(dev)
         self.value_opt = trainer.make_optimizer(self.value.parameters(), lr=vcfg.lr)
         self.value_free = self.value_free_opt = None  # value.select: the critic without the R term
-        if vcfg.select and term != "none" and self.estimator == "a":
+        if vcfg.select and term != "none" and self.acfg.estimator == "a":
             self.value_free = StructuredValue(shape, ncls, use_tweedie_reward=False, u_sees_x0=vcfg.u_sees_x0).to(dev)
             self.value_free_opt = trainer.make_optimizer(self.value_free.parameters(), lr=vcfg.lr)
         self.surrogate = self.surrogate_opt = None
@@ -214,7 +204,7 @@ class CTRL(Algorithm):
         self.replay: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self.critic_fitted = False  # V has been fitted on at least one earlier batch
         self.trust_radius = min(self.acfg.trust_region_start, self.trust_region_growth())
-        if self.acfg.gae_lambda_candidates and (self.estimator != "a" or self.acfg.held_out <= 0):
+        if self.acfg.gae_lambda_candidates and (self.acfg.estimator != "a" or self.acfg.held_out <= 0):
             raise CtrlDiffError("ctrl.gae_lambda_candidates needs estimator a with held_out > 0 (the held-out "
                                 "trajectories choose between the updates)")
 
@@ -301,8 +291,8 @@ class CTRL(Algorithm):
         t, x, x0, cond = self._pairs(batch)
         metrics: dict = {}
         self.held_out(batch)  # chosen before the advantages, so that no statistic of the update sees them
-        r_term = self._r_term(x0, cond) if self.critic_fitted and self.estimator == "a" else None
-        if self.estimator == "a":
+        r_term = self._r_term(x0, cond) if self.critic_fitted and self.acfg.estimator == "a" else None
+        if self.acfg.estimator == "a":
             batch.advantages, metrics = self._advantages(batch, t, x, x0, cond, r_term)
         else:
             mb = self.acfg.value.minibatch
@@ -441,7 +431,7 @@ class CTRL(Algorithm):
 
     def loss(self, mb: Minibatch):
         K = mb.batch.traj.num_steps
-        if self.estimator == "a":
+        if self.acfg.estimator == "a":
             ratio = torch.exp(mb.log_prob - mb.log_prob_old)
             adv = mb.batch.advantages[mb.b, mb.k]
             pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
@@ -466,10 +456,10 @@ class CTRL(Algorithm):
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
     def max_update_kl(self) -> float:
-        return self.acfg.max_update_kl if self.estimator == "a" else 0.0
+        return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
 
     def held_out_fraction(self) -> float:
-        return self.acfg.held_out if self.estimator == "a" else 0.0
+        return self.acfg.held_out if self.acfg.estimator == "a" else 0.0
 
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
@@ -478,7 +468,7 @@ class CTRL(Algorithm):
         return self.acfg.accept_shrink
 
     def acceptance_pool(self) -> int:
-        return self.acfg.accept_pool if self.estimator == "a" else 0
+        return self.acfg.accept_pool if self.acfg.estimator == "a" else 0
 
     def certify_z(self) -> float | None:
         return self.acfg.certify_z if self.acfg.certify_z > 0 else None
@@ -510,7 +500,7 @@ class CTRL(Algorithm):
         return adv[held] - self.trainer.dist.mean(adv[self.trained(batch)], 0)
 
     def signal_scaled(self) -> bool:
-        return self.acfg.signal_scaled and self.estimator == "a"
+        return self.acfg.signal_scaled and self.acfg.estimator == "a"
 
     def signal_fraction(self, batch: RolloutBatch, pairs=None, n: int = 128, groups: int = 8, z: float = 1.0) -> float:
         """As :meth:`Algorithm.signal_fraction`, with the Monte Carlo advantages (return-to-go r - beta sum_{j >= k}

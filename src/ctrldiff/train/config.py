@@ -18,7 +18,6 @@ from ..algorithms.qlearning import QLearningConfig
 from ..algorithms.reward_backprop import RewardBackpropConfig
 from ..config import Strict
 from ..models.diffusers_backend import DiffusersConfig
-from ..solvers import stochastic_rollouts
 
 ALGOS = ("ctrl", "ddpo", "ddpo-sf", "dpok", "q-learning", "reward-backprop", "diffusion-dpo", "lasro", "adjoint-matching",
          "flow-grpo", "diffusion-nft")
@@ -135,7 +134,7 @@ class TrainConfig(Strict):
         s = self.sampler
         needs_lp = (self.algo in ("ddpo", "ddpo-sf", "dpok", "flow-grpo")
                     or (self.algo == "ctrl" and self.ctrl.estimator == "a"))
-        deterministic = not stochastic_rollouts(s)
+        deterministic = (s.solver == "ode-euler" or (s.solver in ("ddim", "eta") and s.eta == 0)) and s.policy_std == 0
         if self.algo == "q-learning" and s.policy_std > 0:
             raise ValueError("q-learning sets its own policy noise (theta / (2 g^2), qlearning.theta): leave "
                              "sampler.policy_std at 0")
