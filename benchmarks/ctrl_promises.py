@@ -9,6 +9,10 @@
         and the reference at the training solver and at em:100, reward calls (terminal and value) and wall-clock.
         centering, crispness and left-heavy (benchmarks/ctrl_rewards.py) were written after the defaults were
         chosen; no default was tuned on them.
+    python benchmarks/ctrl_promises.py line --run RUN_DIR [--along 0 0.5 1 1.5 2 3 4] [--n 1000]
+        J, E r and KL_path of theta_start + s (theta_trained - theta_start) for each s, at the run's training solver,
+        on the same fixed noises: is the run's whole displacement too short, too long, or a poor direction? (A run
+        that ended at its start is taken at the weights it trained to.)
     python benchmarks/ctrl_promises.py render
         The markdown tables of the saved results.
 
@@ -200,9 +204,40 @@ def render(merge: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
+def line(args) -> list[dict]:
+    """J along a finished CTRL run's displacement from its start (see the module docstring)."""
+    from ctrldiff.algorithms.base import copy_into
+    from ctrldiff.train.checkpoint import load_latest_checkpoint
+    from ctrldiff.train.trainer import load_run_config
+
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    tr = Trainer(cfg)
+    _, state, _ = load_latest_checkpoint(run / "checkpoints")
+    tr.load_state_dict(state)
+    algo = tr.algo
+    if algo.start_params is None:
+        raise SystemExit(f"{run}: no start weights in its checkpoint (a CTRL run with ctrl.certify_z > 0 keeps them)")
+    start = [p.clone() for p in algo.start_params]
+    trained = [p.clone() for p in (algo.uncertified_params or tr.trainable_parameters)]
+    s, cond, rows = cfg.sampler, tr.task.eval_conditions(args.n), []
+    for a in args.along:
+        with torch.no_grad():
+            copy_into(tr.trainable_parameters, [p0 + a * (p1 - p0) for p0, p1 in zip(start, trained, strict=True)])
+        ev = evaluate_policy(tr.policy, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=args.n,
+                             solver=s.solver, steps=s.steps, eta=s.eta, cond=cond, beta=cfg.beta, seed=777,
+                             chunk=max(cfg.rollout_chunk, 1), decode=tr.task.decode, reward_cond=tr.task.reward_cond,
+                             device=tr.device)
+        rows.append({"along": a, "objective": ev["objective"], "reward_mean": ev["reward_mean"],
+                     "kl_path": ev["kl_path"]})
+        print(f"s = {a:4.2f}: J {ev['objective']:.4f}  E r {ev['reward_mean']:.4f}  KL_path {ev['kl_path']:.3f}",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["robustness", "grid", "render"])
+    ap.add_argument("what", choices=["robustness", "grid", "line", "render"])
     ap.add_argument("--epochs", type=int, default=None, help="default: the config default")
     ap.add_argument("--seed", type=int, default=0, help="robustness: the training seed")
     ap.add_argument("--algo", default="ctrl", help="robustness: the algorithm (e.g. dpok, for comparison)")
@@ -216,6 +251,9 @@ def main() -> None:
                     help="results file (default benchmarks/results/ctrl_promises_{grid,robustness}.json)")
     ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run", default=None, help="line: a finished CTRL run directory")
+    ap.add_argument("--along", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3, 4],
+                    help="line: the multiples of the run's displacement to evaluate")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable), e.g. ctrl.max_update_kl=0.1")
     args = ap.parse_args()
@@ -226,6 +264,13 @@ def main() -> None:
         out = Path(args.out) if args.out else RESULTS / "ctrl_promises_robustness.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
+    elif args.what == "line":
+        if not args.run:
+            raise SystemExit("line needs --run RUN_DIR")
+        rows = line(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
+        return
     elif args.what == "grid":
         grid(args)
         if args.out and not args.merge:  # the table of this run's file, not the default one's

@@ -499,6 +499,21 @@ def test_accept_pool_keeps_a_step_whose_own_estimate_is_noise_where_the_last_epo
     assert 0.5 < got[8] < 1.0  # about l / (2 sqrt(Q)) = 1, pulled a little towards its own estimate
 
 
+def test_b_step_control_holds_estimator_b_to_the_trust_region_and_the_held_out_test():
+    """ctrl.b_step_control: estimator (b)'s epoch update is fitted on the trained-on trajectories, scaled back to
+    max_update_kl nats and kept only as far as the held-out ones support; without it every (b) update is kept whole."""
+    limit = 0.01
+    for on in (False, True):
+        cfg = _cfg(algo="ctrl", epochs=3, ctrl=dict(estimator="b", b_step_control=on, max_update_kl=limit,
+                                                   trust_region_growth=1.0, fill_trust_region=False))
+        recs = Trainer(cfg).train()
+        later = recs[1:]  # the first epoch's grad V is that of an unfitted critic
+        if on:
+            assert all("train/accepted" in r and r["train/update_kl_kept"] <= 1.05 * limit for r in later), later
+        else:
+            assert not any("train/accepted" in r or "train/update_kl" in r for r in recs)
+
+
 def test_a_run_ends_with_its_start_unless_its_gain_over_the_start_is_certified():
     """ctrl.certify_z: at the last epoch the fine-tune is sampled from the same 64 fixed noises as the start was at the
     first (a set no rollout or evaluation uses) and kept only if the paired difference of r - beta KL_path is 2

@@ -170,6 +170,10 @@ class CTRLConfig(Strict):
     trust_region: float = Field(0.05, ge=0, description="estimator (b): cap on the KL (nats) between the update "
                                 "target and the sampling policy at each visited (t_k, x_k); larger targets are "
                                 "shrunk towards s_old. 0 = no cap")
+    b_step_control: bool = Field(False, description="estimator (b): hold each epoch's update to the trust region in "
+                                 "nats (max_update_kl, trust_region_growth, fill_trust_region) and keep it only as far "
+                                 "as the held-out trajectories support (held_out, accept_z), as for (a). Off: (b)'s "
+                                 "per-state cap (trust_region) alone, and every update is kept")
     value: ValueConfig = ValueConfig()
 
 
@@ -455,11 +459,16 @@ class CTRL(Algorithm):
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
 
+    def _step_control(self) -> bool:
+        """(a)'s control of the epoch's step: the trust region in nats and the held-out test (and (b)'s with
+        ctrl.b_step_control)."""
+        return self.acfg.estimator == "a" or self.acfg.b_step_control
+
     def max_update_kl(self) -> float:
-        return self.acfg.max_update_kl if self.acfg.estimator == "a" else 0.0
+        return self.acfg.max_update_kl if self._step_control() else 0.0
 
     def held_out_fraction(self) -> float:
-        return self.acfg.held_out if self.acfg.estimator == "a" else 0.0
+        return self.acfg.held_out if self._step_control() else 0.0
 
     def acceptance_z(self) -> float:
         return self.acfg.accept_z
