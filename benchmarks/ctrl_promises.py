@@ -65,14 +65,15 @@ def scaled_reward(spec, scale: float):
     return r if scale == 1 else WeightedSum([(scale, r)])
 
 
-def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321, samples: bool = False) -> dict:
+def evaluate(tr: Trainer, model, solver: str, n: int, seed: int = 4321, samples: bool = False,
+             as_is: bool = False) -> dict:
     """E r, KL_path, J (and the classifier's accuracy) of ``model`` at ``solver`` ('name:steps') on n fixed noises and
     conditions; ``samples``: also the samples themselves, under "samples" (with "cond", their conditions). The policy
     is evaluated with the weights the run ends with (:meth:`Trainer.final_weights`: the weight EMA with
-    ``optim.ema_decay``)."""
+    ``optim.ema_decay``), or with ``as_is`` with the weights it holds."""
     name, steps = solver.split(":")
     cond = tr.task.eval_conditions(n)
-    with tr.final_weights() if model is tr.policy else contextlib.nullcontext():
+    with tr.final_weights() if model is tr.policy and not as_is else contextlib.nullcontext():
         ev = evaluate_policy(model, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=n,
                              solver=name, steps=int(steps), eta=tr.cfg.sampler.eta, cond=cond, seed=seed,
                              beta=tr.cfg.beta, return_samples=True)
@@ -220,16 +221,12 @@ def line(args) -> list[dict]:
         raise SystemExit(f"{run}: no start weights in its checkpoint (a CTRL run with ctrl.certify_z > 0 keeps them)")
     start = [p.clone() for p in algo.start_params]
     trained = [p.clone() for p in (algo.uncertified_params or tr.trainable_parameters)]
-    s, cond, rows = cfg.sampler, tr.task.eval_conditions(args.n), []
+    rows = []
     for a in args.along:
         with torch.no_grad():
             copy_into(tr.trainable_parameters, [p0 + a * (p1 - p0) for p0, p1 in zip(start, trained, strict=True)])
-        ev = evaluate_policy(tr.policy, tr.ref, tr.process, tr.reward, sample_shape=tr.task.sample_shape, n=args.n,
-                             solver=s.solver, steps=s.steps, eta=s.eta, cond=cond, beta=cfg.beta, seed=777,
-                             chunk=max(cfg.rollout_chunk, 1), decode=tr.task.decode, reward_cond=tr.task.reward_cond,
-                             device=tr.device)
-        rows.append({"along": a, "objective": ev["objective"], "reward_mean": ev["reward_mean"],
-                     "kl_path": ev["kl_path"]})
+        ev = evaluate(tr, tr.policy, f"{cfg.sampler.solver}:{cfg.sampler.steps}", args.n, seed=777, as_is=True)
+        rows.append({"along": a, **{k: ev[k] for k in ("objective", "reward_mean", "kl_path")}})
         print(f"s = {a:4.2f}: J {ev['objective']:.4f}  E r {ev['reward_mean']:.4f}  KL_path {ev['kl_path']:.3f}",
               flush=True)
     return rows

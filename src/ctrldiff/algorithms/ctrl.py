@@ -124,11 +124,12 @@ class CTRLConfig(Strict):
                                 "policy little, a well-supported one keeps its length; the trust region's widening "
                                 "still reads L unshrunk). Measured on the main job: less KL and less reward, J 16.71 "
                                 "against 17.58 at em:20 (docs/CTRL.md section 13)")
-    accept_pool: int = Field(0, ge=0, description="estimator (a), with held_out: choose each step's length from its "
-                             "held-out gain shrunk towards the last this-many epochs' (empirical Bayes: the prior's "
-                             "mean and spread are those epochs' estimates per unit of root KL cost, before any "
-                             "selection), not from its own noisy estimate alone, whose maximiser is a winner's curse "
-                             "wherever one epoch's signal-to-noise ratio is under 1. 0 = each epoch's own estimate")
+    accept_pool: int = Field(0, ge=0, description="with held_out (estimator (a), or (b) with b_step_control): "
+                             "choose each step's length from its held-out gain shrunk towards the last this-many "
+                             "epochs' (empirical Bayes: the prior's mean and spread are those epochs' estimates per "
+                             "unit of root KL cost, before any selection), not from its own noisy estimate alone, "
+                             "whose maximiser is a winner's curse wherever one epoch's signal-to-noise ratio is under "
+                             "1. 0 = each epoch's own estimate")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
@@ -425,8 +426,8 @@ class CTRL(Algorithm):
 
     def _restore(self, state: tuple) -> None:
         tr = self.trainer
-        params, opt, radius, ema, self.gain_history = state
-        self.gain_history = list(self.gain_history)
+        params, opt, radius, ema, history = state
+        self.gain_history = list(history)
         copy_into(tr.trainable_parameters, params)
         tr.optimizer.load_state_dict(copy.deepcopy(opt))
         self.trust_radius = radius
@@ -477,7 +478,7 @@ class CTRL(Algorithm):
         return self.acfg.accept_shrink
 
     def acceptance_pool(self) -> int:
-        return self.acfg.accept_pool if self.acfg.estimator == "a" else 0
+        return self.acfg.accept_pool if self._step_control() else 0
 
     def certify_z(self) -> float | None:
         return self.acfg.certify_z if self.acfg.certify_z > 0 else None
