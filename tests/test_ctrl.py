@@ -499,6 +499,50 @@ def test_accept_pool_keeps_a_step_whose_own_estimate_is_noise_where_the_last_epo
     assert 0.5 < got[8] < 1.0  # about l / (2 sqrt(Q)) = 1, pulled a little towards its own estimate
 
 
+def test_epoch_momentum_steps_along_the_average_of_the_epochs_raw_updates():
+    """ctrl.epoch_momentum: theta - start becomes m = mu m + d (d: the epoch's own update), the average is kept for
+    the next epoch whatever the trust region and the held-out test then do to the step, and it is checkpointed."""
+    tr = Trainer(_cfg(algo="ctrl", ctrl=dict(epoch_momentum=0.5)))
+    assert tr.algo.epoch_momentum() == 0.5
+    params = tr.trainable_parameters
+    start = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(0)
+    d1 = [torch.randn(p.shape, generator=g) for p in params]
+    d2 = [torch.randn(p.shape, generator=g) for p in params]
+    with torch.no_grad():
+        for p, p0, a in zip(params, start, d1, strict=True):
+            p.copy_(p0 + a)
+    assert tr.algo.apply_momentum(start, 0.5) == 0.0  # the first epoch: its own update
+    for p, p0, a in zip(params, start, d1, strict=True):
+        torch.testing.assert_close(p.detach(), p0 + a)
+    with torch.no_grad():
+        for p, p0, b in zip(params, start, d2, strict=True):
+            p.copy_(p0 + b)
+    cos = tr.algo.apply_momentum(start, 0.5)
+    flat1, flat2 = torch.cat([a.flatten() for a in d1]), torch.cat([b.flatten() for b in d2])
+    assert cos == pytest.approx(float(flat1 @ flat2 / (flat1.norm() * flat2.norm())), abs=1e-5)
+    for p, p0, a, b, m in zip(params, start, d1, d2, tr.algo.momentum, strict=True):
+        torch.testing.assert_close(p.detach(), p0 + 0.5 * a + b)
+        torch.testing.assert_close(m, 0.5 * a + b)
+    st = tr.algo.state_dict()
+    tr2 = Trainer(_cfg(algo="ctrl", ctrl=dict(epoch_momentum=0.5)))
+    tr2.algo.load_state_dict(st)
+    assert all(torch.equal(a, b) for a, b in zip(tr2.algo.momentum, tr.algo.momentum, strict=True))
+    assert Trainer(_cfg(algo="ctrl")).algo.epoch_momentum() == 0.0  # off by default
+
+
+def test_a_resumed_run_with_epoch_momentum_equals_an_uninterrupted_one(tmp_path):
+    import re
+    cfg = _cfg(algo="ctrl", epochs=4, ctrl=dict(epoch_momentum=0.9))
+    Trainer(cfg, out=tmp_path / "full").train()
+    Trainer(cfg, out=tmp_path / "part").train(epochs=2)
+    Trainer(cfg, out=tmp_path / "part", resume=True).train()
+    strip = lambda line: re.sub(r', "[^"]*_s": -?[0-9.eE+-]+', "", line)  # noqa: E731 (wall-clock fields)
+    lines = [[strip(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("full", "part")]
+    assert len(lines[0]) == 4 and lines[0] == lines[1]
+    assert "train/momentum_cos" in lines[0][-1]
+
+
 def test_b_step_control_holds_estimator_b_to_the_trust_region_and_the_held_out_test():
     """ctrl.b_step_control: estimator (b)'s epoch update is fitted on the trained-on trajectories, scaled back to
     max_update_kl nats and kept only as far as the held-out ones support; without it every (b) update is kept whole."""

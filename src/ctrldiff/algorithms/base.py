@@ -85,6 +85,9 @@ class Algorithm:
         # acceptance_pool: the last epochs' held-out first-order gains per unit of root cost, (l, se), before any
         # selection (every epoch's, kept or undone): the prior that an epoch's own noisy estimate is shrunk towards
         self.gain_history: list[tuple[float, float]] = []
+        # epoch_momentum: the running average of the epochs' raw update directions (theta - start, before any
+        # trust region or acceptance scaling), along which each epoch steps
+        self.momentum: list[Tensor] | None = None
         # certify_z: the start's r - beta KL_path on the certification noise (this process's share), the start's
         # weights (CPU), and the trained weights of a run whose end the test did not certify (kept, not thrown away)
         self.start_terms: Tensor | None = None
@@ -123,6 +126,8 @@ class Algorithm:
         """The algorithm's state for a checkpoint: what every algorithm shares (the trust region's radius, the
         certification's start); subclasses add theirs to it."""
         st = {"trust_radius": self.trust_radius, "gain_history": list(self.gain_history)}
+        if self.momentum is not None:
+            st["momentum"] = [m.detach().cpu().clone() for m in self.momentum]
         if self.start_terms is not None:
             st.update(start_terms=self.start_terms, start_params=self.start_params,
                       uncertified_params=self.uncertified_params, uncertified_ema=self.uncertified_ema)
@@ -131,6 +136,9 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         self.trust_radius = state.get("trust_radius", 1.0)
         self.gain_history = list(state.get("gain_history", []))
+        mom = state.get("momentum")
+        self.momentum = None if mom is None else [m.to(p.device) for m, p in
+                                                  zip(mom, self.trainer.trainable_parameters, strict=True)]
         self.start_terms = state.get("start_terms")
         self.start_params = state.get("start_params")
         self.uncertified_params = state.get("uncertified_params")
@@ -240,6 +248,8 @@ class Algorithm:
             out["train/signal_fraction"] = info_sums["signal_fraction"]
         out["train/updates"] = n_updates
         kl = None
+        if start is not None and self.epoch_momentum() > 0:  # the step is along the epochs' averaged direction
+            out["train/momentum_cos"] = self.apply_momentum(start, self.epoch_momentum())
         if start is not None and limit > 0:  # the epoch's update, measured in nats, is kept within max_update_kl
             out.update(self.enforce_trust_region(batch, start, limit=limit))
             kl = out["train/update_kl_kept"]
@@ -537,6 +547,37 @@ class Algorithm:
         prior = tau2 + max(v, noise) / len(hist)  # m's own noise is at least its estimates' sampling noise
         k = prior / (prior + s_ell ** 2) if prior + s_ell ** 2 > 0 else 1.0
         return (m + k * (ell - m)) * root, math.sqrt(k) * se
+
+    def epoch_momentum(self) -> float:
+        """mu of :meth:`apply_momentum` (0: each epoch steps along its own update)."""
+        return 0.0
+
+    @torch.no_grad()
+    def apply_momentum(self, start: list[Tensor], mu: float) -> float:
+        """theta <- start + m, m <- mu m + (theta - start): the epoch steps along an exponential average of the
+        epochs' raw updates (before the trust region and the acceptance test scale them), not along its own alone.
+        Where one epoch's direction is mostly sampling noise (a sparse or rare-event reward), its noise costs KL
+        and gains nothing, and the runs's steps random-walk; averaged over about (1 + mu) / (1 - mu) epochs, the
+        noise's share of the direction shrinks while a signal that persists across epochs adds up. The trust region
+        and the held-out test then size the averaged step as they size any other (its held-out trajectories shaped
+        neither this epoch's update nor the earlier ones'). -> the cosine between this epoch's update and the average
+        it joins (0 at the first epoch)."""
+        tr = self.trainer
+        params = [p.detach() for p in tr.trainable_parameters]
+        d = torch._foreach_sub(params, start)
+        if self.momentum is None:
+            self.momentum = [x.clone() for x in d]
+            return 0.0
+        dot = sum(float((a * b).sum()) for a, b in zip(d, self.momentum, strict=True))
+        nd = math.sqrt(sum(float(a.pow(2).sum()) for a in d))
+        nm = math.sqrt(sum(float(b.pow(2).sum()) for b in self.momentum))
+        torch._foreach_mul_(self.momentum, mu)
+        torch._foreach_add_(self.momentum, d)
+        moved = torch._foreach_sub(self.momentum, d)  # theta - start becomes m
+        torch._foreach_add_(params, moved)
+        if tr.ema is not None:  # as in rescale_update: the last EMA update saw theta before the move
+            torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
+        return dot / (nd * nm) if nd > 0 and nm > 0 else 0.0
 
     def rescale_update(self, start: list[Tensor], a: float) -> None:
         """theta <- start + a (theta - start): the epoch's step scaled along itself (a = 0 undoes it)."""

@@ -130,6 +130,12 @@ class CTRLConfig(Strict):
                              "unit of root KL cost, before any selection), not from its own noisy estimate alone, "
                              "whose maximiser is a winner's curse wherever one epoch's signal-to-noise ratio is under "
                              "1. 0 = each epoch's own estimate")
+    epoch_momentum: float = Field(0.0, ge=0, lt=1, description="with the step control (estimator (a), or (b) with "
+                                  "b_step_control): each epoch steps along an exponential average, with this decay, "
+                                  "of the epochs' raw updates instead of its own update alone; the trust region and "
+                                  "the held-out test size that step as any other. Where one epoch's direction is "
+                                  "mostly noise (a sparse, rare-event reward) the average keeps what persists across "
+                                  "epochs. 0 = each epoch's own update")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
@@ -422,12 +428,14 @@ class CTRL(Algorithm):
     def _snapshot(self) -> tuple:
         tr = self.trainer
         return ([p.detach().clone() for p in tr.trainable_parameters], copy.deepcopy(tr.optimizer.state_dict()),
-                self.trust_radius, None if tr.ema is None else [e.clone() for e in tr.ema], list(self.gain_history))
+                self.trust_radius, None if tr.ema is None else [e.clone() for e in tr.ema], list(self.gain_history),
+                None if self.momentum is None else [m.clone() for m in self.momentum])
 
     def _restore(self, state: tuple) -> None:
         tr = self.trainer
-        params, opt, radius, ema, history = state
+        params, opt, radius, ema, history, momentum = state
         self.gain_history = list(history)
+        self.momentum = None if momentum is None else [m.clone() for m in momentum]
         copy_into(tr.trainable_parameters, params)
         tr.optimizer.load_state_dict(copy.deepcopy(opt))
         self.trust_radius = radius
@@ -479,6 +487,9 @@ class CTRL(Algorithm):
 
     def acceptance_pool(self) -> int:
         return self.acfg.accept_pool if self._step_control() else 0
+
+    def epoch_momentum(self) -> float:
+        return self.acfg.epoch_momentum if self._step_control() else 0.0
 
     def certify_z(self) -> float | None:
         return self.acfg.certify_z if self.acfg.certify_z > 0 else None
