@@ -557,7 +557,7 @@ class Algorithm:
         """theta <- start + m, m <- mu m + (theta - start): the epoch steps along an exponential average of the
         epochs' raw updates (before the trust region and the acceptance test scale them), not along its own alone.
         Where one epoch's direction is mostly sampling noise (a sparse or rare-event reward), its noise costs KL
-        and gains nothing, and the runs's steps random-walk; averaged over about (1 + mu) / (1 - mu) epochs, the
+        and gains nothing, and the run's steps random-walk; averaged over about (1 + mu) / (1 - mu) epochs, the
         noise's share of the direction shrinks while a signal that persists across epochs adds up. The trust region
         and the held-out test then size the averaged step as they size any other (its held-out trajectories shaped
         neither this epoch's update nor the earlier ones'). -> the cosine between this epoch's update and the average

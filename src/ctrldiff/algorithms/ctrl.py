@@ -135,7 +135,9 @@ class CTRLConfig(Strict):
                                   "of the epochs' raw updates instead of its own update alone; the trust region and "
                                   "the held-out test size that step as any other. Where one epoch's direction is "
                                   "mostly noise (a sparse, rare-event reward) the average keeps what persists across "
-                                  "epochs. 0 = each epoch's own update")
+                                  "epochs. 0 = each epoch's own update. Measured at 0.9, not adopted: hollow's "
+                                  "trained weights gain but are not certified, left-heavy x10 loses on every seed "
+                                  "(docs/CTRL.md section 18)")
     certify_z: float = Field(2.0, ge=0, description="the run ends with the fine-tuned weights only if their J is above "
                              "the start's by this many standard errors, paired on certify_samples fixed noises that no "
                              "rollout, update or evaluation uses (sampled with the start at the first epoch and with "
