@@ -562,9 +562,7 @@ class Algorithm:
         and the held-out test then size the averaged step as they size any other (its held-out trajectories shaped
         neither this epoch's update nor the earlier ones'). -> the cosine between this epoch's update and the average
         it joins (0 at the first epoch)."""
-        tr = self.trainer
-        params = [p.detach() for p in tr.trainable_parameters]
-        d = torch._foreach_sub(params, start)
+        d = torch._foreach_sub([p.detach() for p in self.trainer.trainable_parameters], start)
         if self.momentum is None:
             self.momentum = [x.clone() for x in d]
             return 0.0
@@ -573,24 +571,28 @@ class Algorithm:
         nm = math.sqrt(sum(float(b.pow(2).sum()) for b in self.momentum))
         torch._foreach_mul_(self.momentum, mu)
         torch._foreach_add_(self.momentum, d)
-        moved = torch._foreach_sub(self.momentum, d)  # theta - start becomes m
-        torch._foreach_add_(params, moved)
-        if tr.ema is not None:  # as in rescale_update: the last EMA update saw theta before the move
-            torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
+        self.move_params(torch._foreach_sub(self.momentum, d))  # theta - start becomes m
         return dot / (nd * nm) if nd > 0 and nm > 0 else 0.0
 
     def rescale_update(self, start: list[Tensor], a: float) -> None:
         """theta <- start + a (theta - start): the epoch's step scaled along itself (a = 0 undoes it)."""
-        tr = self.trainer
-        params = [p.detach() for p in tr.trainable_parameters]
+        params = [p.detach() for p in self.trainer.trainable_parameters]
         with torch.no_grad():
             moved = torch._foreach_mul(torch._foreach_sub(params, start), a - 1)
-            if a == 0:  # exactly back where the epoch started
-                torch._foreach_copy_(params, start)
-            else:
-                torch._foreach_add_(params, moved)
-            if tr.ema is not None:  # the last EMA update saw the step before it was scaled: count it as is
-                torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
+        self.move_params(moved, to=start if a == 0 else None)  # a = 0: exactly back where the epoch started
+
+    @torch.no_grad()
+    def move_params(self, moved: list[Tensor], to: list[Tensor] | None = None) -> None:
+        """theta <- theta + moved (or exactly ``to``, where that is where the move ends), and the weight EMA by
+        moved times its weight: the EMA's last update saw theta before the move, so the move counts as it is."""
+        tr = self.trainer
+        params = [p.detach() for p in tr.trainable_parameters]
+        if to is not None:
+            torch._foreach_copy_(params, to)
+        else:
+            torch._foreach_add_(params, moved)
+        if tr.ema is not None:
+            torch._foreach_add_(tr.ema, moved, alpha=1 - tr.cfg.optim.ema_decay)
 
     def signal_scaled(self) -> bool:
         """Whether the trust region shrinks with the batch's signal fraction (:meth:`signal_fraction`)."""
