@@ -392,6 +392,54 @@ def test_held_out_trajectories_do_not_shape_the_update(monkeypatch):
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-6)
 
 
+def test_refit_all_fits_the_kept_step_on_every_trajectory_at_the_tested_steps_kl():
+    """ctrl.refit_all: the held-out test chooses the step (here kept, at some KL in nats); the update is then fitted
+    again from the same start on all trajectories, so the held-out ones now shape it (changing their rewards moves
+    the final step's direction; without the option only its length moves), and it ends at the tested step's KL.
+    Pure-noise rewards that the test undoes (accept_z 2) leave the policy where it was."""
+    def run(bump=0.0, noise=False, seed=3, refit=True):
+        tr = Trainer(_cfg(algo="ctrl", seed=seed, batch_size=128, ctrl=dict(refit_all=True, accept_z=2.0)))
+        tr.train(epochs=1)
+        if not refit:  # the same run, this epoch's update without the option
+            tr.algo.refits = lambda: False
+        before = [p.detach().clone() for p in tr.trainable_parameters]
+        batch = tr.collect()
+        held = tr.algo.held_out(batch)
+        if noise:
+            batch.rewards = 2 * torch.randn(batch.rewards.shape, generator=torch.Generator().manual_seed(seed))
+        batch.rewards[held] += bump * torch.randn(len(held), generator=torch.Generator().manual_seed(0))
+        tr.algo.prepare(batch)
+        info = tr.algo.update(batch)
+        after = torch.cat([p.detach().flatten() for p in tr.trainable_parameters])
+        return info, after, torch.cat([p.flatten() for p in before]), tr, batch
+
+    info, a0, start, tr, batch = run()
+    assert info["train/accepted"] > 0 and info["train/update_kl_kept"] > 0
+    # the refit moved to the tested step's KL (re-measured on 512 fresh pairs: within their sampling noise)
+    assert abs(info["train/refit_kl_kept"] - info["train/update_kl_kept"]) <= 0.3 * info["train/update_kl_kept"]
+    def cos(u, v):
+        return float(torch.nn.functional.cosine_similarity(u - start, v - start, dim=0))
+
+    info1, a1, _, _, _ = run(bump=0.5)
+    assert info1["train/accepted"] > 0
+    assert cos(a0, a1) < 0.9999  # the held-out trajectories shape the refit step's direction
+    (i0, b0, *_), (i1, b1, *_) = run(refit=False), run(bump=0.5, refit=False)
+    assert i0["train/accepted"] > 0 and i1["train/accepted"] > 0
+    assert cos(b0, b1) > 1 - 1e-5  # without the refit they set its length only
+    undone = 0
+    for seed in range(3):
+        info, after, start, _, _ = run(noise=True, seed=seed)
+        if info["train/accepted"] == 0.0:
+            undone += 1
+            assert torch.equal(after, start) and "train/refit_kl_kept" not in info
+    assert undone >= 2
+
+
+def test_refit_all_with_an_option_it_cannot_combine_with_is_a_one_line_error():
+    with pytest.raises(CtrlDiffError, match="refit_all"):
+        Trainer(_cfg(algo="ctrl", ctrl=dict(refit_all=True, held_out=0.0)))
+
+
 def test_an_update_that_does_not_help_on_held_out_trajectories_is_undone():
     """Rewards that are pure noise (independent of the samples): the update only fits noise, the held-out estimate
     of its gain is not two standard errors above 0 (accept_z = 2; the default 0 undoes it only where the estimate is not
