@@ -444,7 +444,7 @@ class CTRL(Algorithm):
         return {**out, "ctrl/gae_lambda": lam, "ctrl/lambda_gain": gain}
 
     def refits(self) -> bool:
-        return self.acfg.refit_all and self._step_control() and self.acfg.held_out > 0
+        return self.acfg.refit_all  # its preconditions (the held-out test, the trust region) are checked at start
 
     def _refit_on_all(self, batch: RolloutBatch) -> dict:
         """ctrl.refit_all: the epoch's step as the held-out test chose it (length in nats, or undone), then the update
@@ -458,8 +458,8 @@ class CTRL(Algorithm):
         radius, history = self.trust_radius, list(self.gain_history)
         self._restore(snap)
         self.gain_history = history
-        start = [p.detach().clone() for p in self.trainer.trainable_parameters]
-        self.refitting, self.trust_radius = True, kept / self.acfg.max_update_kl  # the limit: the tested step's KL
+        start = snap[0]  # the epoch's start, as restored
+        self.refitting, self.trust_radius = True, kept / self.max_update_kl()  # the limit: the tested step's KL
         try:
             refit = super().policy_step(batch)  # held_out_fraction() is 0 while refitting: every trajectory
         finally:
