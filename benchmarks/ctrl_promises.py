@@ -13,6 +13,12 @@
         J, E r and KL_path of theta_start + s (theta_trained - theta_start) for each s, at the run's training solver,
         on the same fixed noises: is the run's whole displacement too short, too long, or a poor direction? (A run
         that ended at its start is taken at the weights it trained to.)
+    python benchmarks/ctrl_promises.py kltime --run RUN_DIR [--solvers em:20 em:100] [--n 200] [--ref-below TAU]
+        Where along the time axis a finished run (any algorithm) spends its KL_path: the Girsanov increments of its
+        trained weights against the reference, summed over bands of the step's start time, on fixed noises, at each
+        solver, and the mean ||eps - eps_ref||^2 each band's KL implies; with E r and J. (A CTRL run that ended at
+        its start is taken at the weights it trained to.)
+        --ref-below TAU: the same with the reference model at times <= TAU (the trained one above).
     python benchmarks/ctrl_promises.py render
         The markdown tables of the saved results.
 
@@ -36,7 +42,7 @@ import ctrl_rewards  # noqa: E402
 
 from ctrldiff.config import apply_overrides  # noqa: E402
 from ctrldiff.eval.evaluate import evaluate_policy  # noqa: E402
-from ctrldiff.rewards.base import WeightedSum, make_reward  # noqa: E402
+from ctrldiff.rewards.base import WeightedSum, call_reward, make_reward  # noqa: E402
 from ctrldiff.train.config import TrainConfig  # noqa: E402
 from ctrldiff.train.trainer import Trainer  # noqa: E402
 
@@ -232,9 +238,75 @@ def line(args) -> list[dict]:
     return rows
 
 
+KL_BANDS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.0)
+
+
+class RefBelow(torch.nn.Module):
+    """The trained model above time ``tau`` and the reference at and below it (kltime --ref-below): what the
+    fine-tune's change at the data end buys in reward, and costs in KL_path."""
+
+    def __init__(self, policy, ref, tau: float):
+        super().__init__()
+        self.policy, self.ref, self.tau = policy, ref, tau
+        self.prediction = getattr(policy, "prediction", "eps")
+
+    def forward(self, x, t, cond=None):
+        a, b = self.policy(x, t, cond), self.ref(x, t, cond)
+        above = (t > self.tau).to(a.dtype).reshape(-1, *([1] * (a.ndim - 1)))
+        return above * a + (1 - above) * b
+
+
+def kltime(args) -> list[dict]:
+    """KL_path of a finished run's trained weights by band of time, at each solver (see the module docstring)."""
+    from ctrldiff.algorithms.base import copy_into
+    from ctrldiff.solvers import evaluate_along, get_solver, kl_increments, kl_weights, prediction_of
+    from ctrldiff.train.checkpoint import load_latest_checkpoint
+    from ctrldiff.train.trainer import load_run_config
+
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    tr = Trainer(cfg)
+    _, state, _ = load_latest_checkpoint(run / "checkpoints")
+    tr.load_state_dict(state)
+    trained = getattr(tr.algo, "uncertified_params", None)
+    rows = []
+    with tr.final_weights() if trained is None else contextlib.nullcontext(), torch.no_grad():
+        if trained is not None:
+            copy_into(tr.trainable_parameters, trained)
+        for solver in args.solvers:
+            name, steps = solver.split(":")
+            g = torch.Generator().manual_seed(777)
+            cond = tr.task.eval_conditions(args.n)
+            times = tr.process.time_grid(int(steps))
+            x = torch.randn((args.n, *tr.task.sample_shape), generator=g) * tr.process.prior_std()
+            fn = get_solver(name, **({"eta": cfg.sampler.eta} if name in ("ddim", "eta") else {}))
+            model = tr.policy if args.ref_below is None else RefBelow(tr.policy, tr.ref, args.ref_below)
+            traj = fn(model, x, times, tr.process, cond, generator=g)
+            eps_ref = evaluate_along(tr.ref, tr.process, traj)
+            inc = kl_increments(tr.process, traj.times, traj.outputs, eps_ref,
+                                prediction=prediction_of(tr.policy)).mean(0).double()
+            r = float(call_reward(tr.reward, traj.final, cond).double().mean())
+            row = {"solver": solver, "reward_mean": r, "kl_path": float(inc.sum()),
+                   "objective": r - cfg.beta * float(inc.sum()), "bands": {}}
+            start = traj.times[:-1].double()
+            w = kl_weights(tr.process, traj.times, prediction=prediction_of(tr.policy)).double()
+            row["eps_change"] = {}  # per band, the mean ||eps - eps_ref||^2 that its KL_path implies (KL / weight)
+            for hi, lo in zip(KL_BANDS[:-1], KL_BANDS[1:], strict=True):
+                m = (start <= hi) & (start > lo)
+                row["bands"][f"({lo}, {hi}]"] = float(inc[m].sum())
+                if m.any():
+                    row["eps_change"][f"({lo}, {hi}]"] = float(inc[m].sum() / w[m].sum())
+            rows.append(row)
+            bands = "  ".join(f"{k} {v:.2f}" for k, v in row["bands"].items())
+            change = "  ".join(f"{k} {v:.2f}" for k, v in row["eps_change"].items())
+            print(f"{solver}: J {row['objective']:.4f}  E r {r:.4f}  KL_path {row['kl_path']:.2f} = {bands}\n"
+                  f"    ||eps - eps_ref||^2 by band: {change}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["robustness", "grid", "line", "render"])
+    ap.add_argument("what", choices=["robustness", "grid", "line", "kltime", "render"])
     ap.add_argument("--epochs", type=int, default=None, help="default: the config default")
     ap.add_argument("--seed", type=int, default=0, help="robustness: the training seed")
     ap.add_argument("--algo", default="ctrl", help="robustness: the algorithm (e.g. dpok, for comparison)")
@@ -248,9 +320,12 @@ def main() -> None:
                     help="results file (default benchmarks/results/ctrl_promises_{grid,robustness}.json)")
     ap.add_argument("--merge", nargs="+", default=None, help="render: grid results files to show together")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--run", default=None, help="line: a finished CTRL run directory")
+    ap.add_argument("--run", default=None, help="line, kltime: a finished run directory")
     ap.add_argument("--along", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3, 4],
                     help="line: the multiples of the run's displacement to evaluate")
+    ap.add_argument("--solvers", nargs="+", default=["em:20", "em:100"], help="kltime: the solvers to sample with")
+    ap.add_argument("--ref-below", type=float, default=None, metavar="TAU",
+                    help="kltime: sample with the reference model at times <= TAU (the trained one above)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable), e.g. ctrl.max_update_kl=0.1")
     args = ap.parse_args()
@@ -265,6 +340,13 @@ def main() -> None:
         if not args.run:
             raise SystemExit("line needs --run RUN_DIR")
         rows = line(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
+        return
+    elif args.what == "kltime":
+        if not args.run:
+            raise SystemExit("kltime needs --run RUN_DIR")
+        rows = kltime(args)
         if args.out:
             Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
         return

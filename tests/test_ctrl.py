@@ -303,6 +303,36 @@ def test_jittered_grid_keeps_ends_and_order():
     assert len({tuple(t.tolist()) for t in grids}) == 50
 
 
+def test_jittered_grid_in_log_snr_stays_between_log_snr_midpoints_and_reaches_small_times():
+    from ctrldiff.noise import VPLinear
+    proc = VPLinear()
+    base = proc.time_grid(20)
+    g = torch.Generator().manual_seed(0)
+    lam = proc.log_snr(base.double())
+    mid = 0.5 * (lam[1:] + lam[:-1])
+    lows = []
+    for _ in range(200):
+        t = jittered_grid(base, g, proc)
+        assert t[0] == base[0] and t[-1] == base[-1] and len(t) == len(base)
+        assert bool((t[1:] < t[:-1]).all())
+        inner = proc.log_snr(t[1:-1].double())
+        assert bool((inner >= mid[:-1] - 1e-4).all() and (inner <= mid[1:] + 1e-4).all())
+        lows.append(float(t[-2]))
+    time_low = float(0.5 * (base[-1] + base[-2]))  # where the time-space draw stops
+    assert min(lows) < 0.5 * time_low and max(lows) > float(base[-2])
+
+
+def test_trainer_draws_its_grid_in_log_snr_when_asked(monkeypatch):
+    import ctrldiff.train.trainer as trainer_mod
+    seen = []
+    real = trainer_mod.jittered_grid
+    monkeypatch.setattr(trainer_mod, "jittered_grid", lambda t, g, p=None: seen.append(p) or real(t, g, p))
+    Trainer(_cfg(algo="ctrl")).collect()
+    tr = Trainer(_cfg(algo="ctrl", sampler=dict(random_grid_space="log_snr")))
+    tr.collect()
+    assert seen == [None, tr.process]
+
+
 def test_trainer_draws_a_fresh_grid_every_epoch_where_the_update_allows_it():
     tr = Trainer(_cfg(algo="ctrl"))
     assert tr.random_grid

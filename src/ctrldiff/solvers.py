@@ -379,16 +379,34 @@ def evaluate_along(model, process: NoiseProcess, traj: Trajectory, chunk: int = 
     return torch.cat(outs).reshape(B, K, *traj.states.shape[2:])
 
 
-def jittered_grid(times: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def jittered_grid(times: Tensor, generator: torch.Generator | None = None, process: NoiseProcess | None = None) -> Tensor:
     """A random grid around ``times`` [K+1] (decreasing): the end points stay, each interior time is uniform
-    between the midpoints to its neighbours, so the grid stays strictly decreasing with the same step count."""
+    between the midpoints to its neighbours, so the grid stays strictly decreasing with the same step count.
+    With ``process``, the midpoints and the uniform draw are in log-SNR instead of time (and mapped back by bisection):
+    the grid's last interior time then reaches down to about where the log-SNR is halfway between it and the data
+    end's, so that training visits the small times that finer solvers step through (where the KL weight
+    d lambda is largest) and not only those above the midpoint of the last step."""
     if times.numel() <= 2:
         return times
     t = times.double().cpu()
-    mid = 0.5 * (t[1:] + t[:-1])  # [K] midpoints
+    z = t if process is None else process.log_snr(t)
+    mid = 0.5 * (z[1:] + z[:-1])  # [K] midpoints
     u = torch.rand(len(t) - 2, generator=generator, dtype=torch.float64, device="cpu")
     inner = mid[1:] + u * (mid[:-1] - mid[1:])
+    if process is not None:
+        inner = _time_of_log_snr(process, inner, float(t[-1]), float(t[0]))
     return torch.cat([t[:1], inner, t[-1:]]).to(times.device, times.dtype)
+
+
+def _time_of_log_snr(process: NoiseProcess, lam: Tensor, t_lo: float, t_hi: float, iters: int = 60) -> Tensor:
+    """t in [t_lo, t_hi] with process.log_snr(t) = lam (log-SNR decreases in t), by bisection. [n] float64"""
+    lo = torch.full_like(lam, t_lo)
+    hi = torch.full_like(lam, t_hi)
+    for _ in range(iters):
+        m = 0.5 * (lo + hi)
+        above = process.log_snr(m).double() > lam  # still too close to the data end: t must grow
+        lo, hi = torch.where(above, m, lo), torch.where(above, hi, m)
+    return 0.5 * (lo + hi)
 
 
 def eta_kl_factor(eta) -> Tensor:

@@ -40,6 +40,11 @@ class SamplerConfig(Strict):
         "its neighbours on the fixed grid), so that an update cannot fit one grid's discretisation error: the "
         "Girsanov ratios, KL_path and TD advantages hold on any grid. None (auto): on for continuous-time processes "
         "and algorithms whose update holds on any grid (not lasro / q-learning, not discrete diffusers schedules)")
+    random_grid_space: Literal["time", "log_snr"] = Field(
+        "time", description="with random_grid: draw each interior time uniform between the midpoints to its "
+        "neighbours in time, or in log-SNR. log_snr lets the last interior time reach down to where the log-SNR is "
+        "halfway to the data end's (on the shipped VP 20-step grid, down to t = 0.0095 instead of 0.026), so that training "
+        "also visits the small times that finer solvers step through")
 
 
 class OptimConfig(Strict):

@@ -259,7 +259,8 @@ class Trainer:
         if conds is not None and dist.enabled:
             conds = conds[dist.rank * n_local:(dist.rank + 1) * n_local]
         where = f" (process {dist.rank})" if dist.enabled else ""
-        times = jittered_grid(self.times, self.cpu_gen) if self.random_grid else self.times  # one grid per epoch
+        space = self.process if cfg.sampler.random_grid_space == "log_snr" else None
+        times = jittered_grid(self.times, self.cpu_gen, space) if self.random_grid else self.times  # one per epoch
         trajs, futures = [], []
         pool = ThreadPoolExecutor(max_workers=1) if cfg.reward_async else None
         try:
