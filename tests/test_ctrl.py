@@ -333,6 +333,45 @@ def test_trainer_draws_its_grid_in_log_snr_when_asked(monkeypatch):
     assert seen == [None, tr.process]
 
 
+def test_reference_data_end_leaves_the_training_grids_last_step_to_the_reference(tmp_path):
+    import json
+
+    from ctrldiff.eval.target import load_setup
+    from ctrldiff.guidance import ReferenceBelow
+    from ctrldiff.solvers import data_end_time
+
+    tr = Trainer(_cfg(algo="ctrl", epochs=1, sampler=dict(reference_data_end=True), ctrl=dict(certify_z=0)),
+                 tmp_path / "r")
+    tau = data_end_time(tr.process, 8)
+    assert isinstance(tr.policy, ReferenceBelow) and tr.policy.tau == tau
+    t8 = tr.process.time_grid(8)
+    assert float(t8[-2]) < tau < float(t8[-3])
+    with torch.no_grad():  # a fine-tune that differs from its reference everywhere
+        for p in tr.trainable_parameters:
+            p.add_(0.1 * torch.randn_like(p))
+    for _ in range(3):  # random grids: the last step always starts at or below tau, the first above it
+        b = tr.collect()
+        eps_ref = evaluate_along(tr.ref, tr.process, b.traj)
+        low = b.traj.times[:-1] <= tau
+        assert bool(low[-1]) and not bool(low[:-1].any())
+        assert torch.equal(b.traj.outputs[:, low], eps_ref[:, low])
+        assert not torch.allclose(b.traj.outputs[:, ~low], eps_ref[:, ~low])
+    # one call with times on both sides (an update's minibatch): each sample from its own model
+    x = torch.randn(6, 2)
+    t = torch.tensor([0.9, tau, 0.01, 0.5, tau * 1.01, 0.02])
+    above = t > tau
+    with torch.no_grad():
+        out = tr.policy(x, t, None)
+        torch.testing.assert_close(out[above], tr.policy.model(x[above], t[above], None))
+        torch.testing.assert_close(out[~above], tr.ref(x[~above], t[~above], None))
+    assert not any(p is q for p in tr.policy.parameters() for q in tr.ref.parameters())  # ref is not a submodule
+    # the run's final evaluation and `ctrldiff eval RUN` use the same rule
+    tr.train()
+    assert json.loads((tmp_path / "r" / "final_eval.json").read_text())["reference_below"] == tau
+    setup = load_setup(str(tmp_path / "r"))
+    assert isinstance(setup.policy, ReferenceBelow) and setup.policy.tau == tau
+
+
 def test_trainer_draws_a_fresh_grid_every_epoch_where_the_update_allows_it():
     tr = Trainer(_cfg(algo="ctrl"))
     assert tr.random_grid

@@ -70,6 +70,13 @@ def model_card(cfg, kind: str, base_model: str, final_eval: dict, files: list[st
     else:
         use = ("```python\nfrom diffusers import DiffusionPipeline\n\n"
                "pipe = DiffusionPipeline.from_pretrained(\"<this repo id or folder>\")\n```")
+    if cfg.sampler.reference_data_end:
+        tau = final_eval.get("reference_below")
+        when = f"{tau:.4g}" if isinstance(tau, int | float) else \
+            "the midpoint of the training grid's last two interior times"
+        rows.append(("data end", f"the base model at times <= {when} (sampler.reference_data_end)"))
+        use += (f"\n\nThis fine-tune was trained to be used above time {when} only, with the base model at and below "
+                "it (`sampler.reference_data_end`). `ctrldiff eval` of the run does this; the commands above do not.")
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     figure = "![same noise before and after fine-tuning](before_after.png)\n\n" if "before_after.png" in files else ""
     curve = "![reward, KL_path and J per epoch](reward_curve.png)\n\n" if "reward_curve.png" in files else ""

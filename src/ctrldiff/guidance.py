@@ -1,4 +1,5 @@
-"""Classifier-free guidance as a model wrapper usable by every solver."""
+"""Model wrappers usable by every solver: classifier-free guidance, and a fine-tune that leaves the data end to its
+reference."""
 
 from __future__ import annotations
 
@@ -41,3 +42,36 @@ def with_guidance(model: nn.Module, scale: float | None) -> nn.Module:
     if why:
         raise CtrlDiffError(why)
     return ClassifierFreeGuidance(model, scale)
+
+
+class ReferenceBelow(nn.Module):
+    """The fine-tuned model at times above ``tau`` and its reference at and below it (``sampler.reference_data_end``):
+    the fine-tune cannot change the last, largest step of its training grid, whose change a finer solver does not
+    reward (docs/CTRL.md section 21). Both are evaluated on the whole batch (times may differ per sample)."""
+
+    def __init__(self, model: nn.Module, ref: nn.Module, tau: float):
+        super().__init__()
+        self.model, self.tau = model, float(tau)
+        self.__dict__["ref"] = ref  # not a submodule: its weights are not the fine-tune's
+        self.prediction = getattr(model, "prediction", "eps")
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        above = t > self.tau
+        if bool(above.all()):
+            return self.model(x, t, cond)
+        if not bool(above.any()):
+            return self.ref(x, t, cond)
+        if cond is None or isinstance(cond, Tensor):  # each model on its own samples
+            pick = (lambda m: None) if cond is None else (lambda m: cond[m])
+            out_model = self.model(x[above], t[above], pick(above))
+            out = torch.empty((x.shape[0], *out_model.shape[1:]), dtype=out_model.dtype, device=out_model.device)
+            out[above] = out_model
+            out[~above] = self.ref(x[~above], t[~above], pick(~above)).to(out.dtype)
+            return out
+        out, out_ref = self.model(x, t, cond), self.ref(x, t, cond)
+        return torch.where(above.reshape(-1, *([1] * (out.ndim - 1))), out, out_ref.to(out.dtype))
+
+
+def with_reference_below(model: nn.Module, ref: nn.Module, tau: float | None) -> nn.Module:
+    """``model`` used above time ``tau`` and ``ref`` at and below it (:class:`ReferenceBelow`); None: ``model``."""
+    return model if tau is None else ReferenceBelow(model, ref, tau)

@@ -409,6 +409,17 @@ def _time_of_log_snr(process: NoiseProcess, lam: Tensor, t_lo: float, t_hi: floa
     return 0.5 * (lo + hi)
 
 
+def data_end_time(process: NoiseProcess, steps: int) -> float:
+    """The time at and below which ``sampler.reference_data_end`` leaves the model to its reference: the midpoint of
+    the last two interior times of the ``steps``-step training grid, the highest time that the random grid
+    (:func:`jittered_grid`) can draw for its last interior point. So the training grid's last step is always the
+    reference's. On the shipped 20-step VP grid: 0.076. Fewer than 3 steps: the data end itself (no gate)."""
+    t = process.time_grid(steps).double()
+    if len(t) < 4:
+        return float(t[-1])
+    return float(0.5 * (t[-2] + t[-3]))
+
+
 def eta_kl_factor(eta) -> Tensor:
     """c(eta) = (1 + eta^2)^2 / (4 eta^2): the Girsanov path KL between two score models driving the eta-family
     sampler is  int (1/2) c(eta) g^2 ||s_a - s_b||^2 dtau  (c(1) = 1, the reverse SDE; c >= 1). An ODE step

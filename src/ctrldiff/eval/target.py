@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..errors import CtrlDiffError, check
-from ..guidance import with_guidance
+from ..guidance import with_guidance, with_reference_below
 from ..noise import NoiseProcess
 from ..rewards.base import make_reward
+from ..solvers import data_end_time
 
 
 @dataclass
@@ -178,8 +179,12 @@ def load_setup(spec: str, *, reward: str | None = None, beta: float | None = Non
         ref_model, ref_name = other.model, ref
     g = cfg.sampler.guidance if guidance == "auto" else guidance
     check(g is None or g >= 0, f"--guidance must be >= 0, got {g}")
+    policy = with_guidance(_frozen(policy), g)
+    if run_dir is not None and cfg.sampler.reference_data_end:  # the run's own reference, whatever --ref compares to
+        policy = with_reference_below(policy, with_guidance(_frozen(task.ref), g),
+                                      data_end_time(task.process, cfg.sampler.steps))
     return EvalSetup(
-        name=spec, source=source, policy=with_guidance(_frozen(policy), g), ref=with_guidance(_frozen(ref_model), g),
+        name=spec, source=source, policy=policy, ref=with_guidance(_frozen(ref_model), g),
         ref_name=ref_name, process=task.process, sample_shape=tuple(task.sample_shape), num_classes=task.num_classes,
         reward=make_reward(reward if reward is not None else cfg.reward), beta=float(cfg.beta if beta is None else beta),
         guidance=g, model_spec=cfg.model if run_dir is not None else spec, run_dir=run_dir, sampler=sampler,

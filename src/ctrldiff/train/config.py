@@ -40,6 +40,12 @@ class SamplerConfig(Strict):
         "its neighbours on the fixed grid), so that an update cannot fit one grid's discretisation error: the "
         "Girsanov ratios, KL_path and TD advantages hold on any grid. None (auto): on for continuous-time processes "
         "and algorithms whose update holds on any grid (not lasro / q-learning, not discrete diffusers schedules)")
+    reference_data_end: bool = Field(
+        False, description="the fine-tune leaves the data end to the reference: at times at or below the midpoint of "
+        "the training grid's last two interior times (0.076 on the 20-step VP grid; every finer solver uses the same "
+        "time) the policy is the reference model, so no update can fit the training grid's last, largest step, whose "
+        "change costs KL_path at finer solvers for little reward there. The run's evaluation, `ctrldiff eval RUN` and "
+        "the exported model card use the same rule (docs/CTRL.md section 21)")
     random_grid_space: Literal["time", "log_snr"] = Field(
         "time", description="with random_grid: draw each interior time uniform between the midpoints to its "
         "neighbours in time, or in log-SNR. log_snr lets the last interior time reach down to where the log-SNR is "

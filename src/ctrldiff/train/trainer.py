@@ -25,9 +25,9 @@ from ..algorithms import ALGORITHMS
 from ..algorithms.base import copy_into
 from ..config import build_config, dump_yaml, load_yaml
 from ..errors import CtrlDiffError, RewardError
-from ..guidance import with_guidance
+from ..guidance import with_guidance, with_reference_below
 from ..rewards.base import call_reward, make_reward
-from ..solvers import evaluate_along, get_solver, jittered_grid, kl_increments, prediction_of
+from ..solvers import data_end_time, evaluate_along, get_solver, jittered_grid, kl_increments, prediction_of
 from ..trajectory import cat_trajectories
 from .checkpoint import (
     append_jsonl,
@@ -134,8 +134,10 @@ class Trainer:
         self.task.check_sampler(cfg.sampler)
         self.process = self.task.process
         self.reward = make_reward(reward if reward is not None else cfg.reward)
-        self.policy = with_guidance(self.task.model, cfg.sampler.guidance)
         self.ref = with_guidance(self.task.ref, cfg.sampler.guidance)
+        self.policy = with_reference_below(with_guidance(self.task.model, cfg.sampler.guidance), self.ref,
+                                           data_end_time(self.process, cfg.sampler.steps)
+                                           if cfg.sampler.reference_data_end else None)
         self.trainable_parameters = list(self.task.trainable)
         if not self.trainable_parameters:
             raise CtrlDiffError(f"model {cfg.model!r} has no trainable parameters")
@@ -556,6 +558,8 @@ class Trainer:
         res = {"before": evaluate_policy(self.ref, self.ref, self.process, self.reward, **kw),
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
+        if s.reference_data_end:  # the time at and below which the fine-tune is its reference (the model card says so)
+            res["reference_below"] = data_end_time(self.process, s.steps)
         atomic_write_bytes(self.out / "final_eval.json", json.dumps(res, indent=1).encode())
         return res
 
