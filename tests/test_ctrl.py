@@ -372,6 +372,16 @@ def test_reference_data_end_leaves_the_training_grids_last_step_to_the_reference
     assert isinstance(setup.policy, ReferenceBelow) and setup.policy.tau == tau
 
 
+def test_the_model_card_of_a_run_with_reference_data_end_says_where_the_base_model_takes_over():
+    from ctrldiff.cli_export import model_card
+
+    cfg = _cfg(algo="ctrl", sampler=dict(reference_data_end=True))
+    card = model_card(cfg, "builtin", "digits", {"reference_below": 0.0759}, [])
+    assert "times <= 0.0759" in card and "above time 0.0759 only" in card
+    assert "the midpoint of the training grid's last two interior times" in model_card(cfg, "builtin", "digits", {}, [])
+    assert "reference_data_end" not in model_card(_cfg(algo="ctrl"), "builtin", "digits", {}, [])
+
+
 def test_trainer_draws_a_fresh_grid_every_epoch_where_the_update_allows_it():
     tr = Trainer(_cfg(algo="ctrl"))
     assert tr.random_grid

@@ -45,7 +45,10 @@ class SamplerConfig(Strict):
         "the training grid's last two interior times (0.076 on the 20-step VP grid; every finer solver uses the same "
         "time) the policy is the reference model, so no update can fit the training grid's last, largest step, whose "
         "change costs KL_path at finer solvers for little reward there. The run's evaluation, `ctrldiff eval RUN` and "
-        "the exported model card use the same rule (docs/CTRL.md section 21)")
+        "the exported model card use the same rule (`ctrldiff sample --model` and exported LoRAs do not). Measured, off: "
+        "rewards of coarse structure gain (left-heavy x10: +0.34 / +0.47 J at em:20 / em:100), rewards that need "
+        "control at the data end lose (the main job: -3.5 J at em:20; the 2-D quadratic x10: -5.5), docs/CTRL.md "
+        "section 21")
     random_grid_space: Literal["time", "log_snr"] = Field(
         "time", description="with random_grid: draw each interior time uniform between the midpoints to its "
         "neighbours in time, or in log-SNR. log_snr lets the last interior time reach down to where the log-SNR is "
