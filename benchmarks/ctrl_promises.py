@@ -211,17 +211,25 @@ def render(merge: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
-def line(args) -> list[dict]:
-    """J along a finished CTRL run's displacement from its start (see the module docstring)."""
-    from ctrldiff.algorithms.base import copy_into
+def load_finished_run(path: str) -> Trainer:
+    """A trainer holding a finished run's last checkpoint (its config, weights and algorithm state)."""
     from ctrldiff.train.checkpoint import load_latest_checkpoint
     from ctrldiff.train.trainer import load_run_config
 
-    run = Path(args.run)
-    cfg = load_run_config(run)
-    tr = Trainer(cfg)
+    run = Path(path)
+    tr = Trainer(load_run_config(run))
     _, state, _ = load_latest_checkpoint(run / "checkpoints")
     tr.load_state_dict(state)
+    return tr
+
+
+def line(args) -> list[dict]:
+    """J along a finished CTRL run's displacement from its start (see the module docstring)."""
+    from ctrldiff.algorithms.base import copy_into
+
+    run = Path(args.run)
+    tr = load_finished_run(args.run)
+    cfg = tr.cfg
     algo = tr.algo
     if algo.start_params is None:
         raise SystemExit(f"{run}: no start weights in its checkpoint (a CTRL run with ctrl.certify_z > 0 keeps them)")
@@ -241,33 +249,14 @@ def line(args) -> list[dict]:
 KL_BANDS = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.0)
 
 
-class RefBelow(torch.nn.Module):
-    """The trained model above time ``tau`` and the reference at and below it (kltime --ref-below): what the
-    fine-tune's change at the data end buys in reward, and costs in KL_path."""
-
-    def __init__(self, policy, ref, tau: float):
-        super().__init__()
-        self.policy, self.ref, self.tau = policy, ref, tau
-        self.prediction = getattr(policy, "prediction", "eps")
-
-    def forward(self, x, t, cond=None):
-        a, b = self.policy(x, t, cond), self.ref(x, t, cond)
-        above = (t > self.tau).to(a.dtype).reshape(-1, *([1] * (a.ndim - 1)))
-        return above * a + (1 - above) * b
-
-
 def kltime(args) -> list[dict]:
     """KL_path of a finished run's trained weights by band of time, at each solver (see the module docstring)."""
     from ctrldiff.algorithms.base import copy_into
+    from ctrldiff.guidance import ReferenceBelow
     from ctrldiff.solvers import evaluate_along, get_solver, kl_increments, kl_weights, prediction_of
-    from ctrldiff.train.checkpoint import load_latest_checkpoint
-    from ctrldiff.train.trainer import load_run_config
 
-    run = Path(args.run)
-    cfg = load_run_config(run)
-    tr = Trainer(cfg)
-    _, state, _ = load_latest_checkpoint(run / "checkpoints")
-    tr.load_state_dict(state)
+    tr = load_finished_run(args.run)
+    cfg = tr.cfg
     trained = getattr(tr.algo, "uncertified_params", None)
     rows = []
     with tr.final_weights() if trained is None else contextlib.nullcontext(), torch.no_grad():
@@ -280,7 +269,7 @@ def kltime(args) -> list[dict]:
             times = tr.process.time_grid(int(steps))
             x = torch.randn((args.n, *tr.task.sample_shape), generator=g) * tr.process.prior_std()
             fn = get_solver(name, **({"eta": cfg.sampler.eta} if name in ("ddim", "eta") else {}))
-            model = tr.policy if args.ref_below is None else RefBelow(tr.policy, tr.ref, args.ref_below)
+            model = tr.policy if args.ref_below is None else ReferenceBelow(tr.policy, tr.ref, args.ref_below)
             traj = fn(model, x, times, tr.process, cond, generator=g)
             eps_ref = evaluate_along(tr.ref, tr.process, traj)
             inc = kl_increments(tr.process, traj.times, traj.outputs, eps_ref,
