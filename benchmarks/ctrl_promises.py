@@ -325,17 +325,10 @@ def main() -> None:
         out = Path(args.out) if args.out else RESULTS / "ctrl_promises_robustness.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
-    elif args.what == "line":
+    elif args.what in ("line", "kltime"):  # one finished run: rows printed, and saved with --out
         if not args.run:
-            raise SystemExit("line needs --run RUN_DIR")
-        rows = line(args)
-        if args.out:
-            Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
-        return
-    elif args.what == "kltime":
-        if not args.run:
-            raise SystemExit("kltime needs --run RUN_DIR")
-        rows = kltime(args)
+            raise SystemExit(f"{args.what} needs --run RUN_DIR")
+        rows = (line if args.what == "line" else kltime)(args)
         if args.out:
             Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
         return
