@@ -47,7 +47,8 @@ def with_guidance(model: nn.Module, scale: float | None) -> nn.Module:
 class ReferenceBelow(nn.Module):
     """The fine-tuned model at times above ``tau`` and its reference at and below it (``sampler.reference_data_end``):
     the fine-tune cannot change the last, largest step of its training grid, whose change a finer solver does not
-    reward (docs/CTRL.md section 21). Both are evaluated on the whole batch (times may differ per sample)."""
+    reward (docs/CTRL.md section 21). Times may differ per sample: each model is evaluated on its own samples (on the
+    whole batch, then chosen per sample, where the condition is not a tensor)."""
 
     def __init__(self, model: nn.Module, ref: nn.Module, tau: float):
         super().__init__()
