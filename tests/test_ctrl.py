@@ -331,6 +331,8 @@ def test_trainer_draws_its_grid_in_log_snr_when_asked(monkeypatch):
     tr = Trainer(_cfg(algo="ctrl", sampler=dict(random_grid_space="log_snr")))
     tr.collect()
     assert seen == [None, tr.process]
+    with pytest.raises(CtrlDiffError, match="random_grid_space"):
+        Trainer(_cfg(algo="ctrl", sampler=dict(random_grid_space="log_snr", random_grid=False)))
 
 
 def test_reference_data_end_leaves_the_training_grids_last_step_to_the_reference(tmp_path):

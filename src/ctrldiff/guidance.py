@@ -58,9 +58,10 @@ class ReferenceBelow(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         above = t > self.tau
-        if bool(above.all()):
+        n_above = int(above.sum())  # one device sync per call (a sampling step: all above or all below)
+        if n_above == len(above):
             return self.model(x, t, cond)
-        if not bool(above.any()):
+        if n_above == 0:
             return self.ref(x, t, cond)
         if cond is None or isinstance(cond, Tensor):  # each model on its own samples
             pick = (lambda m: None) if cond is None else (lambda m: cond[m])

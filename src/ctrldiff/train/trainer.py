@@ -174,6 +174,9 @@ class Trainer:
             why = (f"algo {cfg.algo!r} trains on its fixed grid" if not self.algo.any_grid
                    else f"the {self.process.name!r} schedule takes its training timesteps only")
             raise CtrlDiffError(f"sampler.random_grid=true cannot be used here: {why} (leave it unset)")
+        if s.random_grid_space != "time" and not self.random_grid:
+            raise CtrlDiffError(f"sampler.random_grid_space={s.random_grid_space} needs the random grid, which this run "
+                                "does not draw (sampler.random_grid is off here)")
         self.epoch = 0
         self.reward_queries = 0
         self.value_reward_queries = 0
@@ -559,7 +562,7 @@ class Trainer:
                "after": evaluate_policy(self.policy, self.ref, self.process, self.reward, **kw),
                "epochs": self.epoch, "reward_queries": self.reward_queries}
         if s.reference_data_end:  # the time at and below which the fine-tune is its reference (the model card says so)
-            res["reference_below"] = data_end_time(self.process, s.steps)
+            res["reference_below"] = self.policy.tau
         atomic_write_bytes(self.out / "final_eval.json", json.dumps(res, indent=1).encode())
         return res
 
