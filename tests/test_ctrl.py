@@ -455,6 +455,40 @@ def test_held_out_gain_estimates_the_change_in_j(monkeypatch):
         assert abs(est - true) < 3 * se + 0.1 * abs(true), (sign, est, se, true)
 
 
+def test_kl_metric_power_weights_each_steps_loss_by_the_inverse_of_its_kl_weight():
+    """ctrl.kl_metric_power = 1 (the natural gradient in the Girsanov metric): on pairs that all sit at one step k the
+    loss (likelihood-ratio and KL terms alike) is c_k times the plain one, c_k = (w_mean / w_k) / mean_j (w_mean / w_j),
+    so the step whose change costs the most nats weighs least; per-step held-out terms sum to the per-trajectory ones."""
+    losses = {}
+    for p in (0.0, 1.0):
+        tr = Trainer(_cfg(algo="ctrl", seed=4, sampler=dict(random_grid=False), ctrl=dict(kl_metric_power=p)))
+        batch = tr.collect()  # the same batch, and the same advantages, for both
+        tr.algo.prepare(batch)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # the same moved policy for both: ratios != 1 and a KL to the reference
+            for q in tr.trainable_parameters:
+                q.add_(0.02 * torch.randn(q.shape, generator=g))
+        w = tr.algo.step_weights(batch).double()
+        K = batch.traj.num_steps
+        b = torch.arange(8)
+        for k in (0, K - 1):
+            mb = tr.algo.make_minibatch(batch, b, torch.full_like(b, k))
+            losses[p, k] = float(tr.algo.loss(mb)[0])
+            assert tr.algo.loss(mb)[1]["kl_step"] > 0
+        if p:
+            c = tr.algo._metric_weights(batch).double()
+            torch.testing.assert_close(c, (1 / w) / (1 / w).mean())
+            assert c[K - 1] < c[0]  # the data end's step has the largest KL weight
+            held = tr.algo.held_out(batch)
+            lin, quad = tr.algo.held_out_terms(batch, held)
+            lin_k, quad_k = tr.algo.held_out_terms(batch, held, per_step=True)
+            assert lin_k.shape == (len(held), K)
+            torch.testing.assert_close(lin_k.sum(1), lin)
+            torch.testing.assert_close(quad_k.sum(1), quad)
+    for k in (0, K - 1):
+        assert losses[1.0, k] == pytest.approx(float(c[k]) * losses[0.0, k], rel=1e-4, abs=1e-7)
+
+
 def test_held_out_trajectories_do_not_shape_the_update(monkeypatch):
     """The update is fitted on the other trajectories: changing the held-out ones' rewards leaves the trained
     parameters unchanged (before the acceptance test), and the held-out set is about ctrl.held_out of the batch."""

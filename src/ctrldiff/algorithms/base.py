@@ -440,14 +440,15 @@ class Algorithm:
         return keep
 
     @torch.no_grad()
-    def held_out_terms(self, batch: RolloutBatch, held: Tensor) -> tuple[Tensor, Tensor]:
+    def held_out_terms(self, batch: RolloutBatch, held: Tensor, per_step: bool = False) -> tuple[Tensor, Tensor]:
         """Per held-out trajectory, the gain in J of the epoch's step theta_old -> theta scaled by s, to second order
         (performance difference, the step's likelihood ratios at the sampled transitions, eps linear in s):
             gain_b(s) = s l_b - s^2 q_b,
             l_b = sum_k (rho_k - 1) A_k - 2 beta sum_k w_k (eps_old - eps_ref) . (eps - eps_old),
             q_b = beta sum_k w_k ||eps - eps_old||^2,
         rho_k the ratio theta / old of transition k, A_k from :meth:`held_out_advantages`, w_k the KL quadrature
-        weights (the KL part is exact: beta times the change of the closed-form step KL to the reference). -> l, q [n]"""
+        weights (the KL part is exact: beta times the change of the closed-form step KL to the reference). -> l, q [n]
+        (``per_step``: each step's terms, [n, K])"""
         tr, traj = self.trainer, batch.traj
         K = traj.num_steps
         adv = self.held_out_advantages(batch, held).reshape(-1).double()
@@ -471,7 +472,8 @@ class Algorithm:
             cross = wk * ((eps_old - eps_ref).flatten(1) * step).sum(1)
             lin[s:s + micro] = torch.expm1(log_ratio.double()) * adv[s:s + micro] - 2 * self.cfg.beta * cross.double()
             quad[s:s + micro] = self.cfg.beta * (wk * step.pow(2).sum(1)).double()
-        return lin.reshape(len(held), K).sum(1), quad.reshape(len(held), K).sum(1)
+        lin, quad = lin.reshape(len(held), K), quad.reshape(len(held), K)
+        return (lin, quad) if per_step else (lin.sum(1), quad.sum(1))
 
     def gathered_held_out_terms(self, batch: RolloutBatch, held: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`held_out_terms` of every process's held-out trajectories (each process gets all of them)."""

@@ -180,6 +180,11 @@ class CTRLConfig(Strict):
         "epoch that kept under half of its edge; evidence: only after one whose held-out gain, one standard error "
         "above its estimate, still wanted under half of it (the mirror of the widening test, which reads one "
         "standard error below: noise alone moves the edge neither way)")
+    kl_metric_power: float = Field(0.0, ge=0, le=1, description="estimator (a): weight each step's term of the "
+                                   "policy loss by (w_mean / w_k)^p, w_k the step's KL_path quadrature weight: p = 1 "
+                                   "is the natural gradient in the Girsanov metric (whose block for step k is w_k I "
+                                   "in eps), a step whose change costs more nats (the data end) changes less per unit "
+                                   "of its gradient; 0 = the plain gradient")
     advantage_norm: Literal["center", "std"] = Field(
         "center", description="estimator (a): per-step centring of A_k (keeps the reward/KL balance of J), "
         "or per-step standardisation (scale-free, but then the KL term's weight relative to A is arbitrary)")
@@ -492,8 +497,13 @@ class CTRL(Algorithm):
         if self.acfg.estimator == "a":
             ratio = torch.exp(mb.log_prob - mb.log_prob_old)
             adv = mb.batch.advantages[mb.b, mb.k]
+            cw = None  # ctrl.kl_metric_power: each step's terms weighted by (w_mean / w_k)^p
+            if self.acfg.kl_metric_power > 0:
+                cw = self._metric_weights(mb.batch)[mb.k].to(adv.dtype)
+                adv = adv * cw
             pg = ppo_clip_loss(ratio, adv, self.acfg.clip) * K
-            kl = self.step_kl_rate(mb, mb.eps).mean() * K  # the running cost's explicit dependence on theta
+            kl_rate = self.step_kl_rate(mb, mb.eps)
+            kl = (kl_rate if cw is None else kl_rate * cw).mean() * K  # the running cost's explicit dependence on theta
             r = ratio.detach()
             return pg + self.cfg.beta * kl, {"kl_step": float(kl.detach()), "ratio_mean": float(r.mean()),
                                              "clipfrac": float(((r - 1).abs() > self.acfg.clip).float().mean())}
@@ -512,6 +522,14 @@ class CTRL(Algorithm):
         err = self.step_kl_rate(mb, mb.eps, eps_target, prediction="eps")
         loss = (1 + rho) * self.cfg.beta * err.mean() * K
         return loss, {"kl_step": float(self.step_kl_rate(mb, mb.eps.detach()).mean() * K)}
+
+    def _metric_weights(self, batch: RolloutBatch) -> Tensor:
+        """[K] (w_mean / w_k)^p normalised to mean 1 (ctrl.kl_metric_power), from the batch's KL quadrature weights."""
+        if "metric_weights" not in batch.extras:
+            w = self.step_weights(batch).double()
+            c = (w.mean() / w.clamp_min(1e-12 * float(w.max()))) ** self.acfg.kl_metric_power
+            batch.extras["metric_weights"] = (c / c.mean()).float()
+        return batch.extras["metric_weights"]
 
     def _step_control(self) -> bool:
         """(a)'s control of the epoch's step: the trust region in nats and the held-out test (and (b)'s with
