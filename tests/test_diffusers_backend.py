@@ -430,7 +430,9 @@ def test_reusing_the_rollout_graph_gives_the_same_update(pipes, tmp_path, algo):
     (a, ra), (b, rb) = run(False), run(True)
     # Adam's first step is ~lr sign(grad): compare the gradient's norm and the loss too
     assert rb["train/grad_norm"] == pytest.approx(ra["train/grad_norm"], rel=1e-4) and ra["train/grad_norm"] > 0
-    assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4, abs=1e-7)
+    # at theta_old the loss is about 0 (centred advantages, ratio 1, no KL yet): only its rounding differs, which is
+    # CPU-dependent (up to ~1e-6 on AVX-512), far below the advantages' size
+    assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4, abs=1e-5)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
