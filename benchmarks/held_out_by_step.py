@@ -6,9 +6,9 @@ Runs ``ctrldiff train`` (one process) unchanged and records, at every epoch's he
 step as the trust region left it (before the test lengthens or shortens it): l_k, step k's first-order gain in J on
 the held-out trajectories (likelihood ratio times Monte Carlo advantage, less beta times the change of its KL to the
 reference), and q_k, beta times its quadratic KL cost (:meth:`ctrldiff.algorithms.base.Algorithm.held_out_terms`).
-The extra forward passes change nothing in the run. Prints, per step, both summed over the epochs, the z of the summed
-gain, each step's share of the total gain and cost, and the gain per unit of cost: a step with a small ratio spends
-the update's KL where it buys little.
+It adds no model evaluation and changes nothing in the run. Prints, per step, both summed over the epochs, the z of
+the summed gain, each step's share of the total gain and cost, and the gain per unit of cost: a step with a small
+ratio spends the update's KL where it buys little.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from ctrldiff.cli import main as cli_main
 
 
 def record(log: list) -> None:
-    original = Algorithm.gathered_held_out_terms
+    original = Algorithm.held_out_terms
 
-    def gathered(self, batch, held):
+    def terms(self, batch, held, per_step=False):  # the same forward passes, its per-step terms kept once per epoch
+        lin, quad = original(self, batch, held, per_step=True)
         epoch = self.trainer.epoch
         if not log or log[-1]["epoch"] != epoch:  # the first test of the epoch: the step before its length is chosen
-            lin, quad = self.held_out_terms(batch, held, per_step=True)
             log.append({"epoch": epoch, "times": [float(t) for t in batch.traj.times[:lin.shape[1]]],
                         "lin": lin.tolist(), "quad": quad.tolist()})
-        return original(self, batch, held)
+        return (lin, quad) if per_step else (lin.sum(1), quad.sum(1))
 
-    Algorithm.gathered_held_out_terms = gathered
+    Algorithm.held_out_terms = terms
 
 
 def summarise(log: list) -> list[dict]:

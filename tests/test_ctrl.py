@@ -473,8 +473,9 @@ def test_kl_metric_power_weights_each_steps_loss_by_the_inverse_of_its_kl_weight
         b = torch.arange(8)
         for k in (0, K - 1):
             mb = tr.algo.make_minibatch(batch, b, torch.full_like(b, k))
-            losses[p, k] = float(tr.algo.loss(mb)[0].detach())
-            assert tr.algo.loss(mb)[1]["kl_step"] > 0
+            loss, info = tr.algo.loss(mb)
+            losses[p, k] = float(loss.detach())
+            assert info["kl_step"] > 0
         if p:
             c = tr.algo._metric_weights(batch).double()
             torch.testing.assert_close(c, (1 / w) / (1 / w).mean())
