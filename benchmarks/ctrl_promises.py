@@ -19,6 +19,12 @@
         solver, and the mean ||eps - eps_ref||^2 each band's KL implies; with E r and J. (A CTRL run that ended at
         its start is taken at the weights it trained to.)
         --ref-below TAU: the same with the reference model at times <= TAU (the trained one above).
+    python benchmarks/ctrl_promises.py seeds --variants NAME=GLOB [NAME=GLOB ...]
+        Robustness files of several seeds per variant (each GLOB, e.g.
+        'benchmarks/results/ctrl_promises_robustness_m2_seed*.json'; the seed is read from the name's trailing
+        number): mean J at each solver, the difference from the first variant paired by seed (± its standard
+        error), heun:25 against the training solver per seed, and over every file the correlation of that
+        difference with KL_path at the training solver.
     python benchmarks/ctrl_promises.py render
         The markdown tables of the saved results.
 
@@ -211,6 +217,56 @@ def render(merge: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
+def seeds(variants: list[str]) -> str:
+    """The ``seeds`` command: robustness files of several seeds per variant, side by side (see the module's doc)."""
+    import glob
+    import re
+
+    runs = {}  # name -> {seed: {solver: ft row}}
+    for spec in variants:
+        name, sep, pattern = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--variants: expected NAME=GLOB, got {spec!r}")
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise SystemExit(f"--variants: no file matches {pattern!r}")
+        runs[name] = {}
+        for f in files:
+            m = re.search(r"(\d+)\.json$", f)
+            rows = json.loads(Path(f).read_text())["rows"]
+            runs[name][int(m.group(1)) if m else 0] = {r["solver"]: r["ft"] for r in rows}
+    base = next(iter(runs))
+    solvers = [s for s in ROBUST_SOLVERS if all(s in r for v in runs.values() for r in v.values())]
+    train = solvers[0]
+    out = ["Mean ± standard deviation over the seeds:", "",
+           "| variant | seeds | " + " | ".join(f"J {s}" for s in solvers) + f" | E r {train} | KL_path {train} | "
+           f"heun:25 vs {train}, per seed | more than 5% below |", "|---" * (len(solvers) + 6) + "|"]
+    pts = []
+    for name, v in runs.items():
+        sd = sorted(v)
+        rel = [(v[s]["heun:25"]["objective"] - v[s][train]["objective"]) / abs(v[s][train]["objective"])
+               for s in sd] if "heun:25" in solvers else []
+        pts += [(v[s][train]["kl_path"], r) for s, r in zip(sd, rel, strict=True)]
+        out.append(f"| {name} | {len(sd)} | " + " | ".join(_ms([v[s][sol]["objective"] for s in sd]) for sol in solvers)
+                   + f" | {_ms([v[s][train]['reward_mean'] for s in sd])} | {_ms([v[s][train]['kl_path'] for s in sd])}"
+                   f" | {' '.join(f'{100 * r:+.1f}%' for r in rel)} | {sum(r < -0.05 for r in rel)} |")
+    out += ["", f"| variant - {base} (paired by seed) | seeds | " + " | ".join(solvers) + " |",
+            "|---" * (len(solvers) + 2) + "|"]
+    for name, v in list(runs.items())[1:]:
+        common = sorted(set(v) & set(runs[base]))
+        cells = []
+        for sol in solvers:
+            d = [v[s][sol]["objective"] - runs[base][s][sol]["objective"] for s in common]
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            cells.append(f"{statistics.mean(d):+.3f} ± {se:.3f}" if d else "—")
+        out.append(f"| {name} | {len(common)} | " + " | ".join(cells) + " |")
+    if len(pts) > 2:
+        r = statistics.correlation([p[0] for p in pts], [p[1] for p in pts])
+        out.append(f"\nOver all {len(pts)} runs: correlation of heun:25's relative difference from {train} with "
+                   f"KL_path at {train}: {r:+.2f}")
+    return "\n".join(out)
+
+
 def load_finished_run(path: str) -> Trainer:
     """A trainer holding a finished run's last checkpoint (its config, weights and algorithm state)."""
     from ctrldiff.train.checkpoint import load_latest_checkpoint
@@ -295,7 +351,7 @@ def kltime(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["robustness", "grid", "line", "kltime", "render"])
+    ap.add_argument("what", choices=["robustness", "grid", "line", "kltime", "seeds", "render"])
     ap.add_argument("--epochs", type=int, default=None, help="default: the config default")
     ap.add_argument("--seed", type=int, default=0, help="robustness: the training seed")
     ap.add_argument("--algo", default="ctrl", help="robustness: the algorithm (e.g. dpok, for comparison)")
@@ -315,6 +371,8 @@ def main() -> None:
     ap.add_argument("--solvers", nargs="+", default=["em:20", "em:100"], help="kltime: the solvers to sample with")
     ap.add_argument("--ref-below", type=float, default=None, metavar="TAU",
                     help="kltime: sample with the reference model at times <= TAU (the trained one above)")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME=GLOB",
+                    help="seeds: robustness files per variant, the first the baseline")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable), e.g. ctrl.max_update_kl=0.1")
     args = ap.parse_args()
@@ -331,6 +389,11 @@ def main() -> None:
         rows = (line if args.what == "line" else kltime)(args)
         if args.out:
             Path(args.out).write_text(json.dumps({"run": args.run, "n": args.n, "rows": rows}, indent=1))
+        return
+    elif args.what == "seeds":
+        if not args.variants:
+            raise SystemExit("seeds needs --variants NAME=GLOB [NAME=GLOB ...]")
+        print(seeds(args.variants))
         return
     elif args.what == "grid":
         grid(args)

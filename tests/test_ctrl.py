@@ -616,6 +616,39 @@ def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_l
             assert got[ratio, True] == 0.0 and got[ratio, False] > 0
 
 
+def test_lengthen_z_lengthens_a_step_by_its_evidence_and_leaves_shortening_and_undoing_alone(monkeypatch):
+    """ctrl.lengthen_z: beyond the optimiser's own step (s > 1) the length is the lower confidence bound's,
+    (L - lengthen_z se) / (2 Q), never below 1 where the plain estimate L / (2 Q) asks for more than 1. A step whose
+    L is under one standard error stays at its own length (it is lengthened 3x without the option); one at 4 se is
+    lengthened to 3/4 of its plain length; a step the estimate shortens or undoes is shortened or undone alike."""
+    n = 32
+    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
+    se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))
+    cases = {"weak": (0.8, 3.0), "strong": (4.0, 3.0), "short": (0.8, 0.5), "negative": (-0.5, 1.0)}  # L/se, s_plain
+    got = {}
+    for lz in (0.0, 1.0):
+        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(lengthen_z=lz)))
+        tr.train(epochs=1)
+        batch = tr.collect()
+        tr.algo.prepare(batch)
+        start = [p.detach().clone() for p in tr.trainable_parameters]
+        for name, (ratio, plain) in cases.items():
+            with torch.no_grad():
+                for p, p0 in zip(tr.trainable_parameters, start, strict=True):
+                    p.copy_(p0 + 0.01)
+            L = ratio * se1
+            Q = abs(L) / (2 * plain)
+            monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
+                                lambda b, h, lin=L + unit, Q=Q: (lin, torch.full((n,), Q, dtype=torch.float64)))
+            got[name, lz] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=10.0)["train/accepted"]
+            if got[name, lz] == 0.0:
+                assert all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, start, strict=True))
+    assert got["weak", 0.0] == pytest.approx(3.0) and got["weak", 1.0] == 1.0
+    assert got["strong", 0.0] == pytest.approx(3.0) and got["strong", 1.0] == pytest.approx(3.0 * 3 / 4)
+    assert got["short", 0.0] == got["short", 1.0] == pytest.approx(0.5)
+    assert got["negative", 0.0] == got["negative", 1.0] == 0.0
+
+
 def test_accept_pool_shrinks_an_epochs_gain_towards_the_last_epochs_by_their_spread():
     """ctrl.accept_pool (empirical Bayes): per unit of root cost, l = L / sqrt(Q). Under 3 earlier epochs, an epoch's
     own estimate is used as it is. After 8 epochs that agree (the same l, each with standard error 0.5), a ninth of

@@ -509,6 +509,9 @@ class Algorithm:
         Ls = (L - se * se / L if L > se else 0.0) if self.acceptance_shrink() else L
         lcb, top = Ls - z * se, max(s_max, 1.0)
         s = min(max(lcb / (2 * Q), 0.0), top) if Q > 0 else (top if lcb > 0 else 0.0)
+        if s > 1.0 and self.lengthening_z() > 0:  # beyond the optimiser's own step only as far as the evidence goes
+            far = lcb - self.lengthening_z() * se
+            s = max(1.0, min(far / (2 * Q), top) if Q > 0 else (top if far > 0 else 1.0))
         # the length without an edge at one standard error more: the evidence that a wider trust region asks for
         wide = L - (z + 1) * se
         free = max(wide / (2 * Q), 0.0) if Q > 0 else (math.inf if wide > 0 else 0.0)
@@ -517,6 +520,11 @@ class Algorithm:
         if s != 1.0:
             self.rescale_update(start, s)
         return {"train/accepted": s, **out, "train/accept_free": free, "train/accept_upper": upper}
+
+    def lengthening_z(self) -> float:
+        """Further standard errors of the held-out gain that the part of a step beyond s = 1 must be supported by
+        (:meth:`accept_update`; 0: lengthened to the estimate's optimum)."""
+        return 0.0
 
     def acceptance_pool(self) -> int:
         """Epochs whose held-out gains form the prior of :meth:`pooled_gain` (0: each epoch's estimate alone)."""
