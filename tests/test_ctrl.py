@@ -581,6 +581,15 @@ def test_an_update_that_does_not_help_on_held_out_trajectories_is_undone():
     assert undone >= 4 and kept >= 4, (undone, kept)
 
 
+def _trained_one_epoch_with_a_fresh_batch(**ctrl) -> tuple[Trainer, object]:
+    """A CTRL trainer after one epoch, with a new batch collected and prepared (its held-out trajectories chosen)."""
+    tr = Trainer(_cfg(algo="ctrl", ctrl=ctrl))
+    tr.train(epochs=1)
+    batch = tr.collect()
+    tr.algo.prepare(batch)
+    return tr, batch
+
+
 def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_level(monkeypatch):
     """ctrl.accept_shrink: the held-out first-order gain L (standard error se) is shrunk to L (1 - se^2 / L^2)_+
     before the step's length L / (2 Q) is chosen: a step with L = 3 se keeps 8/9 of the length it has without the
@@ -590,10 +599,7 @@ def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_l
     se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))  # the standard error of the mean of +-1: 1 / sqrt(n - 1)
     got = {}
     for shrink in (False, True):  # one run per setting; each ratio scales the same step from the same start
-        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_shrink=shrink)))
-        tr.train(epochs=1)
-        batch = tr.collect()
-        tr.algo.prepare(batch)
+        tr, batch = _trained_one_epoch_with_a_fresh_batch(accept_shrink=shrink)
         start = [p.detach().clone() for p in tr.trainable_parameters]
         for ratio in (3.0, 0.8):
             with torch.no_grad():  # some step to scale
@@ -627,10 +633,7 @@ def test_lengthen_z_lengthens_a_step_by_its_evidence_and_leaves_shortening_and_u
     cases = {"weak": (0.8, 3.0), "strong": (4.0, 3.0), "short": (0.8, 0.5), "negative": (-0.5, 1.0)}  # L/se, s_plain
     got = {}
     for lz in (0.0, 1.0):
-        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(lengthen_z=lz)))
-        tr.train(epochs=1)
-        batch = tr.collect()
-        tr.algo.prepare(batch)
+        tr, batch = _trained_one_epoch_with_a_fresh_batch(lengthen_z=lz)
         start = [p.detach().clone() for p in tr.trainable_parameters]
         for name, (ratio, plain) in cases.items():
             with torch.no_grad():
@@ -679,10 +682,7 @@ def test_accept_pool_keeps_a_step_whose_own_estimate_is_noise_where_the_last_epo
     unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
     got = {}
     for pool in (0, 8):
-        tr = Trainer(_cfg(algo="ctrl", ctrl=dict(accept_pool=pool)))
-        tr.train(epochs=1)
-        batch = tr.collect()
-        tr.algo.prepare(batch)
+        tr, batch = _trained_one_epoch_with_a_fresh_batch(accept_pool=pool)
         tr.algo.gain_history = [(0.2, 0.05)] * 8  # l = 0.2 per root cost, well measured
         start = [p.detach().clone() for p in tr.trainable_parameters]
         with torch.no_grad():
