@@ -46,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ctrl_rewards  # noqa: E402
 
+from ctrldiff.algorithms.base import mean_and_se  # noqa: E402
 from ctrldiff.config import apply_overrides  # noqa: E402
 from ctrldiff.eval.evaluate import evaluate_policy  # noqa: E402
 from ctrldiff.rewards.base import WeightedSum, call_reward, make_reward  # noqa: E402
@@ -246,7 +247,7 @@ def seeds(variants: list[str]) -> str:
         sd = sorted(v)
         rel = [(v[s]["heun:25"]["objective"] - v[s][train]["objective"]) / abs(v[s][train]["objective"])
                for s in sd] if "heun:25" in solvers else []
-        pts += [(v[s][train]["kl_path"], r) for s, r in zip(sd, rel, strict=True)]
+        pts += [(v[s][train]["kl_path"], r) for s, r in zip(sd, rel, strict=False)]  # none without heun:25
         out.append(f"| {name} | {len(sd)} | " + " | ".join(_ms([v[s][sol]["objective"] for s in sd]) for sol in solvers)
                    + f" | {_ms([v[s][train]['reward_mean'] for s in sd])} | {_ms([v[s][train]['kl_path'] for s in sd])}"
                    f" | {' '.join(f'{100 * r:+.1f}%' for r in rel)} | {sum(r < -0.05 for r in rel)} |")
@@ -256,9 +257,9 @@ def seeds(variants: list[str]) -> str:
         common = sorted(set(v) & set(runs[base]))
         cells = []
         for sol in solvers:
-            d = [v[s][sol]["objective"] - runs[base][s][sol]["objective"] for s in common]
-            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
-            cells.append(f"{statistics.mean(d):+.3f} ± {se:.3f}" if d else "—")
+            d = torch.tensor([v[s][sol]["objective"] - runs[base][s][sol]["objective"] for s in common])
+            m, se = mean_and_se(d) if len(d) else (0.0, 0.0)
+            cells.append("—" if not len(d) else f"{m:+.3f}" if len(d) == 1 else f"{m:+.3f} ± {se:.3f}")
         out.append(f"| {name} | {len(common)} | " + " | ".join(cells) + " |")
     if len(pts) > 2:
         r = statistics.correlation([p[0] for p in pts], [p[1] for p in pts])

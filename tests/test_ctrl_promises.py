@@ -43,6 +43,10 @@ def test_seeds_pairs_variants_by_seed_and_counts_heun_below_the_training_solver(
     var = next(line for line in text.splitlines() if line.startswith("| var | 4 |"))
     assert var.endswith("| -1.0% -10.0% -1.0% +0.0% | 1 |")  # seeds 0, 1, 2, 7; only seed 1 more than 5% below
     assert "Over all 7 runs" in text
+    for seed in (0, 1):  # files without heun:25: the other solvers, no heun column or correlation
+        _write(tmp_path / f"noheun_seed{seed}.json", dict.fromkeys(sol[:2], 1.0 + seed), kl=10.0)
+    text = promises.seeds([f"base={tmp_path}/base_seed*.json", f"noheun={tmp_path}/noheun_seed*.json"])
+    assert "heun:25 |" not in text.splitlines()[2] and "Over all" not in text
     with pytest.raises(SystemExit, match="NAME=GLOB"):
         promises.seeds([str(tmp_path / "base_seed*.json")])
     with pytest.raises(SystemExit, match="no file matches"):
