@@ -652,6 +652,38 @@ def test_lengthen_z_lengthens_a_step_by_its_evidence_and_leaves_shortening_and_u
     assert got["negative", 0.0] == got["negative", 1.0] == 0.0
 
 
+def test_shorten_z_keeps_the_optimisers_step_unless_the_held_out_estimate_prefers_a_shorter_one_by_its_evidence(
+        monkeypatch):
+    """ctrl.shorten_z: a step is shortened or undone only where the held-out estimate prefers that to the whole step
+    by shorten_z standard errors. A step whose L is half a standard error below 0 (undone without the option) is kept
+    whole at 2; one 3 standard errors below 0 is undone either way; one the plain estimate halves (L = 0.8 se) is kept
+    whole; lengthening is unchanged."""
+    n = 32
+    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
+    se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))
+    cases = {"noise": (-0.5, 1e-6), "harmful": (-3.0, 1e-6), "short": (0.8, None), "long": (4.0, None)}
+    plain_s = {"short": 0.5, "long": 3.0}
+    got = {}
+    for sz in (0.0, 2.0):
+        tr, batch = _trained_one_epoch_with_a_fresh_batch(shorten_z=sz)
+        start = [p.detach().clone() for p in tr.trainable_parameters]
+        for name, (ratio, q) in cases.items():
+            with torch.no_grad():
+                for p, p0 in zip(tr.trainable_parameters, start, strict=True):
+                    p.copy_(p0 + 0.01)
+            L = ratio * se1
+            Q = q if q is not None else L / (2 * plain_s[name])
+            monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
+                                lambda b, h, lin=L + unit, Q=Q: (lin, torch.full((n,), Q, dtype=torch.float64)))
+            got[name, sz] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=10.0)["train/accepted"]
+            moved = not all(torch.equal(p, q0) for p, q0 in zip(tr.trainable_parameters, start, strict=True))
+            assert moved == (got[name, sz] > 0)  # undone: exactly back at the start
+    assert got["noise", 0.0] == 0.0 and got["noise", 2.0] == 1.0
+    assert got["harmful", 0.0] == got["harmful", 2.0] == 0.0
+    assert got["short", 0.0] == pytest.approx(0.5) and got["short", 2.0] == 1.0
+    assert got["long", 0.0] == got["long", 2.0] == pytest.approx(3.0)
+
+
 def test_accept_pool_shrinks_an_epochs_gain_towards_the_last_epochs_by_their_spread():
     """ctrl.accept_pool (empirical Bayes): per unit of root cost, l = L / sqrt(Q). Under 3 earlier epochs, an epoch's
     own estimate is used as it is. After 8 epochs that agree (the same l, each with standard error 0.5), a ninth of

@@ -509,6 +509,8 @@ class Algorithm:
         Ls = (L - se * se / L if L > se else 0.0) if self.acceptance_shrink() else L
         lcb, top = Ls - z * se, max(s_max, 1.0)
         s = min(max(lcb / (2 * Q), 0.0), top) if Q > 0 else (top if lcb > 0 else 0.0)
+        if s < 1.0 and self.shortening_z() > 0 and (1 + s) * Q - Ls < self.shortening_z() * se:
+            s = 1.0  # shorter than the optimiser's own step only where that is better by shortening_z se: kept whole
         if s > 1.0 and self.lengthening_z() > 0:  # beyond the optimiser's own step only as far as the evidence goes
             far = lcb - self.lengthening_z() * se
             s = max(1.0, min(far / (2 * Q), top) if Q > 0 else (top if far > 0 else 1.0))
@@ -524,6 +526,12 @@ class Algorithm:
     def lengthening_z(self) -> float:
         """Further standard errors of the held-out gain that the part of a step beyond s = 1 must be supported by
         (:meth:`accept_update`; 0: lengthened to the estimate's optimum)."""
+        return 0.0
+
+    def shortening_z(self) -> float:
+        """Standard errors by which the held-out estimate must prefer a step shorter than the optimiser's own (s < 1,
+        undone included) to the whole step, gain(s) - gain(1) = (1 - s) ((1 + s) Q - L), before it is shortened
+        (:meth:`accept_update`; 0: wherever the estimate prefers it)."""
         return 0.0
 
     def acceptance_pool(self) -> int:

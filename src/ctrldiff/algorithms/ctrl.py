@@ -132,6 +132,12 @@ class CTRLConfig(Strict):
                               "more. A step is then lengthened by its evidence, not by its noise; shortening and "
                               "undoing are unchanged. 0: lengthened to the plain estimate's optimum. Measured at 1 "
                               "on the main job (4 seeds): -0.11 ± 0.45 J at em:20, no change (docs/CTRL.md section 23)")
+    shorten_z: float = Field(0.0, ge=0, description="with held_out: a step is kept shorter than the optimiser's own "
+                             "(shortened to s < 1, or undone) only where the held-out estimate says that is better "
+                             "than the whole step by this many standard errors: gain(s) - gain(1) = (1 - s) ((1 + s) Q "
+                             "- L), its standard error (1 - s) se. Otherwise the optimiser's step is kept as the trust "
+                             "region left it. 0: shortened or undone wherever the estimate prefers it. Lengthening is "
+                             "unchanged. Measured, not adopted (docs/CTRL.md section 25)")
     accept_pool: int = Field(0, ge=0, description="with held_out (estimator (a), or (b) with b_step_control): "
                              "choose each step's length from its held-out gain shrunk towards the last this-many "
                              "epochs' (empirical Bayes: the prior's mean and spread are those epochs' estimates per "
@@ -560,6 +566,9 @@ class CTRL(Algorithm):
 
     def lengthening_z(self) -> float:
         return self.acfg.lengthen_z
+
+    def shortening_z(self) -> float:
+        return self.acfg.shorten_z
 
     def acceptance_pool(self) -> int:
         return self.acfg.accept_pool if self._step_control() else 0
