@@ -36,6 +36,18 @@ def record(log: list) -> None:
     Algorithm.held_out_terms = terms
 
 
+def run_train(argv: list[str], log: list) -> None:
+    """``ctrldiff train`` with ``argv`` in this process (its patched methods fill ``log``); a one-line error where the
+    run made no held-out test."""
+    try:
+        cli_main.main(argv, prog_name="ctrldiff")
+    except SystemExit as e:
+        if e.code:
+            raise
+    if not log:
+        sys.exit("error: the run made no held-out test (estimator (a) with ctrl.held_out > 0 makes one every epoch)")
+
+
 def summarise(log: list) -> list[dict]:
     K = len(log[0]["times"])
     rows = []
@@ -66,13 +78,7 @@ def main() -> None:
     args = ap.parse_args(argv[:cut])
     log: list = []
     record(log)
-    try:
-        cli_main.main(argv[cut + 1:], prog_name="ctrldiff")
-    except SystemExit as e:
-        if e.code:
-            raise
-    if not log:
-        sys.exit("error: the run made no held-out test (estimator (a) with ctrl.held_out > 0 makes one every epoch)")
+    run_train(argv[cut + 1:], log)
     rows = summarise(log)
     print(f"held-out terms per step, summed over {len(log)} epochs (L: gain, Q: beta x KL cost, of the step as the "
           "trust region left it)")

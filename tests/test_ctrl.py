@@ -590,6 +590,23 @@ def _trained_one_epoch_with_a_fresh_batch(**ctrl) -> tuple[Trainer, object]:
     return tr, batch
 
 
+def _accepted_length(tr, batch, start, L: float, Q: float, n: int = 32) -> float:
+    """The length ``accept_update`` keeps for a small step from ``start`` whose held-out terms have mean L (standard
+    error L's unit, 1 / sqrt(n - 1)) and quadratic cost Q; an undone step is exactly back at the start."""
+    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
+    with torch.no_grad():  # some step to scale
+        for p, p0 in zip(tr.trainable_parameters, start, strict=True):
+            p.copy_(p0 + 0.01)
+    tr.algo.gathered_held_out_terms = lambda b, h: (L + unit, torch.full((n,), Q, dtype=torch.float64))
+    try:
+        s = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=10.0)["train/accepted"]
+    finally:
+        del tr.algo.gathered_held_out_terms
+    moved = not all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, start, strict=True))
+    assert moved == (s > 0)
+    return s
+
+
 def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_level(monkeypatch):
     """ctrl.accept_shrink: the held-out first-order gain L (standard error se) is shrunk to L (1 - se^2 / L^2)_+
     before the step's length L / (2 Q) is chosen: a step with L = 3 se keeps 8/9 of the length it has without the
@@ -622,45 +639,32 @@ def test_accept_shrink_shortens_a_step_by_its_evidence_and_undoes_one_at_noise_l
             assert got[ratio, True] == 0.0 and got[ratio, False] > 0
 
 
-def test_lengthen_z_lengthens_a_step_by_its_evidence_and_leaves_shortening_and_undoing_alone(monkeypatch):
+def test_lengthen_z_lengthens_a_step_by_its_evidence_and_leaves_shortening_and_undoing_alone():
     """ctrl.lengthen_z: beyond the optimiser's own step (s > 1) the length is the lower confidence bound's,
     (L - lengthen_z se) / (2 Q), never below 1 where the plain estimate L / (2 Q) asks for more than 1. A step whose
     L is under one standard error stays at its own length (it is lengthened 3x without the option); one at 4 se is
     lengthened to 3/4 of its plain length; a step the estimate shortens or undoes is shortened or undone alike."""
-    n = 32
-    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
-    se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))
+    se1 = 1 / math.sqrt(31)  # the standard error of the mean of 32 values +-1
     cases = {"weak": (0.8, 3.0), "strong": (4.0, 3.0), "short": (0.8, 0.5), "negative": (-0.5, 1.0)}  # L/se, s_plain
     got = {}
     for lz in (0.0, 1.0):
         tr, batch = _trained_one_epoch_with_a_fresh_batch(lengthen_z=lz)
         start = [p.detach().clone() for p in tr.trainable_parameters]
         for name, (ratio, plain) in cases.items():
-            with torch.no_grad():
-                for p, p0 in zip(tr.trainable_parameters, start, strict=True):
-                    p.copy_(p0 + 0.01)
             L = ratio * se1
-            Q = abs(L) / (2 * plain)
-            monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
-                                lambda b, h, lin=L + unit, Q=Q: (lin, torch.full((n,), Q, dtype=torch.float64)))
-            got[name, lz] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=10.0)["train/accepted"]
-            if got[name, lz] == 0.0:
-                assert all(torch.equal(p, q) for p, q in zip(tr.trainable_parameters, start, strict=True))
+            got[name, lz] = _accepted_length(tr, batch, start, L, abs(L) / (2 * plain))
     assert got["weak", 0.0] == pytest.approx(3.0) and got["weak", 1.0] == 1.0
     assert got["strong", 0.0] == pytest.approx(3.0) and got["strong", 1.0] == pytest.approx(3.0 * 3 / 4)
     assert got["short", 0.0] == got["short", 1.0] == pytest.approx(0.5)
     assert got["negative", 0.0] == got["negative", 1.0] == 0.0
 
 
-def test_shorten_z_keeps_the_optimisers_step_unless_the_held_out_estimate_prefers_a_shorter_one_by_its_evidence(
-        monkeypatch):
+def test_shorten_z_keeps_the_optimisers_step_unless_the_held_out_estimate_prefers_a_shorter_one_by_its_evidence():
     """ctrl.shorten_z: a step is shortened or undone only where the held-out estimate prefers that to the whole step
     by shorten_z standard errors. A step whose L is half a standard error below 0 (undone without the option) is kept
     whole at 2; one 3 standard errors below 0 is undone either way; one the plain estimate halves (L = 0.8 se) is kept
     whole; lengthening is unchanged."""
-    n = 32
-    unit = torch.tensor([1.0, -1.0] * (n // 2), dtype=torch.float64)
-    se1 = math.sqrt(float(unit.pow(2).mean()) / (n - 1))
+    se1 = 1 / math.sqrt(31)  # the standard error of the mean of 32 values +-1
     cases = {"noise": (-0.5, 1e-6), "harmful": (-3.0, 1e-6), "short": (0.8, None), "long": (4.0, None)}
     plain_s = {"short": 0.5, "long": 3.0}
     got = {}
@@ -668,16 +672,8 @@ def test_shorten_z_keeps_the_optimisers_step_unless_the_held_out_estimate_prefer
         tr, batch = _trained_one_epoch_with_a_fresh_batch(shorten_z=sz)
         start = [p.detach().clone() for p in tr.trainable_parameters]
         for name, (ratio, q) in cases.items():
-            with torch.no_grad():
-                for p, p0 in zip(tr.trainable_parameters, start, strict=True):
-                    p.copy_(p0 + 0.01)
             L = ratio * se1
-            Q = q if q is not None else L / (2 * plain_s[name])
-            monkeypatch.setattr(tr.algo, "gathered_held_out_terms",
-                                lambda b, h, lin=L + unit, Q=Q: (lin, torch.full((n,), Q, dtype=torch.float64)))
-            got[name, sz] = tr.algo.accept_update(batch, start, batch.extras["held_out"], s_max=10.0)["train/accepted"]
-            moved = not all(torch.equal(p, q0) for p, q0 in zip(tr.trainable_parameters, start, strict=True))
-            assert moved == (got[name, sz] > 0)  # undone: exactly back at the start
+            got[name, sz] = _accepted_length(tr, batch, start, L, q if q is not None else L / (2 * plain_s[name]))
     assert got["noise", 0.0] == 0.0 and got["noise", 2.0] == 1.0
     assert got["harmful", 0.0] == got["harmful", 2.0] == 0.0
     assert got["short", 0.0] == pytest.approx(0.5) and got["short", 2.0] == 1.0
