@@ -35,15 +35,18 @@ from held_out_by_step import run_train  # noqa: E402  (benchmarks/, beside this 
 def record(log: list, n: int):
     """Patch the held-out test and the epoch's update to append a row per tested epoch to ``log``. Returns a function
     that takes the patches off."""
-    accept, update = Algorithm.accept_update, Algorithm.update
+    accept, update, terms = Algorithm.accept_update, Algorithm.update, Algorithm.gathered_held_out_terms
     pending: dict = {}
 
     def accept_update(self, batch, start, held, s_max=1.0):
-        lin, quad = self.gathered_held_out_terms(batch, held)
-        (L, se), Q = mean_and_se(lin), float(quad.mean())
-        pending.update(start=[p.clone() for p in start], one=[p.detach().clone() for p in self.trainer.trainable_parameters],
-                       L=L, L_se=se, Q=Q, s_max=s_max)
+        pending.update(start=start, one=[p.detach().clone() for p in self.trainer.trainable_parameters], s_max=s_max)
         return accept(self, batch, start, held, s_max=s_max)
+
+    def gathered_held_out_terms(self, batch, held):  # the test's own terms: its first call of the epoch is at s = 1
+        lin, quad = terms(self, batch, held)
+        if "start" in pending and "L" not in pending:
+            (pending["L"], pending["L_se"]), pending["Q"] = mean_and_se(lin), float(quad.mean())
+        return lin, quad
 
     def measured(self, params: list) -> torch.Tensor:
         """[n] r - beta KL_path per sample of the policy at ``params``, on this epoch's fixed noises."""
@@ -80,9 +83,10 @@ def record(log: list, n: int):
         return out
 
     Algorithm.accept_update, Algorithm.update = accept_update, update_and_measure
+    Algorithm.gathered_held_out_terms = gathered_held_out_terms
 
     def restore() -> None:
-        Algorithm.accept_update, Algorithm.update = accept, update
+        Algorithm.accept_update, Algorithm.update, Algorithm.gathered_held_out_terms = accept, update, terms
 
     return restore
 
